@@ -1,0 +1,382 @@
+"""Per-example clipping rules for DP-SGD, each a small object with a pure ``step``.
+
+Every rule maps a batch of per-example gradients ``[n, d]`` (flattened over all parameters),
+its explicit state, and a vector of standard-normal draws to a noisy *mean* gradient, the
+next state and a dict of statistics::
+
+    noisy_mean_grad, new_state, stats = rule.step(per_example_grads, state, noise)
+
+Common rules (DESIGN.md §2), which every class here obeys:
+
+* The normaliser is the public expected batch size ``B`` (Poisson rate ``q = B / N``), never the
+  realised ``n``; an empty batch (``n = 0``) still returns pure noise.
+* Noise ``N(0, sigma^2 s^2 I)`` is added once, to the *sum* of clipped vectors, where ``s`` is the
+  sensitivity of that sum in the space where clipping happens.  The rule scales the
+  standard-normal ``noise`` itself, so passing zeros gives a deterministic, hand-checkable result.
+* Statistics that steer clipping (AdaCliP's ``a`` and ``b``, the quantile rule's ``C``) are
+  computed only from values that were released with noise.
+
+``stats`` always holds ``clipped_fraction`` (share of the batch whose vector was shrunk; 0 for an
+empty batch), ``noise_power`` (``E||noise||^2`` of the returned mean gradient), ``batch_size``
+(the realised ``n``) and, for rules with a scalar bound, ``clip_norm``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+Stats = dict[str, float]
+
+
+def _require_positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _require_in_range(name: str, value: float, low: float, high: float, *, closed_high: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
+    ok = ok and (value <= high if closed_high else value < high)
+    if not ok:
+        bracket = "]" if closed_high else ")"
+        raise ValueError(f"{name} must lie in [{low}, {high}{bracket}, got {value!r}")
+    return float(value)
+
+
+def clip_rows(rows: Tensor, bound: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
+    """Scale each row ``x`` of ``rows`` by ``min(1, bound / ||x||)`` (Abadi et al. 2016, eq. in Alg. 1).
+
+    Returns the clipped rows and the original row norms.  A zero row stays zero.
+    """
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    factors = (bound / norms.clamp_min(torch.finfo(rows.dtype).tiny)).clamp(max=1.0)
+    return rows * factors.unsqueeze(1), norms
+
+
+class ClipRule(ABC):
+    """Interface shared by every clipping rule (see the module docstring)."""
+
+    noise_multiplier: float
+    expected_batch_size: float
+
+    def init_state(self, dim: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
+        """The state before the first step for a model with ``dim`` parameters (``None`` if stateless)."""
+        _check_dim(dim)
+        return None
+
+    def noise_size(self, dim: int) -> int:
+        """How many standard-normal draws one step consumes."""
+        return _check_dim(dim)
+
+    @abstractmethod
+    def step(self, per_example_grads: Tensor, state: Any, noise: Tensor) -> tuple[Tensor, Any, Stats]:
+        """One private aggregation step; pure (inputs are not modified)."""
+
+    def _check_step_inputs(self, per_example_grads: Tensor, noise: Tensor) -> int:
+        if not isinstance(per_example_grads, Tensor) or per_example_grads.dim() != 2:
+            raise ValueError(
+                "per_example_grads must be a 2-D tensor [n_examples, n_params]; "
+                f"got {getattr(per_example_grads, 'shape', type(per_example_grads))}"
+            )
+        dim = per_example_grads.shape[1]
+        expected = self.noise_size(dim)
+        if not isinstance(noise, Tensor) or noise.shape != (expected,):
+            raise ValueError(
+                f"noise must be a 1-D tensor of {expected} standard-normal draws "
+                f"(noise_size({dim})); got {getattr(noise, 'shape', type(noise))}"
+            )
+        return dim
+
+
+def _check_dim(dim: int) -> int:
+    if not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int (the number of parameters), got {dim!r}")
+    return dim
+
+
+def _clipped_fraction(norms: Tensor, bound: float | Tensor) -> float:
+    return float((norms > bound).float().mean()) if norms.numel() else 0.0
+
+
+class FixedClip(ClipRule):
+    """DP-SGD with a fixed clip norm ``C`` (Abadi et al. 2016, Algorithm 1).
+
+    ``g_i <- g_i min(1, C/||g_i||)``;  ``g~ = (sum_i g_i + N(0, sigma^2 C^2 I)) / B``.
+    """
+
+    def __init__(self, *, clip_norm: float, noise_multiplier: float, expected_batch_size: float) -> None:
+        self.clip_norm = _require_positive("clip_norm", clip_norm)
+        self.noise_multiplier = _require_in_range("noise_multiplier", noise_multiplier, 0.0, math.inf)
+        self.expected_batch_size = _require_positive("expected_batch_size", expected_batch_size)
+
+    def step(self, per_example_grads: Tensor, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
+        dim = self._check_step_inputs(per_example_grads, noise)
+        clipped, norms = clip_rows(per_example_grads, self.clip_norm)
+        noise_std = self.noise_multiplier * self.clip_norm
+        noisy_mean = (clipped.sum(0) + noise_std * noise) / self.expected_batch_size
+        stats = {
+            "clipped_fraction": _clipped_fraction(norms, self.clip_norm),
+            "noise_power": dim * (noise_std / self.expected_batch_size) ** 2,
+            "clip_norm": self.clip_norm,
+            "batch_size": float(per_example_grads.shape[0]),
+        }
+        return noisy_mean, state, stats
+
+
+class AutoClip(ClipRule):
+    """Automatic clipping AUTO-S (Bu et al. 2023, eq. 4): ``g_i <- g_i / (||g_i|| + r)``.
+
+    Every normalised vector has norm < 1, so the sum has sensitivity 1 and the noise is
+    ``N(0, sigma^2 I)``.  ``clipped_fraction`` counts examples whose vector got shorter
+    (``||g_i|| + r > 1``).
+    """
+
+    def __init__(self, *, noise_multiplier: float, expected_batch_size: float, r: float = 0.01) -> None:
+        self.noise_multiplier = _require_in_range("noise_multiplier", noise_multiplier, 0.0, math.inf)
+        self.expected_batch_size = _require_positive("expected_batch_size", expected_batch_size)
+        self.r = _require_positive("r", r)
+
+    def step(self, per_example_grads: Tensor, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
+        dim = self._check_step_inputs(per_example_grads, noise)
+        norms = torch.linalg.vector_norm(per_example_grads, dim=1)
+        normalised = per_example_grads / (norms + self.r).unsqueeze(1)
+        noisy_mean = (normalised.sum(0) + self.noise_multiplier * noise) / self.expected_batch_size
+        stats = {
+            "clipped_fraction": _clipped_fraction(norms + self.r, 1.0),
+            "noise_power": dim * (self.noise_multiplier / self.expected_batch_size) ** 2,
+            "batch_size": float(per_example_grads.shape[0]),
+        }
+        return noisy_mean, state, stats
+
+
+@dataclass(frozen=True)
+class QuantileClipState:
+    """The clip norm ``C_t`` to use at the next step."""
+
+    clip_norm: float
+
+
+class QuantileClip(ClipRule):
+    """Quantile-based adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy 2021, Algorithm 1).
+
+    Per step, with clip norm ``C_t``::
+
+        u_i   = 1[||g_i|| <= C_t] - 1/2                  (centred bits, sensitivity 1/2)
+        b~_t  = (sum_i u_i + N(0, sigma_b^2)) / B + 1/2  (noisy unclipped fraction)
+        C_t+1 = C_t exp(-clip_lr (b~_t - target_quantile))
+        grad  = DP-SGD with clip C_t and noise multiplier sigma_delta
+
+    ``noise_multiplier`` is the *total* sigma the accountant sees: the gradient and count
+    releases together are one Gaussian mechanism with multiplier sigma when
+    ``sigma_delta = (sigma^-2 - (2 sigma_b)^-2)^(-1/2)`` (Andrew et al. 2021, Thm. 1), which needs
+    ``sigma < 2 sigma_b``.  ``count_noise_std`` (sigma_b) defaults to ``B / 20`` as in the paper.
+    The last of the ``d + 1`` noise draws is the count noise.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        initial_clip: float = 0.1,
+        target_quantile: float = 0.5,
+        clip_lr: float = 0.2,
+        count_noise_std: float | None = None,
+    ) -> None:
+        self.noise_multiplier = _require_in_range("noise_multiplier", noise_multiplier, 0.0, math.inf)
+        self.expected_batch_size = _require_positive("expected_batch_size", expected_batch_size)
+        self.initial_clip = _require_positive("initial_clip", initial_clip)
+        self.target_quantile = _require_in_range("target_quantile", target_quantile, 0.0, 1.0, closed_high=True)
+        self.clip_lr = _require_positive("clip_lr", clip_lr)
+        if count_noise_std is None:
+            count_noise_std = self.expected_batch_size / 20
+        self.count_noise_std = _require_positive("count_noise_std", count_noise_std)
+        self.grad_noise_multiplier = self._split_noise_multiplier()
+
+    def _split_noise_multiplier(self) -> float:
+        sigma, sigma_b = self.noise_multiplier, self.count_noise_std
+        if sigma == 0.0:
+            return 0.0
+        if sigma >= 2 * sigma_b:
+            raise ValueError(
+                f"QuantileClip needs noise_multiplier < 2 * count_noise_std to split the privacy "
+                f"budget, got noise_multiplier={sigma} and count_noise_std={sigma_b} "
+                f"(default expected_batch_size / 20). Increase count_noise_std above {sigma / 2:g} "
+                "(or the expected batch size), or lower noise_multiplier."
+            )
+        return (sigma**-2 - (2 * sigma_b) ** -2) ** -0.5
+
+    def init_state(self, dim: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> QuantileClipState:
+        _check_dim(dim)
+        return QuantileClipState(clip_norm=self.initial_clip)
+
+    def noise_size(self, dim: int) -> int:
+        return _check_dim(dim) + 1
+
+    def step(
+        self, per_example_grads: Tensor, state: QuantileClipState, noise: Tensor
+    ) -> tuple[Tensor, QuantileClipState, Stats]:
+        dim = self._check_step_inputs(per_example_grads, noise)
+        clip_norm = state.clip_norm
+        clipped, norms = clip_rows(per_example_grads, clip_norm)
+        grad_noise_std = self.grad_noise_multiplier * clip_norm
+        noisy_mean = (clipped.sum(0) + grad_noise_std * noise[:dim]) / self.expected_batch_size
+
+        centred_bits = (norms <= clip_norm).to(noise.dtype) - 0.5
+        noisy_count = centred_bits.sum() + self.count_noise_std * noise[dim]
+        unclipped_estimate = float(noisy_count) / self.expected_batch_size + 0.5
+        next_clip = clip_norm * math.exp(-self.clip_lr * (unclipped_estimate - self.target_quantile))
+        stats = {
+            "clipped_fraction": _clipped_fraction(norms, clip_norm),
+            "noise_power": dim * (grad_noise_std / self.expected_batch_size) ** 2,
+            "clip_norm": clip_norm,
+            "unclipped_estimate": unclipped_estimate,
+            "batch_size": float(per_example_grads.shape[0]),
+        }
+        return noisy_mean, QuantileClipState(clip_norm=next_clip), stats
+
+
+@dataclass(frozen=True)
+class AdaClipState:
+    """AdaCliP's running statistics, all of length ``d``.
+
+    ``mean`` is the shift ``a_t``, ``variance`` the moving average ``v_t`` and ``scale`` the
+    coordinate scale ``b_t`` used at the next step (a function of ``variance``, kept so that
+    ``b_0`` is exactly ``initial_clip``).
+    """
+
+    mean: Tensor
+    variance: Tensor
+    scale: Tensor
+
+
+VarianceTarget = Literal["per_example", "batch_mean"]
+ClampPosition = Literal["before_average", "after_average"]
+
+
+def optimal_scale(std: Tensor, kappa: float = 1.0) -> Tensor:
+    """AdaCliP's noise-minimising scale ``b_j = kappa sqrt(s_j) sqrt(sum_k s_k)`` (Pichapati et al. 2019, Thm. 2).
+
+    For per-coordinate deviations ``s_j`` this minimises the noise power ``sum_j b_j^2`` subject to
+    ``sum_j s_j^2 / b_j^2 <= 1``; the minimum is ``(sum_j s_j)^2``.
+    """
+    return kappa * std.sqrt() * std.sum().sqrt()
+
+
+def noise_corrected_second_moment(
+    released: Tensor, mean: Tensor, scale: Tensor, noise_multiplier: float, expected_batch_size: float
+) -> Tensor:
+    """``r_t = (g~ - a_t)^2 - b_t^2 sigma^2 / B^2`` (Pichapati et al. 2019, Alg. 1).
+
+    The released gradient is ``g~ = a + b * (sum_i w_i + sigma z) / B``, so
+    ``E_z[(g~ - a)^2] = (b * sum_i w_i / B)^2 + b^2 sigma^2 / B^2``: subtracting the known injected
+    noise variance leaves an unbiased estimate of the squared clipped batch mean, centred at ``a``.
+    """
+    return (released - mean) ** 2 - (scale * noise_multiplier / expected_batch_size) ** 2
+
+
+class AdaCliP(ClipRule):
+    """Coordinate-wise adaptive clipping, AdaCliP (Pichapati et al. 2019, arXiv 1908.07643, Alg. 1).
+
+    Per step, all operations coordinate-wise over the flattened parameter vector::
+
+        w_i = (g_i - a_t) / b_t,  w_i <- w_i min(1, 1/||w_i||)            (clip to norm 1)
+        w~  = (sum_i w_i + N(0, sigma^2 I)) / B;   g~ = b_t * w~ + a_t    (noise, map back)
+        a_t+1 = beta1 a_t + (1 - beta1) g~
+        r_t   = ((g~ - a_t)^2 - b_t^2 sigma^2 / B^2) * (B if per_example else 1)
+        v_t+1 = beta2 v_t + (1 - beta2) clamp(r_t, h1, h2)     (or clamp after averaging)
+        b_t+1 = kappa sqrt(sqrt(v_t+1)) sqrt(sum_j sqrt(v_t+1,j))
+
+    ``a`` and ``b`` depend on released noisy gradients only, so the privacy cost equals DP-SGD's
+    with the same (sigma, q, T).  ``a_0 = 0`` and ``b_0 = initial_clip`` (``v_0`` is set to match),
+    so the first step is DP-SGD with clip ``initial_clip``.
+
+    Open choices the paper leaves, all explicit:
+
+    * ``variance_target="per_example"`` multiplies ``r_t`` (which estimates the variance of the
+      *batch mean*) by ``B`` so that ``v`` estimates the per-example variance the optimal transform
+      needs; ``"batch_mean"`` keeps the paper's literal update (``b`` about ``sqrt(B)`` too small).
+    * ``clamp="before_average"`` clamps ``r_t`` to ``[h1, h2]`` before the moving average (as
+      in the paper); ``"after_average"`` clamps ``v_t+1`` instead.
+    * ``kappa`` scales ``b`` globally (``kappa > 1`` clips less and adds more noise).
+
+    The defaults come from the probe described in ``docs/adaclip-defaults.md``.
+    """
+
+    def __init__(
+        self,
+        *,
+        noise_multiplier: float,
+        expected_batch_size: float,
+        initial_clip: float = 1.0,
+        beta1: float = 0.99,
+        beta2: float = 0.9,
+        h1: float = 1e-12,
+        h2: float = 1.0,
+        kappa: float = 1.0,
+        variance_target: VarianceTarget = "per_example",
+        clamp: ClampPosition = "before_average",
+    ) -> None:
+        self.noise_multiplier = _require_in_range("noise_multiplier", noise_multiplier, 0.0, math.inf)
+        self.expected_batch_size = _require_positive("expected_batch_size", expected_batch_size)
+        self.initial_clip = _require_positive("initial_clip", initial_clip)
+        self.beta1 = _require_in_range("beta1", beta1, 0.0, 1.0)
+        self.beta2 = _require_in_range("beta2", beta2, 0.0, 1.0)
+        self.h1 = _require_positive("h1", h1)
+        self.h2 = _require_positive("h2", h2)
+        if self.h1 > self.h2:
+            raise ValueError(f"h1 must be <= h2 (clamp range for the variance), got h1={h1}, h2={h2}")
+        self.kappa = _require_positive("kappa", kappa)
+        if variance_target not in ("per_example", "batch_mean"):
+            raise ValueError(f"variance_target must be 'per_example' or 'batch_mean', got {variance_target!r}")
+        if clamp not in ("before_average", "after_average"):
+            raise ValueError(f"clamp must be 'before_average' or 'after_average', got {clamp!r}")
+        self.variance_target: VarianceTarget = variance_target
+        self.clamp: ClampPosition = clamp
+
+    def init_state(self, dim: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AdaClipState:
+        """``a_0 = 0``; ``v_0 = (C0 / (kappa sqrt(d)))^2`` so that ``b_0 = C0`` in every coordinate."""
+        _check_dim(dim)
+        std0 = self.initial_clip / (self.kappa * math.sqrt(dim))
+        return AdaClipState(
+            mean=torch.zeros(dim, device=device, dtype=dtype),
+            variance=torch.full((dim,), std0**2, device=device, dtype=dtype),
+            scale=torch.full((dim,), self.initial_clip, device=device, dtype=dtype),
+        )
+
+    def step(self, per_example_grads: Tensor, state: AdaClipState, noise: Tensor) -> tuple[Tensor, AdaClipState, Stats]:
+        dim = self._check_step_inputs(per_example_grads, noise)
+        if state.scale.shape != (dim,):
+            raise ValueError(f"state was made for {state.scale.shape[0]} parameters, but the gradients have {dim}")
+        a, b, B = state.mean, state.scale, self.expected_batch_size
+        whitened, norms = clip_rows((per_example_grads - a) / b, 1.0)
+        noisy_whitened_mean = (whitened.sum(0) + self.noise_multiplier * noise) / B
+        released = b * noisy_whitened_mean + a
+
+        second_moment = noise_corrected_second_moment(released, a, b, self.noise_multiplier, B)
+        if self.variance_target == "per_example":
+            second_moment = second_moment * B
+        if self.clamp == "before_average":
+            variance = self.beta2 * state.variance + (1 - self.beta2) * second_moment.clamp(self.h1, self.h2)
+        else:
+            variance = (self.beta2 * state.variance + (1 - self.beta2) * second_moment).clamp(self.h1, self.h2)
+        new_state = AdaClipState(
+            mean=self.beta1 * a + (1 - self.beta1) * released,
+            variance=variance,
+            scale=optimal_scale(variance.sqrt(), self.kappa),
+        )
+        stats = {
+            "clipped_fraction": _clipped_fraction(norms, 1.0),
+            "noise_power": float((b * self.noise_multiplier / B).square().sum()),
+            "scale_mean": float(b.mean()),
+            "scale_min": float(b.min()),
+            "scale_max": float(b.max()),
+            "batch_size": float(per_example_grads.shape[0]),
+        }
+        return released, new_state, stats

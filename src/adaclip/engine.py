@@ -1,0 +1,144 @@
+"""``make_private``: the Opacus-style entry point that turns a model, optimizer and loader private."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.data_loader import DPDataLoader
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from adaclip.accounting import ACCOUNTANTS, Accountant, noise_multiplier_for
+from adaclip.clipping import AdaCliP, AutoClip, ClipRule, FixedClip, QuantileClip
+from adaclip.optimizer import AdaptiveClipDPOptimizer
+
+METHODS: dict[str, type[ClipRule]] = {"adaclip": AdaCliP, "quantile": QuantileClip, "fixed": FixedClip, "auto": AutoClip}
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {"fixed": {"clip_norm": 1.0}}
+_SET_BY_ENGINE = {"noise_multiplier", "expected_batch_size"}
+
+
+def method_parameters(method: str) -> list[str]:
+    """The keyword parameters ``make_private`` accepts for ``method`` (beyond the privacy ones)."""
+    return [name for name in inspect.signature(METHODS[method]).parameters if name not in _SET_BY_ENGINE]
+
+
+def check_method(method: str, method_params: dict[str, object]) -> None:
+    """Reject an unknown method name or parameter, naming what is accepted."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    unknown = sorted(set(method_params) - set(method_parameters(method)))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for method {method!r}; it accepts {method_parameters(method)}")
+
+
+def build_rule(method: str, *, noise_multiplier: float, expected_batch_size: float, **method_params: object) -> ClipRule:
+    """Instantiate the clipping rule ``method`` with its defaults."""
+    check_method(method, method_params)
+    params = {**METHOD_DEFAULTS.get(method, {}), **method_params}
+    return METHODS[method](noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **params)
+
+
+def _seeds(seed: int | None) -> tuple[int | None, int | None]:
+    """Independent seeds for Poisson sampling and for noise, both fixed by ``seed``."""
+    if seed is None:
+        return None, None
+    sampling, noise = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
+    return int(sampling >> np.uint64(1)), int(noise >> np.uint64(1))
+
+
+def _check_module(module: nn.Module) -> None:
+    errors = ModuleValidator.validate(module, strict=False)
+    if errors:
+        listed = "; ".join(str(e) for e in errors)
+        raise ValueError(
+            f"module cannot give true per-example gradients: {listed}. BatchNorm mixes examples: replace it with "
+            "GroupNorm or LayerNorm (opacus.validators.ModuleValidator.fix(module) does this)."
+        )
+
+
+def make_private(
+    *,
+    module: nn.Module,
+    optimizer: Optimizer,
+    data_loader: DataLoader,
+    method: str = "adaclip",
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    delta: float,
+    epochs: int | None = None,
+    accountant: Accountant = "prv",
+    seed: int | None = None,
+    loss_reduction: str = "mean",
+    **method_params: object,
+) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, DPDataLoader]:
+    """Make training private with clipping rule ``method``, like ``opacus.PrivacyEngine.make_private``.
+
+    Returns a ``GradSampleModule``, an :class:`AdaptiveClipDPOptimizer` and a Poisson-sampling
+    ``DPDataLoader`` with rate ``q = batch_size / len(dataset)``; one epoch is ``int(1 / q)`` steps.
+    Give either ``noise_multiplier`` or ``target_epsilon`` (then ``epochs`` too; sigma is calibrated
+    with ``accountant`` for ``epochs * int(1 / q)`` steps).  ``seed`` fixes the sampling and the noise.
+    ``method_params`` go to the rule (e.g. ``initial_clip=0.5`` for AdaCliP, ``clip_norm=1.0`` for fixed).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(data_loader, DataLoader) or data_loader.batch_size is None:
+        raise ValueError("data_loader must be a torch DataLoader with an integer batch_size (the expected batch size B)")
+    check_method(method, method_params)
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+        raise ValueError(f"delta must lie in (0, 1) (use < 1/N for N examples), got {delta!r}")
+    dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
+    expected_batch_size = data_loader.batch_size
+    if expected_batch_size > dataset_size:
+        raise ValueError(f"data_loader.batch_size={expected_batch_size} exceeds the dataset size {dataset_size}; lower the batch size")
+    sample_rate = expected_batch_size / dataset_size
+    steps_per_epoch = int(1 / sample_rate)
+
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+    if target_epsilon is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be an int >= 1 when target_epsilon is given, got {epochs!r}")
+        noise_multiplier = noise_multiplier_for(
+            target_epsilon=target_epsilon, sample_rate=sample_rate, steps=epochs * steps_per_epoch, delta=delta, accountant=accountant
+        )
+    elif not (isinstance(noise_multiplier, (int, float)) and 0 < noise_multiplier < math.inf):
+        raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
+
+    rule = build_rule(method, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **method_params)
+    if not isinstance(module, GradSampleModule):
+        _check_module(module)
+        module = GradSampleModule(module, loss_reduction=loss_reduction)
+
+    sampling_seed, noise_seed = _seeds(seed)
+    sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
+    device = next(module.parameters()).device
+    noise_generator = None if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
+
+    private_loader = DPDataLoader(
+        data_loader.dataset,
+        sample_rate=sample_rate,
+        collate_fn=data_loader.collate_fn,
+        generator=sampling_generator,
+        num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory,
+    )
+    private_optimizer = AdaptiveClipDPOptimizer(
+        optimizer,
+        rule=rule,
+        sample_rate=sample_rate,
+        accountant=accountant,
+        delta=delta,
+        generator=noise_generator,
+        loss_reduction=loss_reduction,
+    )
+    return module, private_optimizer, private_loader
