@@ -1,0 +1,255 @@
+"""One training run: a validated config in, a JSON-ready metrics record out.
+
+``run(config)`` loads the dataset, builds the model, calibrates sigma for the target epsilon with
+the chosen accountant (or takes sigma), trains with :func:`adaclip.make_private` (or without
+privacy for ``method="nonprivate"``), evaluates on the validation and test splits every epoch and
+returns a record; with ``out`` set it also writes the record atomically as JSON.  One ``seed``
+fixes the split, the initialisation, the Poisson sampling and the noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from adaclip.accounting import ACCOUNTANTS, epsilon, noise_multiplier_for
+from adaclip.data import DATASETS, Splits, load_dataset
+from adaclip.engine import METHODS, build_rule, make_private
+from adaclip.models import MODELS, build_model
+from adaclip.reporting import write_text_atomic
+
+PRIVATE_METHODS = tuple(sorted(METHODS))
+ALL_METHODS = (*PRIVATE_METHODS, "nonprivate")
+
+# Per dataset: default model, expected batch size, epochs and learning rate per method.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fashion-mnist": {"model": "cnn", "batch_size": 256, "epochs": 10, "lr": {"fixed": 1.0, "adaclip": 1.0, "quantile": 1.0, "auto": 1.0, "nonprivate": 0.1}},
+    "mnist": {"model": "cnn", "batch_size": 256, "epochs": 10, "lr": {"fixed": 1.0, "adaclip": 1.0, "quantile": 1.0, "auto": 1.0, "nonprivate": 0.1}},
+    "breast-cancer": {"model": "logistic", "batch_size": 32, "epochs": 20, "lr": {"fixed": 0.5, "adaclip": 0.5, "quantile": 0.5, "auto": 0.5, "nonprivate": 0.1}},
+    "diabetes": {"model": "linear", "batch_size": 32, "epochs": 20, "lr": {"fixed": 0.1, "adaclip": 0.1, "quantile": 0.1, "auto": 0.1, "nonprivate": 0.05}},
+    "synthetic": {"model": "logistic", "batch_size": 100, "epochs": 5, "lr": {"fixed": 0.5, "adaclip": 0.5, "quantile": 0.5, "auto": 0.5, "nonprivate": 0.1}},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything one run needs; ``None`` means the dataset's default (see ``DATASET_DEFAULTS``)."""
+
+    dataset: str
+    method: str = "adaclip"
+    model: str | None = None
+    epsilon: float | None = 3.0
+    noise_multiplier: float | None = None
+    delta: float | None = None
+    accountant: str = "prv"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float = 0.0
+    seed: int = 0
+    method_params: dict[str, Any] = field(default_factory=dict)
+    train_size: int | None = None
+    data_dir: str | None = None
+    device: str = "cpu"
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        if "dataset" not in values:
+            raise ValueError(f"config needs 'dataset', one of {DATASETS}")
+        return cls(**values)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill dataset defaults and validate every field before any data is loaded."""
+    _check(config.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {config.dataset!r}")
+    _check(config.method in ALL_METHODS, f"method must be one of {ALL_METHODS}, got {config.method!r}")
+    defaults = DATASET_DEFAULTS[config.dataset]
+    resolved = dataclasses.replace(
+        config,
+        model=config.model or defaults["model"],
+        epochs=config.epochs if config.epochs is not None else defaults["epochs"],
+        batch_size=config.batch_size if config.batch_size is not None else defaults["batch_size"],
+        lr=config.lr if config.lr is not None else defaults["lr"][config.method],
+        method_params=dict(config.method_params),
+    )
+    _check(resolved.model in MODELS, f"model must be one of {MODELS}, got {resolved.model!r}")
+    _check(_is_int(resolved.epochs) and resolved.epochs >= 1, f"epochs must be an int >= 1, got {resolved.epochs!r}")
+    _check(_is_int(resolved.batch_size) and resolved.batch_size >= 1, f"batch_size must be an int >= 1, got {resolved.batch_size!r}")
+    _check(_is_number(resolved.lr) and resolved.lr > 0, f"lr must be a number > 0, got {resolved.lr!r}")
+    _check(_is_number(resolved.momentum) and 0 <= resolved.momentum < 1, f"momentum must lie in [0, 1), got {resolved.momentum!r}")
+    _check(_is_int(resolved.seed) and resolved.seed >= 0, f"seed must be an int >= 0, got {resolved.seed!r}")
+    _check(resolved.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}, got {resolved.accountant!r}")
+    _check(resolved.train_size is None or (_is_int(resolved.train_size) and resolved.train_size >= 1), f"train_size must be an int >= 1, got {resolved.train_size!r}")
+    _check(resolved.device == "cpu" or resolved.device.startswith("cuda"), f"device must be 'cpu' or 'cuda[:i]', got {resolved.device!r}")
+    if resolved.method == "nonprivate":
+        return dataclasses.replace(resolved, epsilon=None, noise_multiplier=None, delta=None)
+    _check(
+        (resolved.epsilon is None) != (resolved.noise_multiplier is None),
+        "give exactly one of epsilon (target) and noise_multiplier; set the other to null",
+    )
+    if resolved.epsilon is not None:
+        _check(_is_number(resolved.epsilon) and resolved.epsilon > 0, f"epsilon must be a number > 0, got {resolved.epsilon!r}")
+    else:
+        _check(_is_number(resolved.noise_multiplier) and resolved.noise_multiplier > 0, f"noise_multiplier must be a number > 0, got {resolved.noise_multiplier!r}")
+    _check(resolved.delta is None or (_is_number(resolved.delta) and 0 < resolved.delta < 1), f"delta must lie in (0, 1), got {resolved.delta!r}")
+    # every hyperparameter of the rule is checked now, before data loading and sigma calibration
+    build_rule(resolved.method, noise_multiplier=0.0, expected_batch_size=resolved.batch_size, **resolved.method_params)
+    return resolved
+
+
+def default_delta(dataset_size: int) -> float:
+    """``1e-5`` if that is below ``1 / N``, else ``N^-1.1`` (DESIGN.md §3)."""
+    return 1e-5 if 1e-5 < 1 / dataset_size else dataset_size**-1.1
+
+
+def _evaluate(model: nn.Module, dataset: TensorDataset, task: str, device: str) -> float:
+    """Accuracy (classification) or mean squared error (regression) on ``dataset``."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for features, targets in DataLoader(dataset, batch_size=1024):
+            outputs = model(features.to(device))
+            targets = targets.to(device)
+            if task == "classification":
+                total += (outputs.argmax(1) == targets).sum().item()
+            else:
+                total += (outputs - targets).square().sum().item()
+            count += len(targets)
+    model.train()
+    return total / count
+
+
+def _versions() -> dict[str, str]:
+    names = ("torch", "opacus", "dp-accounting", "numpy", "adaclip")
+    return {"python": platform.python_version(), **{n: metadata.version(n) for n in names}}
+
+
+def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Train one model as ``config`` says and return its metrics record (also written to ``out``)."""
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    config = resolve(config)
+    splits: Splits = load_dataset(config.dataset, seed=config.seed, train_size=config.train_size, data_dir=config.data_dir)
+    n_train = len(splits.train)
+    _check(config.batch_size <= n_train, f"batch_size={config.batch_size} exceeds the {n_train} training examples; lower it")
+    delta = None
+    if config.method != "nonprivate":
+        delta = config.delta if config.delta is not None else default_delta(n_train)
+        _check(delta < 1 / n_train, f"delta={delta} must be below 1/N = {1 / n_train:.3g} for N={n_train} training examples")
+
+    torch.manual_seed(config.seed)
+    task = splits.task
+    model = build_model(config.model, splits.input_shape, splits.num_classes or 1).to(config.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    loss_fn = nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
+    if config.method == "nonprivate":
+        loader = DataLoader(splits.train, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed))
+        noise_multiplier, sample_rate, method_params = None, None, {}
+    else:
+        sample_rate = config.batch_size / n_train
+        noise_multiplier = config.noise_multiplier
+        if noise_multiplier is None:
+            noise_multiplier = noise_multiplier_for(
+                target_epsilon=config.epsilon, sample_rate=sample_rate, steps=config.epochs * int(1 / sample_rate),
+                delta=delta, accountant=config.accountant,
+            )
+        method_params = dict(config.method_params)
+        if config.method == "quantile" and "count_noise_std" not in method_params:
+            # Andrew et al.'s B / 20, raised to sigma where small batches make that split infeasible
+            method_params["count_noise_std"] = max(config.batch_size / 20, noise_multiplier)
+        model, optimizer, loader = make_private(
+            module=model, optimizer=optimizer, data_loader=DataLoader(splits.train, batch_size=config.batch_size),
+            method=config.method, noise_multiplier=noise_multiplier, delta=delta, accountant=config.accountant,
+            seed=config.seed, **method_params,
+        )
+
+    metric = "accuracy" if task == "classification" else "mse"
+    per_epoch: list[dict[str, Any]] = []
+    step_stats: dict[str, list[float]] = {}
+    steps, start = 0, time.perf_counter()
+    show = config.progress and not os.environ.get("TQDM_DISABLE")
+    with warnings.catch_warnings():
+        # torch warns about Opacus's hooks when the inputs do not require grad; harmless here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+        for epoch in range(1, config.epochs + 1):
+            loss_sum, loss_count = 0.0, 0
+            for features, targets in tqdm(loader, desc=f"{config.method} epoch {epoch}/{config.epochs}", disable=not show, leave=False):
+                features, targets = features.to(config.device), targets.to(config.device)
+                optimizer.zero_grad()
+                loss = loss_fn(model(features), targets)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                if len(targets):
+                    loss_sum += loss.item() * len(targets)
+                    loss_count += len(targets)
+                for key, value in getattr(optimizer, "last_stats", {}).items():
+                    step_stats.setdefault(key, []).append(value)
+            per_epoch.append({
+                "epoch": epoch,
+                "train_loss": loss_sum / max(loss_count, 1),
+                f"val_{metric}": _evaluate(model, splits.validation, task, config.device),
+                f"test_{metric}": _evaluate(model, splits.test, task, config.device),
+            })
+    wall_time = time.perf_counter() - start
+
+    spent = None
+    if config.method != "nonprivate":
+        spent = epsilon(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta, accountant=config.accountant)
+    record = {
+        "config": dataclasses.asdict(config),
+        "seed": config.seed,
+        "method": config.method,
+        "dataset": config.dataset,
+        "model": config.model,
+        "epsilon": spent,
+        "target_epsilon": config.epsilon,
+        "delta": delta,
+        "accountant": config.accountant if config.method != "nonprivate" else None,
+        "noise_multiplier": noise_multiplier,
+        "method_params": method_params,
+        "sample_rate": sample_rate,
+        "steps": steps,
+        "train_size": n_train,
+        f"val_{metric}": per_epoch[-1][f"val_{metric}"],
+        f"test_{metric}": per_epoch[-1][f"test_{metric}"],
+        "per_epoch": per_epoch,
+        "step_stats": step_stats,
+        "wall_time_s": wall_time,
+        "examples_per_s": config.epochs * n_train / wall_time,
+        "versions": _versions(),
+    }
+    if out is not None:
+        write_text_atomic(out, json.dumps(record, indent=1) + "\n")
+    return record
