@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test reproduce clean-venv
+.PHONY: setup test reproduce fashion-mnist clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,19 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-reproduce: $(STAMP)
+# Debian's dataset-fashion-mnist package, where apt-get exists; otherwise the loader downloads it.
+fashion-mnist:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: found in /usr/share/datasets/fashion-mnist"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) \
+			|| echo "warning: apt-get could not install dataset-fashion-mnist; the loader will download Fashion-MNIST on first use"; \
+	else \
+		echo "no apt-get: Fashion-MNIST will be downloaded into data/raw/fashion-mnist on first use"; \
+	fi
+
+reproduce: $(STAMP) fashion-mnist
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 clean-venv:
