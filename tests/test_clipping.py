@@ -343,3 +343,46 @@ def test_bad_step_inputs_are_named():
     adaclip = AdaCliP(noise_multiplier=1.0, expected_batch_size=4)
     with pytest.raises(ValueError, match="state"):
         adaclip.step(torch.zeros(2, 3), adaclip.init_state(5), torch.zeros(3))
+
+
+# --- clipping statistics depend on released values only ---------------------------------------
+
+
+def test_adaclip_next_state_depends_only_on_the_released_gradient():
+    """Two different batches whose noisy releases coincide must lead to the same next state."""
+    gen = torch.Generator().manual_seed(6)
+    sigma, batch, dim = 1.5, 8.0, 5
+    rule = AdaCliP(noise_multiplier=sigma, expected_batch_size=batch, beta1=0.7, beta2=0.6, h1=1e-6, h2=50.0)
+    state = AdaClipState(mean=torch.randn(dim, generator=gen), variance=torch.rand(dim, generator=gen), scale=torch.rand(dim, generator=gen) + 0.5)
+    first, second = torch.randn(8, dim, generator=gen), 5 * torch.randn(6, dim, generator=gen)
+    noise = torch.randn(dim, generator=gen)
+    out, next_state, _ = rule.step(first, state, noise)
+    # the noise that makes the second batch release exactly the same vector
+    whitened_sum = clip_rows((second - state.mean) / state.scale, 1.0)[0].sum(0)
+    matching_noise = ((out - state.mean) / state.scale * batch - whitened_sum) / sigma
+    out2, next_state2, _ = rule.step(second, state, matching_noise)
+    torch.testing.assert_close(out2, out)
+    for name in ("mean", "variance", "scale"):
+        torch.testing.assert_close(getattr(next_state2, name), getattr(next_state, name))
+    # and the update is the paper's formula applied to that released vector
+    torch.testing.assert_close(next_state.mean, 0.7 * state.mean + 0.3 * out)
+    r = batch * ((out - state.mean) ** 2 - (state.scale * sigma / batch) ** 2)
+    torch.testing.assert_close(next_state.variance, 0.6 * state.variance + 0.4 * r.clamp(1e-6, 50.0))
+
+
+def test_quantile_next_clip_depends_only_on_the_noisy_count():
+    gen = torch.Generator().manual_seed(7)
+    rule = QuantileClip(noise_multiplier=1.0, expected_batch_size=10, count_noise_std=2.0, target_quantile=0.7, clip_lr=0.3)
+    state = QuantileClipState(clip_norm=1.0)
+    grads = torch.randn(10, 3, generator=gen)
+    noise = torch.randn(4, generator=gen)
+    _, next_state, stats = rule.step(grads, state, noise)
+    bits = (grads.norm(dim=1) <= 1.0).double() - 0.5
+    noisy_fraction = (bits.sum().item() + 2.0 * noise[3].item()) / 10 + 0.5
+    assert stats["unclipped_estimate"] == pytest.approx(noisy_fraction)
+    assert next_state.clip_norm == pytest.approx(math.exp(-0.3 * (noisy_fraction - 0.7)))
+    # a batch with a different true count but the same noisy count gives the same next clip
+    other = grads * 0.01  # all unclipped
+    shifted = noise.clone()
+    shifted[3] = noise[3] - (5.0 - bits.sum().item()) / 2.0
+    assert rule.step(other, state, shifted)[1].clip_norm == pytest.approx(next_state.clip_norm)

@@ -80,8 +80,9 @@ def test_target_epsilon_calibrates_sigma_for_the_planned_steps():
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_same_seed_gives_identical_training(method):
     results = []
-    for _ in range(2):
+    for global_seed in (1, 2):
         model, optimizer, loader, _ = private_setup(method, seed=7)
+        torch.manual_seed(global_seed)  # the run must depend on make_private's seed only, not the global RNG
         train(model, optimizer, loader)
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(results[0], results[1])
@@ -127,7 +128,7 @@ def test_empty_poisson_batches_still_step_with_noise():
     for features, labels in loader:
         before = model._module.weight.detach().clone()
         optimizer.zero_grad()
-        nn.functional.cross_entropy(model(features), labels, reduction="sum").backward()
+        nn.functional.cross_entropy(model(features), labels).backward()
         optimizer.step()
         sizes.append(len(features))
         moved.append(not torch.equal(before, model._module.weight.detach()))
@@ -154,6 +155,7 @@ def test_batchnorm_is_rejected_with_the_fix():
         (dict(noise_multiplier=1.0, target_epsilon=1.0, epochs=1), "exactly one"),
         (dict(noise_multiplier=None, target_epsilon=1.0), "epochs"),
         (dict(delta=1.5), "delta"),
+        (dict(delta=0.002), "1/N"),
         (dict(accountant="gdp"), "accountant"),
         (dict(method="quantile", noise_multiplier=10.0), "count_noise_std"),
     ],
@@ -166,3 +168,61 @@ def test_bad_arguments_are_named(kwargs, match):
     ) | kwargs
     with pytest.raises(ValueError, match=match):
         make_private(**args)
+
+
+def test_noise_is_fresh_every_step_with_the_calibrated_scale():
+    """Zero per-example gradients: p.grad is pure noise, N(0, (sigma C / B)^2) per coordinate, new each step."""
+    dataset = TensorDataset(torch.zeros(200, 50), torch.zeros(200, dtype=torch.long))
+    model = nn.Linear(50, 2, bias=False)
+    model, optimizer, loader = make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=DataLoader(dataset, batch_size=20),
+        method="fixed", noise_multiplier=2.0, clip_norm=0.5, delta=1e-5, seed=0,
+    )
+    noises = []
+    for _ in range(10):
+        for features, labels in loader:
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(features), labels).backward()
+            optimizer.step()
+            noises.append(model._module.weight.grad.flatten().clone())
+    noises = torch.stack(noises)  # [100 steps, 100 coordinates]
+    expected_std = 2.0 * 0.5 / 20
+    # sample std of 10^4 normals: relative standard error about 0.7 %
+    assert noises.std().item() == pytest.approx(expected_std, rel=0.03)
+    correlation = torch.corrcoef(torch.stack([noises[:-1].flatten(), noises[1:].flatten()]))[0, 1]
+    assert abs(correlation) < 0.05  # 9900 pairs: standard error 0.01
+    assert len({tuple(n.tolist()) for n in noises}) == len(noises)
+
+
+def test_get_epsilon_uses_the_given_delta():
+    model, optimizer, loader, _ = private_setup("fixed")
+    train(model, optimizer, loader)
+    expected = epsilon(noise_multiplier=1.0, sample_rate=0.05, steps=20, delta=1e-6, accountant="prv")
+    assert optimizer.get_epsilon(delta=1e-6) == pytest.approx(expected, rel=1e-12)
+    assert optimizer.get_epsilon(delta=1e-6) > optimizer.get_epsilon()
+
+
+def test_sum_reduction_gives_b_times_the_mean_gradient():
+    grads = []
+    for reduction in ("mean", "sum"):
+        torch.manual_seed(0)
+        model = nn.Linear(10, 2)
+        model, optimizer, _ = make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(toy_problem(), batch_size=50),
+            method="fixed", noise_multiplier=1.0, delta=1e-5, seed=0, loss_reduction=reduction,
+        )
+        features, labels = toy_problem().tensors
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(features[:30]), labels[:30], reduction=reduction).backward()
+        optimizer.pre_step()
+        grads.append(model._module.weight.grad.clone())
+    torch.testing.assert_close(grads[1], 50 * grads[0])
+
+
+def test_optimizer_over_foreign_parameters_is_rejected():
+    model = nn.Linear(10, 2)
+    with pytest.raises(ValueError, match="module.parameters"):
+        make_private(
+            module=model, optimizer=torch.optim.SGD(nn.Linear(10, 2).parameters(), lr=0.1),
+            data_loader=DataLoader(toy_problem(), batch_size=50), noise_multiplier=1.0, delta=1e-5,
+        )

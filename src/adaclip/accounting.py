@@ -17,6 +17,7 @@ them into one Gaussian with the *total* noise multiplier, so the single event he
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Literal
 
@@ -31,13 +32,13 @@ ACCOUNTANTS: tuple[str, ...] = ("prv", "pld", "rdp")
 def _validate(noise_multiplier: float | None, sample_rate: float, steps: int, delta: float, accountant: str) -> None:
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r} (GDP is not offered: it underestimates epsilon)")
-    if noise_multiplier is not None and not (isinstance(noise_multiplier, (int, float)) and 0 < noise_multiplier < math.inf):
+    if noise_multiplier is not None and not (isinstance(noise_multiplier, numbers.Real) and 0 < noise_multiplier < math.inf):
         raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
-    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+    if not (isinstance(sample_rate, numbers.Real) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must lie in (0, 1] (expected batch size / dataset size), got {sample_rate!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not (isinstance(delta, (int, float)) and 0 < delta < 1):
+    if not (isinstance(delta, numbers.Real) and 0 < delta < 1):
         raise ValueError(f"delta must lie in (0, 1); use at most 1/N for a dataset of N examples, got {delta!r}")
 
 
@@ -67,7 +68,7 @@ def epsilon(
     with a warning.
     """
     _validate(noise_multiplier, sample_rate, steps, delta, accountant)
-    eps = _epsilon_unchecked(noise_multiplier, sample_rate, steps, delta, accountant)
+    eps = _epsilon_unchecked(float(noise_multiplier), float(sample_rate), int(steps), float(delta), accountant)
     if eps < 0:
         warnings.warn(f"the {accountant} accountant returned epsilon={eps:.3g} < 0 at delta={delta}; reporting 0", stacklevel=2)
         return 0.0
@@ -89,13 +90,13 @@ def noise_multiplier_for(
     and ``epsilon(sigma) >= target_epsilon * (1 - epsilon_tolerance)``.
     """
     _validate(None, sample_rate, steps, delta, accountant)
-    if not (isinstance(target_epsilon, (int, float)) and 0 < target_epsilon < math.inf):
+    if not (isinstance(target_epsilon, numbers.Real) and 0 < target_epsilon < math.inf):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
     if not 0 < epsilon_tolerance < 1:
         raise ValueError(f"epsilon_tolerance must lie in (0, 1), got {epsilon_tolerance!r}")
 
     def eps_at(sigma: float) -> float:
-        return _epsilon_unchecked(sigma, sample_rate, steps, delta, accountant)
+        return _epsilon_unchecked(sigma, float(sample_rate), int(steps), float(delta), accountant)
 
     low, high = 0.0, 1.0
     eps_high = eps_at(high)

@@ -24,6 +24,7 @@ empty batch), ``noise_power`` (``E||noise||^2`` of the returned mean gradient), 
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -34,14 +35,18 @@ from torch import Tensor
 Stats = dict[str, float]
 
 
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _require_positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
 def _require_in_range(name: str, value: float, low: float, high: float, *, closed_high: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value
+    ok = _is_real(value) and low <= value
     ok = ok and (value <= high if closed_high else value < high)
     if not ok:
         bracket = "]" if closed_high else ")"
@@ -194,6 +199,7 @@ class QuantileClip(ClipRule):
         self.initial_clip = _require_positive("initial_clip", initial_clip)
         self.target_quantile = _require_in_range("target_quantile", target_quantile, 0.0, 1.0, closed_high=True)
         self.clip_lr = _require_positive("clip_lr", clip_lr)
+        self.count_noise_std_is_default = count_noise_std is None
         if count_noise_std is None:
             count_noise_std = self.expected_batch_size / 20
         self.count_noise_std = _require_positive("count_noise_std", count_noise_std)
@@ -204,11 +210,11 @@ class QuantileClip(ClipRule):
         if sigma == 0.0:
             return 0.0
         if sigma >= 2 * sigma_b:
+            origin = " (the default, expected_batch_size / 20)" if self.count_noise_std_is_default else ""
             raise ValueError(
                 f"QuantileClip needs noise_multiplier < 2 * count_noise_std to split the privacy "
-                f"budget, got noise_multiplier={sigma} and count_noise_std={sigma_b} "
-                f"(default expected_batch_size / 20). Increase count_noise_std above {sigma / 2:g} "
-                "(or the expected batch size), or lower noise_multiplier."
+                f"budget, got noise_multiplier={sigma} and count_noise_std={sigma_b}{origin}. Increase "
+                f"count_noise_std above {sigma / 2:g} (or the expected batch size), or lower noise_multiplier."
             )
         return (sigma**-2 - (2 * sigma_b) ** -2) ** -0.5
 
@@ -302,6 +308,8 @@ class AdaCliP(ClipRule):
     * ``variance_target="per_example"`` multiplies ``r_t`` (which estimates the variance of the
       *batch mean*) by ``B`` so that ``v`` estimates the per-example variance the optimal transform
       needs; ``"batch_mean"`` keeps the paper's literal update (``b`` about ``sqrt(B)`` too small).
+      Caveat: ``B r_t`` estimates ``s^2 + B (mu - a_t)^2``, so any lag of ``a`` behind the true mean
+      is amplified ``B``-fold in ``v`` (``b`` errs on the large side: less clipping, more noise).
     * ``clamp="before_average"`` clamps ``r_t`` to ``[h1, h2]`` before the moving average (as
       in the paper); ``"after_average"`` clamps ``v_t+1`` instead.
     * ``kappa`` scales ``b`` globally (``kappa > 1`` clips less and adds more noise).

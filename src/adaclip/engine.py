@@ -100,6 +100,8 @@ def make_private(
     expected_batch_size = data_loader.batch_size
     if expected_batch_size > dataset_size:
         raise ValueError(f"data_loader.batch_size={expected_batch_size} exceeds the dataset size {dataset_size}; lower the batch size")
+    if delta >= 1 / dataset_size:
+        raise ValueError(f"delta={delta} must be below 1/N = {1 / dataset_size:.3g} for N={dataset_size} examples (1e-5 or N^-1.1 are usual)")
     sample_rate = expected_batch_size / dataset_size
     steps_per_epoch = int(1 / sample_rate)
 
@@ -114,6 +116,9 @@ def make_private(
     elif not (isinstance(noise_multiplier, (int, float)) and 0 < noise_multiplier < math.inf):
         raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
 
+    module_params = {id(p) for p in module.parameters()}
+    if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("optimizer holds parameters that are not the module's: build the optimizer over module.parameters()")
     rule = build_rule(method, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **method_params)
     if not isinstance(module, GradSampleModule):
         _check_module(module)

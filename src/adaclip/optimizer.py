@@ -31,6 +31,11 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         delta: default delta for :meth:`get_epsilon`.
         generator: ``torch.Generator`` on the parameters' device for the noise (``None``: torch's global RNG).
         loss_reduction: ``"mean"`` (``p.grad`` is the noisy mean gradient) or ``"sum"`` (``B`` times it).
+
+    ``noise_multiplier`` and ``max_grad_norm`` are the rule's at construction (for adaptive rules,
+    ``max_grad_norm`` is only the initial bound): changing them later (e.g. with an Opacus noise
+    scheduler) does not change the rule.  Noise comes from torch's PRNG in floating point; Opacus's
+    ``secure_mode`` (defence against floating-point attacks, Mironov 2012) is not offered.
     """
 
     def __init__(
@@ -66,6 +71,12 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             raise RuntimeError(
                 "per-example gradients from several backward passes are pending: call optimizer.zero_grad() "
                 "after every optimizer.step(); accumulating Poisson batches is not supported"
+            )
+        missing = [i for i, p in enumerate(self.params) if getattr(p, "grad_sample", None) is None]
+        if missing:
+            raise RuntimeError(
+                f"parameters {missing} (in optimizer order) got no per-example gradient: every trainable parameter "
+                "must be used in forward, and loss.backward() must run before optimizer.step()"
             )
         grad_samples = self.grad_samples
         n = grad_samples[0].shape[0]
