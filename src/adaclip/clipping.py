@@ -314,7 +314,16 @@ class AdaCliP(ClipRule):
       in the paper); ``"after_average"`` clamps ``v_t+1`` instead.
     * ``kappa`` scales ``b`` globally (``kappa > 1`` clips less and adds more noise).
 
-    The defaults come from the probe described in ``docs/adaclip-defaults.md``.
+    Defaults (``reports/probes/adaclip_defaults.md``: Fashion-MNIST logistic regression, eps = 1,
+    delta = 1e-5, PRV, B = 250, 5 epochs, validation accuracy over 2 seeds, one factor at a time):
+    ``h2`` matters most (1e-2: 79.0 %, 0.1: 80.8 %, 1: 77.5 %, 10: 64.0 % at lr 0.03; 81.3 % at lr
+    0.09 with ``h2 = 0.1``): a large ``h2`` lets the noise in ``r_t`` inflate ``v``, so ``b`` grows,
+    nothing is clipped and the noise power explodes.  ``variance_target="batch_mean"`` (43 %) and
+    ``clamp="after_average"`` (16 %) collapse ``b`` instead.  ``beta1`` (0.9 / 0.99 / 0.999),
+    ``beta2`` (0.99 / 0.9) and ``initial_clip`` (0.1 / 1 / 10) moved accuracy by under 0.2 points;
+    ``beta2 = 0.5`` and ``kappa = 0.5`` helped at ``h2 = 1`` (+0.9, +2.7) but were not measured at
+    ``h2 = 0.1``.  Tuned DP-SGD reached 82.7 % in the same setting.  The learning rate is in
+    gradient units (about 0.1 here), not scaled by ``1 / initial_clip``.
     """
 
     def __init__(
@@ -326,7 +335,7 @@ class AdaCliP(ClipRule):
         beta1: float = 0.99,
         beta2: float = 0.9,
         h1: float = 1e-12,
-        h2: float = 1.0,
+        h2: float = 0.1,
         kappa: float = 1.0,
         variance_target: VarianceTarget = "per_example",
         clamp: ClampPosition = "before_average",
