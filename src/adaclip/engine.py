@@ -90,6 +90,9 @@ def make_private(
     if not isinstance(data_loader, DataLoader) or data_loader.batch_size is None:
         raise ValueError("data_loader must be a torch DataLoader with an integer batch_size (the expected batch size B)")
     check_method(method, method_params)
+    module_params = {id(p) for p in module.parameters()}
+    if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError("optimizer holds parameters that are not the module's: build the optimizer over module.parameters()")
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if loss_reduction not in ("mean", "sum"):
@@ -116,9 +119,6 @@ def make_private(
     elif not (isinstance(noise_multiplier, (int, float)) and 0 < noise_multiplier < math.inf):
         raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
 
-    module_params = {id(p) for p in module.parameters()}
-    if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
-        raise ValueError("optimizer holds parameters that are not the module's: build the optimizer over module.parameters()")
     rule = build_rule(method, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **method_params)
     if not isinstance(module, GradSampleModule):
         _check_module(module)
