@@ -226,3 +226,9 @@ def test_optimizer_over_foreign_parameters_is_rejected():
             module=model, optimizer=torch.optim.SGD(nn.Linear(10, 2).parameters(), lr=0.1),
             data_loader=DataLoader(toy_problem(), batch_size=50), noise_multiplier=1.0, delta=1e-5,
         )
+
+
+def test_step_without_backward_names_the_problem():
+    model, optimizer, _, _ = private_setup("adaclip")
+    with pytest.raises(RuntimeError, match="no per-example gradient"):
+        optimizer.step()

@@ -208,6 +208,11 @@ def lr_search(run_at, lrs: tuple[float, ...]) -> list[dict]:
     return entries
 
 
+def edge_note(entries: list[dict], chosen: dict) -> str:
+    at_edge = chosen is min(entries, key=lambda e: e["lr"]) or chosen is max(entries, key=lambda e: e["lr"])
+    return " (at the edge of the searched grid: the optimum may lie beyond it)" if at_edge else ""
+
+
 def changed(e: dict) -> str:
     """The AdaCliP parameters of a result (or a parameter dict) that differ from the base."""
     params = e.get("params", e)
@@ -301,7 +306,9 @@ def main() -> None:
         "- Clipped fraction and noise power (`E||noise||^2` of the released mean gradient) are `optimizer.last_stats` averaged"
         " over the last epoch's steps and over seeds. For AdaCliP, clipped fraction refers to the whitened vectors (bound 1)."
         " Mean scale: C for fixed clipping, the mean over coordinates of AdaCliP's scale b_t (last epoch).",
-        "- s/run: wall seconds of the training loop of one run (excludes the ~1 s sigma calibration and evaluation).",
+        "- s/run: wall seconds of the training loop of one run (excludes the ~1 s sigma calibration and evaluation)."
+        " It is wall time on a shared machine: other processes competing for the 2 cores inflate it, so the smallest"
+        " values are the closest to the uncontended cost.",
         f"- Date: 2026-11-24. Machine: 2-core CPU, `torch.set_num_threads(2)`. Total probe wall time: {total_min:.1f} min.",
         "",
         "## 1. DP-SGD baseline (method='fixed')",
@@ -317,7 +324,7 @@ def main() -> None:
         "",
         *table(adaclip_lr, "config", changed),
         "",
-        f"Best lr: {lr:g}.",
+        f"Best lr: {lr:g}{edge_note(adaclip_lr, base)}.",
         "",
         f"## 3. AdaCliP, one factor at a time from the base (lr = {lr:g})",
         "",
@@ -328,6 +335,8 @@ def main() -> None:
                 f"### 3b. Learning-rate check of the best one-factor variant ({changed(lr_check[1])})",
                 "",
                 *table(lr_check, "changed from base", changed),
+                "",
+                f"Best lr for this variant: {best_ada['lr']:g}{edge_note(lr_check, best_ada)}.",
                 "",
             ]
             if lr_check

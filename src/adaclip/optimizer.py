@@ -67,16 +67,16 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self.last_stats: Stats = {}
 
     def _flat_per_example_grads(self) -> torch.Tensor:
-        if self.accumulated_iterations != 1:
-            raise RuntimeError(
-                "per-example gradients from several backward passes are pending: call optimizer.zero_grad() "
-                "after every optimizer.step(); accumulating Poisson batches is not supported"
-            )
         missing = [i for i, p in enumerate(self.params) if getattr(p, "grad_sample", None) is None]
         if missing:
             raise RuntimeError(
                 f"parameters {missing} (in optimizer order) got no per-example gradient: every trainable parameter "
                 "must be used in forward, and loss.backward() must run before optimizer.step()"
+            )
+        if self.accumulated_iterations != 1:
+            raise RuntimeError(
+                "per-example gradients from several backward passes are pending: call optimizer.zero_grad() "
+                "after every optimizer.step(); accumulating Poisson batches is not supported"
             )
         grad_samples = self.grad_samples
         n = grad_samples[0].shape[0]
