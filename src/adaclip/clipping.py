@@ -322,7 +322,11 @@ class AdaCliP(ClipRule):
     ``clamp="after_average"`` (16 %) collapse ``b`` instead.  ``beta1`` (0.9 / 0.99 / 0.999),
     ``beta2`` (0.99 / 0.9) and ``initial_clip`` (0.1 / 1 / 10) moved accuracy by under 0.2 points;
     ``beta2 = 0.5`` and ``kappa = 0.5`` helped at ``h2 = 1`` (+0.9, +2.7) but were not measured at
-    ``h2 = 0.1``.  Tuned DP-SGD reached 82.7 % in the same setting.  The learning rate is in
+    ``h2 = 0.1``.  Tuned DP-SGD reached 82.7 % in the same setting.  Why ``h2`` dominates: clamping
+    ``r_t`` at ``h1`` before averaging discards negative noise-corrected estimates, biasing each
+    coordinate upward by about ``0.48 b_j^2 sigma^2 / B``; when ``0.48 kappa^2 d sigma^2 / B > 1``
+    (about 13 in the probe) ``v`` runs up to about ``0.32 h2`` whatever the gradients, and the probe's
+    mean ``b`` matched ``0.54 sqrt(d h2)`` for every ``h2``.  So ``h2`` acts as a hand-set scale.  The learning rate is in
     gradient units (about 0.1 here), not scaled by ``1 / initial_clip``.
     """
 
