@@ -88,7 +88,7 @@ def test_bad_configs_are_rejected_by_name(change, match):
         run({**TINY, **change})
 
 
-def test_bad_output_path_leaves_nothing_half_written(tmp_path):
+def test_invalid_config_writes_no_record(tmp_path):
     with pytest.raises(ValueError):
         run({**TINY, "epochs": -1}, out=tmp_path / "x.json")
     assert not list(tmp_path.iterdir())

@@ -45,11 +45,8 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import gzip
-import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -60,8 +57,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private
+from adaclip.data import IDX_SOURCES, locate_idx
+from adaclip.data import read_idx as adaclip_read_idx
+from adaclip.reporting import write_text_atomic
 
-DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 OUT_PATH = Path(__file__).resolve().parent / "adaclip_defaults.md"
 EPSILON, DELTA, ACCOUNTANT, BATCH_SIZE = 1.0, 1e-5, "prv", 250
 SPLIT_SEED, N_TRAIN = 0, 50_000
@@ -89,19 +88,20 @@ ONE_FACTOR = [
 ]
 
 
-def read_idx(name: str, header: int) -> np.ndarray:
-    with gzip.open(DATA_DIR / name, "rb") as f:
-        return np.frombuffer(f.read(), dtype=np.uint8, offset=header)
+def read_idx(name: str) -> np.ndarray:
+    """One Fashion-MNIST IDX file, found and checksum-verified by ``adaclip.data``."""
+    part = name.removesuffix(".gz")
+    return adaclip_read_idx(locate_idx("fashion-mnist", download=False) / name, IDX_SOURCES["fashion-mnist"].sha256[part])
 
 
 def load_data() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Train / validation / test tensors: images as float32 [n, 784] in [0, 1], labels as int64."""
 
     def images(name: str) -> torch.Tensor:
-        return torch.from_numpy(read_idx(name, 16).reshape(-1, 784).astype(np.float32) / 255.0)
+        return torch.from_numpy(read_idx(name).reshape(-1, 784).astype(np.float32) / 255.0)
 
     def labels(name: str) -> torch.Tensor:
-        return torch.from_numpy(read_idx(name, 8).astype(np.int64))
+        return torch.from_numpy(read_idx(name).astype(np.int64))
 
     x, y = images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz")
     perm = torch.from_numpy(np.random.default_rng(SPLIT_SEED).permutation(len(x)))
@@ -235,14 +235,6 @@ def table(entries: list[dict], first_col: str, describe) -> list[str]:
     return lines
 
 
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
@@ -293,7 +285,7 @@ def main() -> None:
         "",
         "Setting:",
         "",
-        "- Dataset: Fashion-MNIST (IDX files from /usr/share/datasets/fashion-mnist/), pixels scaled to [0, 1], flattened.",
+        "- Dataset: Fashion-MNIST (IDX files located and SHA-256-checked by adaclip.data, here /usr/share/datasets/fashion-mnist/), pixels scaled to [0, 1], flattened.",
         f"- Split: 60k train images permuted with numpy `default_rng({SPLIT_SEED})`: first 50,000 train, last 10,000 validation;"
         " the 10k t10k images are the test set (used only for the two selected configurations).",
         "- Model: `torch.nn.Linear(784, 10)` (multinomial logistic regression), cross-entropy (mean), `torch.optim.SGD` without momentum,"
@@ -355,7 +347,7 @@ def main() -> None:
             + " |"
         )
     lines.append("")
-    write_atomically(OUT_PATH, "\n".join(lines))
+    write_text_atomic(OUT_PATH, "\n".join(lines))
     print(f"wrote {OUT_PATH} in {total_min:.1f} min", file=sys.stderr)
 
 
