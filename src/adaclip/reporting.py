@@ -1,4 +1,4 @@
-"""Report artefacts: Markdown tables and atomic file writes shared by notebooks and stages."""
+"""Report artefacts shared by notebooks and stages: Markdown tables, atomic writes, the figure style."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -34,3 +35,36 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
         os.unlink(tmp)
         raise
     return path
+
+
+def apply_style() -> None:
+    """The one figure style of the report (seaborn ``whitegrid``, readable sizes, colour-blind palette)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
+    matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight", "svg.hashsalt": "adaclip", "svg.fonttype": "none"})
+
+
+def save_figure(figure: Any, stem: str | os.PathLike[str]) -> list[Path]:
+    """Save ``figure`` as ``<stem>.png`` and ``<stem>.svg`` atomically; return both paths.
+
+    SVGs carry no date metadata, so re-running a stage on the same data gives the same SVG.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix, metadata in ((".png", {"Software": None}), (".svg", {"Date": None})):
+        path = stem.with_name(stem.name + suffix)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+        os.close(fd)
+        try:
+            figure.savefig(tmp, format=suffix[1:], metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        written.append(path)
+    return written
