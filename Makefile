@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test reproduce fashion-mnist clean-venv
+.PHONY: setup test reproduce reproduce-paper fashion-mnist clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ fashion-mnist:
 	fi
 
 reproduce: $(STAMP) fashion-mnist
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The full-size profile for one GPU: replaces params.yaml (git checkout params.yaml undoes it).
+reproduce-paper: $(STAMP) fashion-mnist
+	cp profiles/paper.yaml params.yaml
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 clean-venv:

@@ -1,32 +1,39 @@
-"""Smoke test: every source notebook runs through papermill with tiny parameters."""
+"""Source notebooks: committed without outputs, strict about parameters; the committed report is whole.
+
+Every notebook also runs end to end through papermill in tests/test_dvc_pipeline.py (tiny profile).
+"""
 
 import json
+import re
 from pathlib import Path
 
 import papermill
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
-def test_notebooks_are_committed_without_outputs():
-    for path in (ROOT / "notebooks").glob("*.ipynb"):
-        cells = json.loads(path.read_text())["cells"]
-        assert not any(c.get("outputs") or c.get("execution_count") for c in cells if c["cell_type"] == "code"), path
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_source_notebook_has_no_outputs_and_one_parameters_cell(path):
+    cells = json.loads(path.read_text())["cells"]
+    assert not any(c.get("outputs") or c.get("execution_count") for c in cells if c["cell_type"] == "code"), path
+    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
 
 
-def test_accounting_notebook_writes_its_table(tmp_path):
-    out_table = tmp_path / "accounting.md"
-    papermill.execute_notebook(
-        str(ROOT / "notebooks" / "accounting.ipynb"),
-        str(tmp_path / "executed.ipynb"),
-        parameters={
-            "accounting": {"dataset_size": 1000, "expected_batch_size": 100, "epochs": 1, "delta": 1e-5, "noise_multipliers": [1.0]},
-            "out_table": str(out_table),
-        },
-        kernel_name="python3",
-        progress_bar=False,
-    )
-    lines = out_table.read_text().splitlines()
-    assert lines[0].startswith("Epsilon at delta = 1e-05 after 10 steps")
-    assert lines[2].startswith("| noise multiplier | epsilon (PRV) | epsilon (PLD) | epsilon (RDP) |")
-    assert len(lines) == 5 and lines[4].startswith("| 1 |")
+def test_a_misspelt_notebook_parameter_is_an_error(tmp_path):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"unknown notebook parameter\(s\) \['report_dir'\]"):
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / "accounting.ipynb"), str(tmp_path / "out.ipynb"),
+            parameters={"report_dir": str(tmp_path)}, kernel_name="python3", progress_bar=False,
+        )
+    assert not (tmp_path / "tables").exists()
+
+
+def test_every_figure_and_table_the_committed_reports_name_exists():
+    for readme in (ROOT / "README.md", ROOT / "reports" / "README.md"):
+        links = re.findall(r"\]\(([^)#]+\.(?:png|svg|md|html|ipynb))\)", readme.read_text())
+        assert links, readme
+        for link in links:
+            assert (readme.parent / link).exists(), f"{readme.name} names {link}"

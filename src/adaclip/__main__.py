@@ -1,8 +1,14 @@
-"""Command line: ``python -m adaclip train --dataset fashion-mnist --method adaclip --epsilon 3 --out runs/x.json``."""
+"""Command line: ``python -m adaclip train|prepare|sweep|aggregate``.
+
+``train`` runs one model (``python -m adaclip train --dataset fashion-mnist --method adaclip --epsilon 3
+--out runs/x.json``); ``prepare``, ``sweep`` and ``aggregate`` are the report pipeline's data, run and
+aggregation stages.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,8 +16,12 @@ from typing import Any
 import yaml
 
 from adaclip.accounting import ACCOUNTANTS
-from adaclip.data import DATASETS
+from adaclip.data import DATASETS, prepare
+from adaclip.experiments import SWEEPS, read_records, run_sweep, select_learning_rates, sweep_configs
 from adaclip.models import MODELS
+from adaclip.pipeline import load_params
+from adaclip.report import headline_metrics, summarise
+from adaclip.reporting import write_text_atomic
 from adaclip.train import ALL_METHODS, TrainConfig, run
 
 
@@ -43,9 +53,57 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", help="folder with the IDX .gz files (image datasets)")
     train.add_argument("--device", help="cpu (default) or cuda")
     train.add_argument("--param", type=_method_param, action="append", default=[], metavar="KEY=VALUE", help="method parameter, e.g. --param initial_clip=0.5 (repeatable)")
+    train.add_argument("--diagnostics", action="store_true", help="also record each step's cosine to the clean (non-private) gradient; a report diagnostic")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (or set TQDM_DISABLE=1)")
     train.add_argument("--out", type=Path, help="write the JSON record here (atomically)")
+    prepare = commands.add_parser("prepare", help="the data stage: verified copies of the datasets in params.yaml", description="Copy every image dataset listed in the params file's data.datasets, checksum-verified, into --out.")
+    prepare.add_argument("--params", type=Path, default=Path("params.yaml"))
+    prepare.add_argument("--out", type=Path, default=Path("data/prepared"))
+    sweep = commands.add_parser("sweep", help="run one of the report's training sweeps", description="Run one sweep of the report (see adaclip.experiments) and write its records as JSON lines.")
+    sweep.add_argument("name", choices=SWEEPS)
+    sweep.add_argument("--params", type=Path, default=Path("params.yaml"))
+    sweep.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="the prepare stage's output folder")
+    sweep.add_argument("--lr-search", type=Path, help="records of the lr_search sweep (needed by every other sweep)")
+    sweep.add_argument("--out", type=Path, required=True, help="JSON-lines file of run records (written atomically)")
+    aggregate = commands.add_parser("aggregate", help="summarise the sweeps into the report's numbers and headline metrics")
+    aggregate.add_argument("--params", type=Path, default=Path("params.yaml"))
+    aggregate.add_argument("--runs", type=Path, default=Path("runs"), help="folder with <sweep>.jsonl for every sweep")
+    aggregate.add_argument("--bench", type=Path, help="the benchmark's JSON records (optional)")
+    aggregate.add_argument("--summary", type=Path, default=Path("reports/summary.json"))
+    aggregate.add_argument("--metrics", type=Path, default=Path("reports/metrics"), help="folder for the {method: value} headline files")
     return top
+
+
+def _aggregate(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    sweeps = {name: read_records(args.runs / f"{name}.jsonl") for name in SWEEPS}
+    bench = json.loads(args.bench.read_text()) if args.bench is not None else None
+    summary = summarise(params, sweeps, bench)
+    metrics = headline_metrics(summary)
+    for name, values in metrics.items():
+        write_text_atomic(args.metrics / f"{name}.json", json.dumps(values, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(args.summary, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {args.summary} and {len(metrics)} metrics files in {args.metrics}")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    manifest = prepare(params["data"]["datasets"], args.out)
+    print(f"prepared {sorted(manifest)} in {args.out}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    learning_rates = None
+    if args.name != "lr_search":
+        if args.lr_search is None:
+            raise ValueError(f"the {args.name} sweep needs --lr-search runs/lr_search.jsonl (the lr_search sweep's records)")
+        learning_rates = select_learning_rates(read_records(args.lr_search))
+    configs = sweep_configs(args.name, params, learning_rates)
+    records = run_sweep(
+        configs, args.out, workers=params["runtime"]["workers"], prepared_dir=args.prepared, keep_step_stats=args.name == "diagnostics"
+    )
+    print(f"{args.name}: {len(records)} runs written to {args.out}")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,6 +119,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         values["epsilon"] = None
     if args.param:
         values["method_params"] = {**values.get("method_params", {}), **dict(args.param)}
+    if args.diagnostics:
+        values["diagnostics"] = True
     if args.no_progress:
         values["progress"] = False
     return values
@@ -68,6 +128,13 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("prepare", "sweep", "aggregate"):
+        try:
+            {"prepare": _prepare, "sweep": _sweep, "aggregate": _aggregate}[args.command](args)
+        except (ValueError, FileNotFoundError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
     try:
         record = run(TrainConfig.from_dict(config_from_args(args)), out=args.out)
     except (ValueError, FileNotFoundError, OSError) as error:

@@ -16,6 +16,7 @@ them into one Gaussian with the *total* noise multiplier, so the single event he
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import warnings
@@ -75,6 +76,7 @@ def epsilon(
     return eps
 
 
+@functools.lru_cache(maxsize=1024)
 def noise_multiplier_for(
     *,
     target_epsilon: float,
@@ -87,7 +89,8 @@ def noise_multiplier_for(
     """The smallest noise multiplier (to within ``epsilon_tolerance``, relative) whose epsilon is <= target.
 
     Bisection on sigma; the returned sigma always satisfies ``epsilon(sigma) <= target_epsilon``
-    and ``epsilon(sigma) >= target_epsilon * (1 - epsilon_tolerance)``.
+    and ``epsilon(sigma) >= target_epsilon * (1 - epsilon_tolerance)``.  Results are memoised
+    (sweeps calibrate the same setting for many methods and seeds).
     """
     _validate(None, sample_rate, steps, delta, accountant)
     if not (isinstance(target_epsilon, numbers.Real) and 0 < target_epsilon < math.inf):

@@ -18,8 +18,10 @@ training target's variance).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -189,6 +191,13 @@ def _standardise(train: Tensor, *others: Tensor, per_feature: bool) -> list[Tens
     return [(x - mean) / std for x in (train, *others)]
 
 
+@functools.lru_cache(maxsize=2)
+def _idx_arrays(directory: Path, name: str, verify: bool) -> dict[str, np.ndarray]:
+    """The four verified IDX arrays of ``name`` in ``directory``, read once per process (sweeps reuse them)."""
+    digests = IDX_SOURCES[name].sha256 if verify else {}
+    return {part: read_idx(directory / f"{part}.gz", digests.get(part)) for part in IDX_PARTS}
+
+
 def load_idx_dataset(
     name: str,
     *,
@@ -200,9 +209,7 @@ def load_idx_dataset(
     verify: bool = True,
 ) -> Splits:
     """Fashion-MNIST or MNIST as ``[n, 1, 28, 28]`` float tensors and int64 labels."""
-    directory = locate_idx(name, data_dir, download)
-    digests = IDX_SOURCES[name].sha256 if verify else {}
-    arrays = {part: read_idx(directory / f"{part}.gz", digests.get(part)) for part in IDX_PARTS}
+    arrays = _idx_arrays(locate_idx(name, data_dir, download).resolve(), name, verify)
     train_x = torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.float32) / 255).unsqueeze(1)
     train_y = torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64))
     test_x = torch.from_numpy(arrays["t10k-images-idx3-ubyte"].astype(np.float32) / 255).unsqueeze(1)
@@ -276,3 +283,42 @@ def load_dataset(
         x, y = synthetic_logistic(synthetic_size, synthetic_dim, feature_spread, seed)
         return _tabular_splits(name, "classification", x, y, seed, train_size)
     raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+
+
+def prepare(datasets: list[str], out_dir: str | os.PathLike[str], *, download: bool = True) -> dict[str, dict[str, object]]:
+    """The report's data stage: a verified copy of each image dataset in ``out_dir/<name>/``.
+
+    Image datasets are located as :func:`locate_idx` says (downloaded only as the last resort),
+    every file is checked against its SHA-256 and copied; scikit-learn and synthetic datasets need
+    no files and are only listed.  ``out_dir/manifest.json`` records the source and the checksums.
+    The folder is built next to ``out_dir`` and renamed into place, so a failure leaves no partial copy.
+    """
+    unknown = sorted(set(datasets) - set(DATASETS))
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}; known: {list(DATASETS)}")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        manifest: dict[str, dict[str, object]] = {}
+        for name in datasets:
+            if name in IDX_SOURCES:
+                source = locate_idx(name, download=download)
+                (staging / name).mkdir()
+                for part in IDX_PARTS:
+                    read_idx(source / f"{part}.gz", IDX_SOURCES[name].sha256[part])
+                    shutil.copyfile(source / f"{part}.gz", staging / name / f"{part}.gz")
+                manifest[name] = {"source": str(source), "sha256": IDX_SOURCES[name].sha256}
+            elif name == "synthetic":
+                manifest[name] = {"source": "adaclip.data.synthetic_logistic (generated from the run's seed)"}
+            else:
+                import sklearn
+
+                manifest[name] = {"source": f"scikit-learn {sklearn.__version__} (bundled)"}
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest

@@ -67,6 +67,7 @@ class TrainConfig:
     train_size: int | None = None
     data_dir: str | None = None
     device: str = "cpu"
+    diagnostics: bool = False
     progress: bool = True
 
     @classmethod
@@ -115,6 +116,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check(resolved.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}, got {resolved.accountant!r}")
     _check(resolved.train_size is None or (_is_int(resolved.train_size) and resolved.train_size >= 1), f"train_size must be an int >= 1, got {resolved.train_size!r}")
     _check(resolved.device == "cpu" or resolved.device.startswith("cuda"), f"device must be 'cpu' or 'cuda[:i]', got {resolved.device!r}")
+    _check(isinstance(resolved.diagnostics, bool), f"diagnostics must be true or false, got {resolved.diagnostics!r}")
     if resolved.method == "nonprivate":
         return dataclasses.replace(resolved, epsilon=None, noise_multiplier=None, delta=None)
     _check(
@@ -151,6 +153,20 @@ def _evaluate(model: nn.Module, dataset: TensorDataset, task: str, device: str) 
             count += len(targets)
     model.train()
     return total / count
+
+
+def _flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
+
+
+def _alignment(clean: torch.Tensor, released: torch.Tensor) -> dict[str, float]:
+    """How the released step relates to the clean (non-private) mean gradient of the same batch.
+
+    A diagnostic for the report only: it reads the un-noised gradient, so it is not private and
+    never feeds back into training.
+    """
+    cosine = torch.nn.functional.cosine_similarity(clean, released, dim=0, eps=1e-30)
+    return {"cosine_to_clean": float(cosine), "clean_norm": float(clean.norm()), "released_norm": float(released.norm())}
 
 
 def _versions() -> dict[str, str]:
@@ -212,12 +228,16 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
                 optimizer.zero_grad()
                 loss = loss_fn(model(features), targets)
                 loss.backward()
+                clean = _flat_grad(model) if config.diagnostics and config.method != "nonprivate" else None
                 optimizer.step()
                 steps += 1
                 if len(targets):
                     loss_sum += loss.item() * len(targets)
                     loss_count += len(targets)
-                for key, value in getattr(optimizer, "last_stats", {}).items():
+                stats = dict(getattr(optimizer, "last_stats", {}))
+                if clean is not None:
+                    stats.update(_alignment(clean, _flat_grad(model)))
+                for key, value in stats.items():
                     step_stats.setdefault(key, []).append(value)
             per_epoch.append({
                 "epoch": epoch,
@@ -249,6 +269,7 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
         f"test_{metric}": per_epoch[-1][f"test_{metric}"],
         "per_epoch": per_epoch,
         "step_stats": step_stats,
+        "step_stats_mean": {key: sum(values) / len(values) for key, values in step_stats.items()},
         "wall_time_s": wall_time,
         "examples_per_s": config.epochs * n_train / wall_time,
         "versions": _versions(),

@@ -1,0 +1,59 @@
+"""The generated report states numbers read from the summary, and lists every question."""
+
+from adaclip.report import QUESTIONS, findings, headline_metrics, render_readme
+
+SUMMARY = {
+    "profile": "quick",
+    "privacy": {"delta": 1e-5, "accountant": "prv", "main_epsilon": 3.0},
+    "accuracy": {
+        "fashion-mnist": {
+            "metric": "test accuracy (%)", "higher_is_better": True,
+            "by_epsilon": {"3": {"fixed": {"mean": 80.25, "std": 0.1, "seeds": 2}, "adaclip": {"mean": 79.5, "std": 0.2, "seeds": 2}}},
+            "nonprivate": {"mean": 84.0, "std": 0.0}, "best_at_main_epsilon": {"method": "fixed", "mean": 80.25},
+        },
+        "diabetes": {
+            "metric": "test MSE", "higher_is_better": False,
+            "by_epsilon": {"3": {"fixed": {"mean": 0.61, "std": 0.0, "seeds": 2}, "adaclip": {"mean": 0.6, "std": 0.0, "seeds": 2}}},
+            "nonprivate": None, "best_at_main_epsilon": {"method": "adaclip", "mean": 0.6},
+        },
+    },
+    "clip": {"flat_regions": {"fixed": {"decades": 1.0, "flat_low": 0.1, "flat_high": 1.0}, "adaclip": {"decades": 3.0, "flat_low": 0.01, "flat_high": 10.0}}, "grid": [0.001, 100.0]},
+    "size": {"fixed": {"1000": {"mean": 70.0}, "30000": {"mean": 82.0}}, "adaclip": {"1000": {"mean": 72.5}, "30000": {"mean": 81.0}}},
+    "diagnostics": {
+        "fixed": {"noise_power": 0.5, "cosine_to_clean": 0.25, "clipped_fraction": 1.0, "noise_multiplier": 1.0},
+        "adaclip": {"noise_power": 2.0, "cosine_to_clean": 0.125, "clipped_fraction": 0.5, "noise_multiplier": 1.0},
+    },
+    "theory": {"dim": 100, "noise_power_ratio": {"1": 1.0, "1000": 0.25}},
+    "compute": {"mlp/B=64": {"adaclip/fast": {"ratio_to_nonprivate": 9.0}}, "mlp/B=600": {"adaclip/fast": {"ratio_to_nonprivate": 1.75}, "nonprivate/fast": {"ratio_to_nonprivate": 1.0}}},
+}
+
+
+def test_findings_read_every_number_from_the_summary():
+    found = findings(SUMMARY)
+    assert "AdaCliP injected 4× the noise power of DP-SGD" in found["noise"]
+    assert "DP-SGD (fixed C) 0.25, AdaCliP 0.12" in found["noise"]  # report order, 2 decimals
+    assert "0.25× DP-SGD's noise power when per-coordinate gradient std spreads over a factor 1000" in found["noise"]
+    assert "from 0.001 to 100 (5 decades" in found["clip"]
+    assert "DP-SGD (fixed C) 1 decade(s) (C0 from 0.1 to 1); AdaCliP 3 decade(s) (C0 from 0.01 to 10)" in found["clip"]
+    assert "fashion-mnist: DP-SGD (fixed C) was best with 80.2% (AdaCliP 79.5%; non-private 84.0%)" in found["accuracy"]
+    assert "diabetes: AdaCliP was best with 0.600 MSE (DP-SGD (fixed C) 0.610 MSE)" in found["accuracy"]
+    assert "+2.5 points at n = 1000 and -1.0 points at n = 30000" in found["size"]
+    assert found["compute"] == "Step time relative to non-private training (mlp/B=600, one run): adaclip/fast 1.75×."
+
+
+def test_readme_lists_every_question_with_its_figures_and_inline_tables():
+    text = render_readme(SUMMARY, {"tables/accounting.md": "| a |\n|---|\n"})
+    for key, title, figures, _, table in QUESTIONS:
+        if key == "audit":
+            assert title not in text  # no audit table, no finding: section left out
+            continue
+        assert f"## {title}" in text
+        assert all(f"({stem}.png)" in text for stem in figures)
+    assert "| a |" in text and "`quick` profile" in text
+
+
+def test_headline_metrics_are_method_keyed_tables():
+    metrics = headline_metrics(SUMMARY)
+    assert metrics["q3_fashion-mnist_eps3"] == {"fixed": 80.25, "adaclip": 79.5, "nonprivate": 84.0}
+    assert metrics["q2_flat_decades"] == {"fixed": 1.0, "adaclip": 3.0}
+    assert metrics["q4_smallest_n"] == {"fixed": 70.0, "adaclip": 72.5}
