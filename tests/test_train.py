@@ -127,3 +127,16 @@ def test_cli_help_lists_every_option():
     assert set(TrainConfig.__dataclass_fields__) - {"method_params", "progress", "momentum", "data_dir", "device"} <= {
         o.lstrip("-").replace("-", "_") for o in text.split() if o.startswith("--")
     }
+
+
+def test_diagnostics_compare_the_released_step_with_the_clean_gradient():
+    """No clipping (huge C) and almost no noise: the released step is the clean gradient (cosine 1).
+
+    With clipping and noise the cosine falls; the diagnostic reads the un-noised gradient of the same batch.
+    """
+    base = {"dataset": "synthetic", "method": "fixed", "epochs": 1, "progress": False, "epsilon": None, "accountant": "rdp", "diagnostics": True}
+    clean = run({**base, "noise_multiplier": 1e-9, "method_params": {"clip_norm": 1e6}})["step_stats"]
+    assert min(clean["cosine_to_clean"]) > 0.999999
+    noisy = run({**base, "noise_multiplier": 1.0, "method_params": {"clip_norm": 0.01}})["step_stats"]
+    assert max(noisy["cosine_to_clean"]) < 0.99
+    assert len(noisy["cosine_to_clean"]) == len(noisy["noise_power"])
