@@ -21,8 +21,9 @@ def test_select_learning_rates_maximises_accuracy_minimises_mse_and_breaks_ties_
         _record("a", "fixed", 1.0, 0.62), _record("a", "fixed", 1.0, 0.60),  # mean 0.61: best
         _record("a", "auto", 0.3, 0.8), _record("a", "auto", 3.0, 0.8),      # tie: the smaller lr
         _record("d", "fixed", 0.1, 0.9, "val_mse"), _record("d", "fixed", 1.0, 0.4, "val_mse"),
+        _record("d", "auto", 0.01, float("nan"), "val_mse"), _record("d", "auto", 0.1, 0.9, "val_mse"),  # the first lr diverged
     ]
-    assert select_learning_rates(records) == {"a": {"fixed": 1.0, "auto": 0.3}, "d": {"fixed": 1.0}}
+    assert select_learning_rates(records) == {"a": {"fixed": 1.0, "auto": 0.3}, "d": {"fixed": 1.0, "auto": 0.1}}
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ processes with one torch thread each, so the records do not depend on the number
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import statistics
@@ -76,7 +77,8 @@ def _metric(record: dict[str, Any], split: str) -> tuple[str, float]:
 def select_learning_rates(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per dataset and method, the lr with the best mean validation metric (accuracy up, MSE down).
 
-    Ties go to the smaller lr.  Returns ``{dataset: {method: lr}}``.
+    Ties go to the smaller lr; a diverged lr (a NaN or infinite metric) is never chosen unless every
+    lr diverged.  Returns ``{dataset: {method: lr}}``.
     """
     scores: dict[tuple[str, str, float], list[float]] = {}
     higher_is_better: dict[str, bool] = {}
@@ -87,6 +89,7 @@ def select_learning_rates(records: Iterable[dict[str, Any]]) -> dict[str, dict[s
     best: dict[str, dict[str, tuple[float, float]]] = {}
     for (dataset, method, lr), values in sorted(scores.items()):
         score = statistics.fmean(values) * (1 if higher_is_better[dataset] else -1)
+        score = score if math.isfinite(score) else -math.inf
         current = best.setdefault(dataset, {}).get(method)
         if current is None or score > current[1]:
             best[dataset][method] = (lr, score)

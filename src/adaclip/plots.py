@@ -19,6 +19,7 @@ from adaclip.analysis import METHOD_ORDER, label, method_sort_key
 
 _PALETTE = dict(zip(METHOD_ORDER, sns.color_palette("colorblind", len(METHOD_ORDER))))
 _MARKERS = dict(zip(METHOD_ORDER, "o^sDvPX"))
+_LINESTYLES = dict(zip(METHOD_ORDER, ["--", "-", "-", "-.", (0, (5, 2, 1, 2)), ":", (0, (3, 1))]))
 
 
 def color(method: str) -> tuple[float, float, float]:
@@ -79,6 +80,9 @@ def metric_against(
             ax.axhline(row.mean, color=color(row.method), linestyle=":", label=f"{label(row.method)} (no clip norm)")
     if log_x:
         ax.set_xscale("log")
+        ticks = sorted(summary[x].dropna().unique())
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize="medium")
@@ -92,7 +96,7 @@ def step_statistic(series: pd.DataFrame, *, ylabel: str, title: str, log_y: bool
     for method in _methods(series):
         block = series[series["method"] == method].sort_values("step")
         smooth = block["value"].rolling(window, min_periods=1).mean()
-        ax.plot(block["step"], smooth, label=label(method), color=color(method))
+        ax.plot(block["step"], smooth, label=label(method), color=color(method), linestyle=_LINESTYLES.get(method, "-"))
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
