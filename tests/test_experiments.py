@@ -83,3 +83,13 @@ def test_run_sweep_records_do_not_depend_on_the_number_of_workers(tmp_path):
     for a, b in zip(one, two):
         assert a["method"] == b["method"] and "step_stats" not in a
         assert (a["test_accuracy"], a["per_epoch"], a["step_stats_mean"], a["epsilon"]) == (b["test_accuracy"], b["per_epoch"], b["step_stats_mean"], b["epsilon"])
+
+
+def test_every_registered_method_has_a_clip_norm_decision():
+    """A newly registered method must say which parameter is its C0 (or that it has none) for the clip sweep."""
+    from adaclip.engine import METHODS, method_parameters
+    from adaclip.experiments import INITIAL_CLIP_PARAMETER, WITHOUT_CLIP_NORM
+
+    assert set(METHODS) == set(INITIAL_CLIP_PARAMETER) | WITHOUT_CLIP_NORM
+    for method, parameter in INITIAL_CLIP_PARAMETER.items():
+        assert parameter in method_parameters(method)
