@@ -209,11 +209,16 @@ def test_broken_variant_is_caught(name):
     assert result.violation, result.verdict  # the epsilon bound above theory or mu_hat's whole band above mu
 
 
-def test_raw_statistics_leak_only_from_the_second_step_on():
-    """AdaCliP's release is right at the step that computes the leaky statistics: one step shows nothing."""
+def test_state_leaks_are_seen_where_they_are_released():
+    """AdaCliP's raw statistics only steer the *next* release: a one-step audit cannot see them, two can.
+
+    The quantile rule releases its count (the accountant pays for it; the next clip norm is public), so
+    a count without noise is caught at the very step.
+    """
     one_step = dataclasses.replace(CONFIG, steps=1)
     assert audit_control("AdaCliP statistics from raw gradients", one_step).verdict == "pass"
     assert control_audit("AdaCliP statistics from raw gradients").violation
+    assert audit_control("quantile count without noise", one_step).violation
 
 
 def test_results_are_reported_as_json_and_table_rows():

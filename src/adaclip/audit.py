@@ -22,8 +22,9 @@ Two audits:
   ``steps`` Gaussian mechanisms with multiplier sigma: theory is ``epsilon(sigma, q = 1, steps)``.
 * :func:`audit_optimizer` — *the whole path*: ``make_private`` on a one-layer model, a data set with
   or without a crafted canary example whose gradient is huge along one weight, Opacus's Poisson
-  sampling, ``steps`` optimizer steps; the adversary sees the released parameters after each step
-  (and the rule's public state).  Theory is the optimizer's own accountant (PRV) at ``q = B / N``.
+  sampling, ``optimizer_steps`` optimizer steps; the adversary sees the released parameters after
+  each step (and the rule's public state), not which examples were sampled.  Theory is the
+  optimizer's own accountant (PRV) at ``q = B / N``.
 
 The test statistic.  For each step the adversary inverts what was released into the standard-normal
 draws the *null* world would have needed to produce it (:meth:`CanaryAdapter.implied_noise`),
@@ -38,17 +39,22 @@ Because the state is re-derived from releases, a rule whose statistics (AdaCliP'
 quantile rule's clip norm) depend on anything but released values shows up as a shift at the *next*
 step, so stateful rules need ``steps >= 2``.
 
-What it can prove: that an implementation is *not* as private as claimed (an epsilon lower bound
-above the accountant's epsilon, or ``mu_hat`` outside its band), with the stated confidence; and that
-the canary saturates the bound (``mu_hat`` matches ``mu``), i.e. the audit is tight for this adversary.
+What it can prove: that an implementation is *not* as private as claimed, with the stated
+confidence: an epsilon lower bound above the accountant's epsilon is a violation whatever the
+mechanism; ``mu_hat`` above its band means the release moves further along the canary than
+``sensitivity / noise std`` allows, which no correct rule can do (its clipped canary shifts the
+implied noise by at most ``1 / sigma`` per step), and ``mu_hat`` below its band means the rule does not
+behave like the analysed Gaussian mechanism either.  A matching ``mu_hat`` shows that the canary
+saturates the bound, i.e. that the audit is tight for this adversary.
 What it cannot prove: that a rule *is* private.  A passing audit bounds epsilon from below only; it
 covers this adversary, this canary, these ``steps`` and these hyperparameters; the rule-level audit
 has no subsampling, so privacy amplification is not audited there, and the optimizer-path audit
 (which has it) sees only a few steps with low power; floating-point attacks on the Gaussian sampler
 (Mironov 2012) and the accountant's own arithmetic are out of scope (the accountants are checked
-against independent values in ``tests/test_accounting_conformance.py``).  With ``n`` evaluation
-trials per world the epsilon bound cannot exceed about ``log(n / 3.7)`` (no errors at all), so the
-``mu_hat`` check carries most of the power.
+against independent values in ``tests/test_accounting_conformance.py``); so is the one-run audit
+of Steinke, Nasr and Jagielski (2023).  With ``n`` evaluation trials per world the epsilon bound
+cannot exceed about ``log(n / 3.7)`` (no errors at all), so the ``mu_hat`` check carries most of the
+power.
 
 Adding a rule: register a :class:`CanaryAdapter` in :data:`ADAPTERS` under the method's name (the
 tests fail for any method in ``adaclip.engine.METHODS`` without one).
@@ -210,7 +216,9 @@ def standardised_mean_shift(null_scores: Sequence[float], canary_scores: Sequenc
 class CanaryAdapter(ABC):
     """What the white-box adversary knows about one rule: its canary, its inverse and its analysis.
 
-    All vectors are in ``float64``; ``state`` is the adversary's view of the rule's public state.
+    ``state`` is the adversary's view of the rule's public state.  The rule audit works in ``float64``.
+    To audit a new method, subclass this (or :class:`CoordinatewiseAdapter` for a rule that clips
+    coordinate-wise) and register an instance in :data:`ADAPTERS`.
     """
 
     def rule_params(self, noise_multiplier: float, expected_batch_size: float) -> dict[str, object]:
@@ -317,7 +325,9 @@ class QuantileClipAdapter(CoordinatewiseAdapter):
     the implied count noise ``B (b~ - b~_null) / sigma_b`` shifts by ``-1 / (2 sigma_b)``, and the whole
     shift has norm ``sqrt(sigma_delta^-2 + (2 sigma_b)^-2) = 1 / sigma`` (Andrew et al. 2021, Thm. 1).
     The audit gives the count most of the budget (``sigma_b = 0.6 sigma``, so ``sigma_delta = 1.81 sigma`` and
-    the count carries 69 % of ``1 / sigma^2``): a count released without noise then shifts ``mu_hat`` by 81 %.
+    the count carries 69 % of ``1 / sigma^2``): a count released without noise then removes the count's
+    noise from the statistic and raises ``mu_hat`` by at least 81 % at the very step, more over several
+    steps as the noiseless count also moves the next clip norm.
     """
 
     def rule_params(self, noise_multiplier: float, expected_batch_size: float) -> dict[str, object]:
@@ -344,11 +354,65 @@ class QuantileClipAdapter(CoordinatewiseAdapter):
         return torch.cat([super().canary_shift(rule, state, dim), count])
 
 
+class PerSampleAdaptiveClipAdapter(FixedClipAdapter):
+    """DP-PSAC (Xia et al. 2023): weight ``C / (||g|| + r / (||g|| + r))``, sensitivity ``C``, noise ``sigma C``.
+
+    The canary (norm ``L C``, ``L = CANARY_SCALE``) keeps ``C (x^2 + r x) / (x^2 + r x + r)`` of the bound at
+    ``x = L C``: a shortfall of about ``r / (L C)^2``.
+    """
+
+
+class GeoClipAdapter(CanaryAdapter):
+    """GeoClip (Gilani et al. 2025): ``w = M (g - a)`` clipped to norm 1, ``g~ = a + M^-1 (sum w + sigma z) / B``.
+
+    ``M = c (U Lambda^-1/4 U^T + lambda_rest^-1/4 (I - U U^T))`` with ``c = sqrt(gamma / tr Sigma^1/2)``, from the
+    public state (basis ``U``, the clamped eigenvalues the transform uses and the rest eigenvalue).  The
+    canary is ``a + M^-1 (L e_0)``, so that ``M (g - a) = L e_0`` is clipped to ``e_0``; the implied noise is
+    ``B M (g~ - g~_null) / sigma`` and the canary shifts coordinate 0 by ``1 / sigma``.
+    """
+
+    @staticmethod
+    def _apply(rule: ClipRule, state: Any, vector: Tensor, power: float) -> Tensor:
+        """``M^p v`` for ``p = 1`` or ``-1`` in the eigenbasis of the state's covariance."""
+        basis, eigenvalues, rest = state.basis, state.transform_eigenvalues, state.transform_residual
+        dim, kept = basis.shape
+        trace_sqrt = eigenvalues.sqrt().sum() + (dim - kept) * rest.sqrt()
+        scale = (rule.gamma / trace_sqrt) ** (power / 2)  # type: ignore[attr-defined]
+        coords = basis.T @ vector
+        mapped = basis @ (coords * eigenvalues.pow(-power / 4))
+        if kept < dim:
+            mapped = mapped + rest.pow(-power / 4) * (vector - basis @ coords)
+        return scale * mapped
+
+    def _extreme(self, rule: ClipRule, state: Any, dim: int, sign: float) -> Tensor:
+        direction = torch.zeros(dim, dtype=state.mean.dtype)
+        direction[0] = sign * CANARY_SCALE
+        return state.mean + self._apply(rule, state, direction, -1.0)
+
+    def canary(self, rule: ClipRule, state: Any, dim: int) -> Tensor:
+        return self._extreme(rule, state, dim, 1.0)
+
+    def background(self, rule: ClipRule, state: Any, dim: int, size: int) -> Tensor:
+        return self._extreme(rule, state, dim, -1.0).expand(size, dim)
+
+    def gradient_noise(self, rule: ClipRule, state: Any, difference: Tensor) -> Tensor:
+        return rule.expected_batch_size * self._apply(rule, state, difference, 1.0) / rule.noise_multiplier
+
+    def canary_shift(self, rule: ClipRule, state: Any, dim: int) -> Tensor:
+        shift = torch.zeros(dim, dtype=DTYPE)
+        shift[0] = 1 / rule.noise_multiplier
+        return shift
+
+
 #: One adapter per method of ``adaclip.engine.METHODS`` (a method without one cannot be audited).
+#: ``geoclip`` and ``psac`` are registered ahead of their rules (they read only the rule's public
+#: attributes and state fields), so that the audit covers them as soon as they join ``METHODS``.
 ADAPTERS: dict[str, CanaryAdapter] = {
     "adaclip": AdaCliPAdapter(),
     "auto": AutoClipAdapter(),
     "fixed": FixedClipAdapter(),
+    "geoclip": GeoClipAdapter(),
+    "psac": PerSampleAdaptiveClipAdapter(),
     "quantile": QuantileClipAdapter(),
 }
 
@@ -449,7 +513,7 @@ class AuditResult:
     """One audit: the theory it is held against, the measured bound and shift, and the verdict."""
 
     name: str
-    kind: str
+    kind: str  # "rule", "control" (a deliberately broken rule) or "optimizer"
     noise_multiplier: float
     sample_rate: float
     steps: int
@@ -583,12 +647,13 @@ def _rule_trial(rule: ClipRule, adapter: CanaryAdapter, state: Any, start: _Null
     return score / math.sqrt(steps)
 
 
-def audit_rule(rule: ClipRule, adapter: CanaryAdapter, config: AuditConfig, *, name: str) -> AuditResult:
+def audit_rule(rule: ClipRule, adapter: CanaryAdapter, config: AuditConfig, *, name: str, kind: str = "rule") -> AuditResult:
     """White-box audit of ``config.steps`` steps of ``rule`` with the canary in every batch (see the module docstring).
 
     Theory: ``config.steps`` Gaussian mechanisms with the rule's total noise multiplier, no subsampling
     (dp-accounting's PLD, within 1e-4 of the exact Gaussian value).  Expected shift
-    ``mu = sqrt(steps) / sigma``.  ``rule`` may be any :class:`ClipRule`, including a broken one.
+    ``mu = sqrt(steps) / sigma``.  ``rule`` may be any :class:`ClipRule`, including a broken one
+    (``kind="control"``, see :mod:`adaclip.audit_controls`).
     """
     warm_seed, trial_seed = _seeds(config.seed, 2)
     dim, batch_size = config.dim, config.expected_batch_size
@@ -605,7 +670,7 @@ def audit_rule(rule: ClipRule, adapter: CanaryAdapter, config: AuditConfig, *, n
     sigma = rule.noise_multiplier
     return AuditResult(
         name=name,
-        kind="rule",
+        kind=kind,
         noise_multiplier=sigma,
         sample_rate=1.0,
         steps=config.steps,

@@ -103,4 +103,4 @@ def audit_control(name: str, config: AuditConfig) -> AuditResult:
     """Audit the broken rule ``name`` exactly as its correct method is audited; a working audit flags it."""
     rule = build_control(name, noise_multiplier=config.noise_multiplier, expected_batch_size=config.expected_batch_size)
     method = CONTROLS[name][0]
-    return audit_rule(rule, ADAPTERS[method], config, name=f"control: {name} ({method})")
+    return audit_rule(rule, ADAPTERS[method], config, name=f"control: {name} ({method})", kind="control")
