@@ -78,7 +78,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip.accounting import epsilon
-from adaclip.clipping import ClipRule, QuantileClip
+from adaclip.clipping import ClipRule
 from adaclip.engine import METHODS, build_rule, make_private
 
 #: How far outside the clip region the canary and the background gradients lie (in clip units).
@@ -340,8 +340,8 @@ class QuantileClipAdapter(CoordinatewiseAdapter):
         return rule.grad_noise_multiplier  # type: ignore[attr-defined]
 
     def observe(self, rule: ClipRule, state: Any, release: Tensor, next_state: Any) -> Tensor:
-        assert isinstance(rule, QuantileClip)
-        noisy_fraction = rule.target_quantile - math.log(next_state.clip_norm / state.clip_norm) / rule.clip_lr
+        growth = math.log(next_state.clip_norm / state.clip_norm)
+        noisy_fraction = rule.target_quantile - growth / rule.clip_lr  # type: ignore[attr-defined]
         return torch.cat([release, torch.tensor([noisy_fraction], dtype=release.dtype)])
 
     def implied_noise(self, rule: ClipRule, state: Any, difference: Tensor) -> Tensor:

@@ -1,7 +1,9 @@
 """DELIBERATELY BROKEN clipping rules: the negative controls of :mod:`adaclip.audit`.  Never train with them.
 
 Each class breaks exactly one privacy rule of DESIGN.md §2, the way DP-SGD implementations are known
-to break it silently, and otherwise behaves like the correct rule it subclasses.  They exist so
+to break it silently, and otherwise behaves like the correct rule it subclasses.  They break
+``step``, which the rule audit calls; only :class:`FixedClipWithoutClipping`, which the optimizer-path
+test runs through ``make_private``, also breaks the optimizer's per-example norm path.  They exist so
 that the audit can be shown to catch each bug: ``tests/test_audit.py`` requires every one to be
 flagged, and the audit notebook reports them next to the correct methods.  None is registered in
 ``adaclip.engine.METHODS`` or exported from ``adaclip`` (a test checks this), so ``make_private``
@@ -14,6 +16,7 @@ definition serves both.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from adaclip.audit import ADAPTERS, AuditConfig, AuditResult, audit_rule
@@ -22,13 +25,22 @@ from adaclip.engine import METHOD_DEFAULTS
 
 
 class FixedClipWithoutClipping(FixedClip):
-    """BROKEN: DP-SGD that forgets to clip; the sum's sensitivity is unbounded, noise still ``sigma C``."""
+    """BROKEN: DP-SGD that forgets to clip; the sum's sensitivity is unbounded, noise still ``sigma C``.
+
+    It is broken on both ways an optimizer may aggregate: ``step`` on the per-example matrix and, for
+    an optimizer with the per-example *norm* interface (a fast path that calls ``example_weights``
+    and ``finish_step`` instead of ``step``), unit weights.  The optimizer-path test needs both.
+    """
 
     def step(self, per_example_grads: Tensor, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
         noise_std = self.noise_multiplier * self.clip_norm
         released = (per_example_grads.sum(0) + noise_std * noise) / self.expected_batch_size
         _, _, stats = super().step(per_example_grads, state, noise)
         return released, state, stats
+
+    def example_weights(self, norms: Tensor, state: None) -> Tensor:
+        """Weight 1 for every example: no clipping on the norm path either."""
+        return torch.ones_like(norms)
 
 
 class FixedClipWithHalfNoise(FixedClip):
