@@ -557,18 +557,13 @@ class AuditResult:
         return summary
 
 
-TABLE_HEADER = [
-    "method",
-    "theoretical eps",
-    "audited eps lower bound (95 % CP)",
-    "mu_hat [band]",
-    "expected mu",
-    "verdict",
-]
+def table_header(confidence: float) -> list[str]:
+    """Columns of the audit table; the bound's Clopper–Pearson confidence is in its heading."""
+    return ["method", "theoretical eps", f"audited eps lower bound ({100 * confidence:g} % CP)", "mu_hat [band]", "expected mu", "verdict"]
 
 
 def table_row(result: AuditResult) -> list[object]:
-    """One row of the audit table (columns :data:`TABLE_HEADER`)."""
+    """One row of the audit table (columns :func:`table_header`)."""
     shift = result.mean_shift
     return [
         result.name,
