@@ -289,6 +289,14 @@ def test_bad_config_values_are_named(settings, name):
         audit_config(settings)
 
 
+def test_complete_config_requires_every_key():
+    full = dataclasses.asdict(audit_config())
+    assert audit_config(full, complete=True) == audit_config()
+    del full["seed"]
+    with pytest.raises(ValueError, match=r"missing audit key\(s\) \['seed'\]"):
+        audit_config(full, complete=True)
+
+
 def test_default_config_audits_every_method():
     assert audit_config().method_names == sorted(METHODS)
     assert audit_config({"methods": ["fixed"]}).method_names == ["fixed"]

@@ -495,13 +495,19 @@ class AuditConfig:
         return sorted(METHODS) if self.methods == "all" else list(self.methods)
 
 
-def audit_config(settings: Mapping[str, object] | None = None) -> AuditConfig:
-    """Validate ``settings`` (e.g. the notebook's ``audit`` dict); missing keys take the defaults."""
+def audit_config(settings: Mapping[str, object] | None = None, *, complete: bool = False) -> AuditConfig:
+    """Validate ``settings`` (e.g. the notebook's ``audit`` dict); missing keys take the defaults.
+
+    ``complete=True`` also requires every key (for a params file that must spell out every knob).
+    """
     settings = dict(settings or {})
     accepted = [f.name for f in fields(AuditConfig)]
     unknown = sorted(set(settings) - set(accepted))
     if unknown:
         raise ValueError(f"unknown audit key(s) {unknown}; accepted keys: {accepted}")
+    missing = [name for name in accepted if name not in settings]
+    if complete and missing:
+        raise ValueError(f"missing audit key(s) {missing}; every one of {accepted} must be given")
     return AuditConfig(**settings)  # type: ignore[arg-type]
 
 
