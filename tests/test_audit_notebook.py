@@ -5,6 +5,7 @@ from pathlib import Path
 
 import papermill
 import pytest
+import yaml
 
 from adaclip.audit_controls import CONTROLS
 
@@ -15,11 +16,15 @@ TINY = {"trials": 16, "warmup_steps": 2, "methods": ["fixed", "adaclip"], "optim
 
 
 def run(tmp_path: Path, audit: dict) -> dict[str, Path]:
-    outputs = {"out_table": tmp_path / "audit.md", "out_json": tmp_path / "audit.json", "out_figure": tmp_path / "audit"}
+    params = yaml.safe_load((ROOT / "tests" / "fixtures" / "params-tiny.yaml").read_text())
+    params["audit"].update(audit)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    reports = tmp_path / "reports"
+    outputs = {"out_table": reports / "tables" / "audit.md", "out_json": reports / "data" / "audit.json", "out_figure": reports / "figures" / "audit"}
     papermill.execute_notebook(
         str(NOTEBOOK),
         str(tmp_path / "executed.ipynb"),
-        parameters={"audit": audit, **{key: str(path) for key, path in outputs.items()}},
+        parameters={"params_file": str(tmp_path / "params.yaml"), "reports_dir": str(reports)},
         kernel_name="python3",
         progress_bar=False,
     )
@@ -46,6 +51,6 @@ def test_audit_notebook_writes_table_json_and_figure(tmp_path):
 
 
 def test_audit_notebook_rejects_a_misspelt_knob_before_any_work(tmp_path):
-    with pytest.raises(papermill.PapermillExecutionError, match="accepted keys"):
+    with pytest.raises(papermill.PapermillExecutionError, match=r"audit: unknown audit key\(s\) \['trails'\]; accepted keys"):
         run(tmp_path, {**TINY, "trails": 16})
-    assert not (tmp_path / "audit.md").exists()
+    assert not (tmp_path / "reports").exists()

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from adaclip.accounting import ACCOUNTANTS
+from adaclip.audit import audit_config
 from adaclip.data import DATASETS
 from adaclip.engine import METHODS
 from adaclip.models import MODELS
@@ -117,8 +118,10 @@ SCHEMA: dict[str, dict[str, tuple[Checker, str]]] = {
     },
 }
 TOP_LEVEL = {"profile": (_string, "a name, e.g. 'quick' or 'paper'")}
-SECTION_VALIDATORS: dict[str, Callable[[Mapping[str, Any]], None]] = {}
-"""Validators for sections owned by other modules (e.g. ``audit``); each raises ``ValueError``."""
+SECTION_VALIDATORS: dict[str, Callable[[Mapping[str, Any]], object]] = {
+    "audit": lambda section: audit_config(section, complete=True),
+}
+"""Validators for sections owned by other modules; each raises ``ValueError`` naming the key."""
 
 
 def _check_section(name: str, values: Any, schema: Mapping[str, tuple[Checker, str]], source: str) -> None:

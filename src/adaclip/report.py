@@ -222,7 +222,7 @@ QUESTIONS = (
     ("accuracy", "3. Better accuracy at the same (ε, δ)?", ["figures/accuracy", "figures/training_curves"], "accuracy", "tables/accuracy.md"),
     ("size", "4. How much data?", ["figures/data_size"], "data_size", "tables/data_size.md"),
     ("compute", "5. What does it cost in compute?", ["figures/bench"], "bench", "tables/bench.md"),
-    ("audit", "Is it private? The privacy audit", ["figures/audit"], "audit", "tables/audit.md"),
+    ("audit", "Is it private? The white-box privacy audit", ["figures/audit"], "audit", "tables/audit.md"),
     ("accounting", "Accounting: ε against steps", ["figures/epsilon_steps"], "accounting", "tables/accounting.md"),
 )
 """(finding key, title, figure stems under reports/, notebook or stage, table under reports/)."""
