@@ -153,7 +153,8 @@ def test_transform_is_the_numerical_optimum():
 @pytest.mark.parametrize("rank", [None, 2])
 def test_step_matches_the_dense_computation(rank):
     sigma, batch, gamma, beta1, beta2 = 1.1, 6.0, 0.8, 0.6, 0.7
-    rule = GeoClip(noise_multiplier=sigma, expected_batch_size=batch, gamma=gamma, beta1=beta1, beta2=beta2, h1=1e-3, h2=2.0, rank=rank)
+    rule = GeoClip(noise_multiplier=sigma, expected_batch_size=batch, gamma=gamma, beta1=beta1, beta2=beta2, h1=1e-3, h2=2.0, rank=rank,
+                   noise_correction=True)
     state = random_state(4, rank, seed=5)
     gen = torch.Generator().manual_seed(5)
     grads = torch.randn(7, 4, generator=gen) * 3
@@ -186,10 +187,10 @@ def test_variance_options_by_hand():
     noise_covariance = (0.9 / 5.0) ** 2 * np.linalg.inv(M.T @ M)
     previous = covariance_of(state)
     for options, estimate in [
-        ({}, 5.0 * (np.outer(x, x) - noise_covariance)),
-        ({"noise_correction": False}, 5.0 * np.outer(x, x)),
-        ({"variance_target": "batch_mean"}, np.outer(x, x) - noise_covariance),
-        ({"variance_target": "batch_mean", "noise_correction": False}, np.outer(x, x)),
+        ({"noise_correction": True}, 5.0 * (np.outer(x, x) - noise_covariance)),
+        ({}, 5.0 * np.outer(x, x)),  # the defaults: per example, no noise correction
+        ({"variance_target": "batch_mean", "noise_correction": True}, np.outer(x, x) - noise_covariance),
+        ({"variance_target": "batch_mean"}, np.outer(x, x)),
     ]:
         new_state = GeoClip(**common, **options).step(grads, state, noise)[1]
         np.testing.assert_allclose(covariance_of(new_state), 0.5 * previous + 0.5 * estimate, atol=1e-12)
@@ -260,7 +261,7 @@ def test_next_state_depends_only_on_the_released_gradient(rank):
     """Two different batches whose noisy releases coincide must lead to the same next state."""
     gen = torch.Generator().manual_seed(11)
     sigma, batch = 1.5, 8.0
-    rule = GeoClip(noise_multiplier=sigma, expected_batch_size=batch, beta1=0.7, beta2=0.6, h1=1e-4, h2=5.0, rank=rank)
+    rule = GeoClip(noise_multiplier=sigma, expected_batch_size=batch, beta1=0.7, beta2=0.6, h1=1e-4, h2=5.0, rank=rank, noise_correction=True)
     state = random_state(5, rank, seed=11)
     first, second = torch.randn(8, 5, generator=gen), 5 * torch.randn(6, 5, generator=gen)
     out, next_state, _ = rule.step(first, state, torch.randn(5, generator=gen))
@@ -280,7 +281,7 @@ def test_next_state_depends_only_on_the_released_gradient(rank):
 
 def test_low_rank_with_rank_d_equals_the_full_matrix():
     gen = torch.Generator().manual_seed(12)
-    common = dict(noise_multiplier=1.2, expected_batch_size=10.0, beta1=0.5, beta2=0.7, h1=1e-4, h2=10.0)
+    common = dict(noise_multiplier=1.2, expected_batch_size=10.0, beta1=0.5, beta2=0.7, h1=1e-4, h2=10.0, noise_correction=True)
     full, low = GeoClip(**common), GeoClip(**common, rank=6)
     full_state, low_state = full.init_state(6), low.init_state(6)
     for _ in range(25):
@@ -360,7 +361,7 @@ def test_noise_corrected_estimate_is_unbiased():
     over the noise is B m m^T for the clipped batch mean m (computed here independently)."""
     gen = torch.Generator().manual_seed(15)
     sigma, batch, draws = 1.5, 6.0, 4000
-    rule = GeoClip(noise_multiplier=sigma, expected_batch_size=batch, beta2=0.0)
+    rule = GeoClip(noise_multiplier=sigma, expected_batch_size=batch, beta2=0.0, noise_correction=True)
     state = random_state(3, None, seed=15)
     grads = torch.randn(6, 3, generator=gen) * 2
     estimates = np.stack([covariance_of(rule.step(grads, state, torch.randn(3, generator=gen))[1]) / batch for _ in range(draws)])
