@@ -17,7 +17,7 @@ def float64_by_default():
 
 
 def paper_weight(norm: float, clip: float, r: float) -> float:
-    """Xia et al. 2023, Alg. 1: the factor C / (||g|| + r / (||g|| + r)), in plain floats."""
+    """Xia et al. 2023: the per-example factor C / (||g|| + r / (||g|| + r)), in plain floats."""
     return clip / (norm + r / (norm + r))
 
 

@@ -404,12 +404,12 @@ class AdaCliP(ClipRule):
 
 
 def psac_weights(norms: Tensor, clip_norm: float, r: float) -> Tensor:
-    """DP-PSAC's per-example weight ``C / (||g|| + r / (||g|| + r))`` (Xia et al. 2023, Alg. 1)."""
+    """DP-PSAC's per-example weight ``C / (||g|| + r / (||g|| + r))`` (Xia et al. 2023)."""
     return clip_norm / (norms + r / (norms + r))
 
 
 class PerSampleAdaptiveClip(ClipRule):
-    """DP-PSAC, per-sample adaptive clipping (Xia, Shen, Yao, Fu, Xu, Xu, Fu, AAAI 2023, arXiv 2212.00328, Alg. 1).
+    """DP-PSAC, per-sample adaptive clipping (Xia, Shen, Yao, Fu, Xu, Xu, Fu, AAAI 2023, arXiv 2212.00328).
 
     ``g_i <- g_i C / (||g_i|| + r / (||g_i|| + r))``;  ``g~ = (sum_i g_i + N(0, sigma^2 C^2 I)) / B``.
 
