@@ -1,8 +1,9 @@
 """adaclip: differentially private training with adaptive clipping (AdaCliP and friends) on Opacus."""
 
 from adaclip.accounting import epsilon, noise_multiplier_for
-from adaclip.clipping import AdaCliP, AdaClipState, AutoClip, ClipRule, FixedClip, QuantileClip, QuantileClipState
+from adaclip.clipping import AdaCliP, AdaClipState, AutoClip, ClipRule, FixedClip, PerSampleAdaptiveClip, QuantileClip, QuantileClipState
 from adaclip.engine import METHODS, make_private
+from adaclip.geoclip import GeoClip, GeoClipState
 from adaclip.optimizer import AdaptiveClipDPOptimizer
 
 __all__ = [
@@ -13,6 +14,9 @@ __all__ = [
     "AutoClip",
     "ClipRule",
     "FixedClip",
+    "GeoClip",
+    "GeoClipState",
+    "PerSampleAdaptiveClip",
     "QuantileClip",
     "QuantileClipState",
     "epsilon",

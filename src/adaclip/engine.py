@@ -15,10 +15,11 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from adaclip.accounting import ACCOUNTANTS, Accountant, noise_multiplier_for
-from adaclip.clipping import AdaCliP, AutoClip, ClipRule, FixedClip, QuantileClip
+from adaclip.clipping import AdaCliP, AutoClip, ClipRule, FixedClip, PerSampleAdaptiveClip, QuantileClip
+from adaclip.geoclip import GeoClip
 from adaclip.optimizer import AdaptiveClipDPOptimizer
 
-METHODS: dict[str, type[ClipRule]] = {"adaclip": AdaCliP, "quantile": QuantileClip, "fixed": FixedClip, "auto": AutoClip}
+METHODS: dict[str, type[ClipRule]] = {"adaclip": AdaCliP, "quantile": QuantileClip, "fixed": FixedClip, "auto": AutoClip, "geoclip": GeoClip, "psac": PerSampleAdaptiveClip}
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {"fixed": {"clip_norm": 1.0}}
 _SET_BY_ENGINE = {"noise_multiplier", "expected_batch_size"}
 

@@ -37,13 +37,13 @@ ALL_METHODS = (*PRIVATE_METHODS, "nonprivate")
 # Per dataset: default model, expected batch size, epochs and learning rate per method.  The image
 # learning rates are the best of a three-point search with the tanh CNN on Fashion-MNIST at
 # epsilon = 3, 5 epochs (reports/probes/fmnist_eps3_cnn*.md).
-IMAGE_LR = {"fixed": 1.0, "adaclip": 0.03, "quantile": 4.0, "auto": 1.0, "nonprivate": 0.25}
+IMAGE_LR = {"fixed": 1.0, "adaclip": 0.03, "quantile": 4.0, "auto": 1.0, "geoclip": 0.03, "psac": 1.0, "nonprivate": 0.25}
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "fashion-mnist": {"model": "cnn", "batch_size": 256, "epochs": 10, "lr": IMAGE_LR},
     "mnist": {"model": "cnn", "batch_size": 256, "epochs": 10, "lr": IMAGE_LR},
-    "breast-cancer": {"model": "logistic", "batch_size": 32, "epochs": 20, "lr": {"fixed": 0.5, "adaclip": 0.5, "quantile": 0.5, "auto": 0.5, "nonprivate": 0.1}},
-    "diabetes": {"model": "linear", "batch_size": 32, "epochs": 20, "lr": {"fixed": 0.1, "adaclip": 0.1, "quantile": 0.1, "auto": 0.1, "nonprivate": 0.05}},
-    "synthetic": {"model": "logistic", "batch_size": 100, "epochs": 5, "lr": {"fixed": 0.5, "adaclip": 0.5, "quantile": 0.5, "auto": 0.5, "nonprivate": 0.1}},
+    "breast-cancer": {"model": "logistic", "batch_size": 32, "epochs": 20, "lr": {"fixed": 0.5, "adaclip": 0.5, "quantile": 0.5, "auto": 0.5, "geoclip": 0.5, "psac": 0.5, "nonprivate": 0.1}},
+    "diabetes": {"model": "linear", "batch_size": 32, "epochs": 20, "lr": {"fixed": 0.1, "adaclip": 0.1, "quantile": 0.1, "auto": 0.1, "geoclip": 0.1, "psac": 0.1, "nonprivate": 0.05}},
+    "synthetic": {"model": "logistic", "batch_size": 100, "epochs": 5, "lr": {"fixed": 0.5, "adaclip": 0.5, "quantile": 0.5, "auto": 0.5, "geoclip": 0.5, "psac": 0.5, "nonprivate": 0.1}},
 }
 
 
