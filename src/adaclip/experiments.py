@@ -3,6 +3,9 @@
 A sweep is a list of :class:`adaclip.train.TrainConfig` dictionaries built from ``params.yaml``
 (see :mod:`adaclip.pipeline`), each run by :func:`adaclip.train.run`:
 
+Per-dataset method parameters (``setting.datasets.<name>.method_params``, e.g. GeoClip's ``rank``)
+go to every run of that dataset and method.
+
 * ``lr_search`` – each (dataset, method, multiplier of the default lr) at ``setting.epsilon``;
   :func:`select_learning_rates` keeps, per (dataset, method), the lr with the best mean
   *validation* metric, and every other sweep trains with it.
@@ -32,7 +35,7 @@ from adaclip.train import DATASET_DEFAULTS, TrainConfig, resolve, run
 from adaclip.reporting import write_text_atomic
 
 SWEEPS = ("lr_search", "accuracy", "clip", "size", "diagnostics")
-INITIAL_CLIP_PARAMETER = {"fixed": "clip_norm", "adaclip": "initial_clip", "quantile": "initial_clip"}
+INITIAL_CLIP_PARAMETER = {"fixed": "clip_norm", "adaclip": "initial_clip", "quantile": "initial_clip", "geoclip": "initial_clip", "psac": "clip_norm"}
 """The method parameter that sets each method's initial (or fixed) clip norm ``C0``."""
 WITHOUT_CLIP_NORM = frozenset({"auto"})
 """Methods with no clip norm to tune (AUTO-S normalises every gradient)."""
@@ -50,8 +53,11 @@ def _base(params: dict[str, Any], dataset: str, method: str, seed: int, lr: floa
         "device": params["runtime"]["device"],
         "lr": lr,
         "progress": False,
-        **{k: v for k, v in setting["datasets"][dataset].items() if v is not None},
+        **{k: v for k, v in setting["datasets"][dataset].items() if v is not None and k != "method_params"},
     }
+    method_params = setting["datasets"][dataset]["method_params"].get(method)
+    if method_params:
+        config["method_params"] = dict(method_params)
     if dataset in ("fashion-mnist", "mnist"):
         config["data_dir"] = None  # filled by run_sweep from the prepared data folder
     return config
@@ -130,7 +136,7 @@ def sweep_configs(name: str, params: dict[str, Any], learning_rates: dict[str, d
                     configs.append(base)
                     continue
                 for clip in section["initial_clips"]:
-                    configs.append({**base, "method_params": {INITIAL_CLIP_PARAMETER[method]: clip}})
+                    configs.append({**base, "method_params": {**base.get("method_params", {}), INITIAL_CLIP_PARAMETER[method]: clip}})
     elif name == "size":
         dataset = section["dataset"]
         for seed in section["seeds"]:

@@ -19,7 +19,7 @@ import yaml
 from adaclip.accounting import ACCOUNTANTS
 from adaclip.audit import audit_config
 from adaclip.data import DATASETS
-from adaclip.engine import METHODS
+from adaclip.engine import METHODS, check_method
 from adaclip.models import MODELS
 
 # section -> key -> (checker, description); a key whose checker accepts None is optional
@@ -63,6 +63,10 @@ _DATASET_SETTING = {
     "epochs": (_optional(_positive_int), "null or an int >= 1"),
     "batch_size": (_optional(_positive_int), "null or an int >= 1"),
     "train_size": (_optional(_positive_int), "null or an int >= 1"),
+    "method_params": (
+        lambda v: isinstance(v, dict) and set(v) <= set(METHODS) and all(isinstance(p, dict) for p in v.values()),
+        f"a mapping from methods in {sorted(METHODS)} to their parameters, e.g. {{geoclip: {{rank: 64}}}}",
+    ),
 }
 _PRIVATE = tuple(sorted(METHODS))
 _SEEDS = (_list_of(_non_negative_int), "a non-empty list of ints >= 0")
@@ -156,6 +160,11 @@ def validate_params(params: Any, source: str = "params") -> dict[str, Any]:
         _check_section(name, params[name], schema, source)
     for name, settings in params["setting"]["datasets"].items():
         _check_section(f"setting.datasets.{name}", settings, _DATASET_SETTING, source)
+        for method, method_params in settings["method_params"].items():
+            try:
+                check_method(method, method_params)
+            except ValueError as error:
+                raise ValueError(f"{source}: setting.datasets.{name}.method_params: {error}") from None
     for name in ("clip", "size", "diagnostics"):
         dataset = params[name]["dataset"]
         if dataset not in params["setting"]["datasets"]:
