@@ -1,0 +1,255 @@
+"""Per-example norms and reweighted sums over all parameters, from factors or per-layer gradients.
+
+All parameters are flattened, in the optimizer's order, into one vector of length ``d`` (the
+layout the clipping rules and their state use).  Each parameter contributes one *part*:
+
+* :class:`LinearWeightPart` for the weight of a book-keeping ``nn.Linear`` layer
+  (:mod:`adaclip.fastpath`): the layer inputs ``x`` ``[n, P, in]`` and per-example output gradients
+  ``delta`` ``[n, P, out]`` over ``P`` positions, with ``g_i = sum_p delta_ip x_ip^T``;
+* :class:`MaterialisedPart` for everything else: a per-example gradient ``[n, k]`` (Opacus's
+  ``p.grad_sample`` of one layer, or the bias of a book-keeping layer, ``sum_p delta_ip``).
+
+Squared norms, transformed squared norms and weighted sums add up over parts, so a rule gets
+``||g_i||`` (or ``||(g_i - a) / b||``) and ``sum_i c_i g_i`` without the ``[n, d]`` matrix.
+
+Norms of a linear weight (one position, ``g_i = delta_i x_i^T``):
+
+* ``||g_i||^2 = ||delta_i||^2 ||x_i||^2``; over ``P`` positions, the Gram form
+  ``||g_i||^2 = sum_pq (delta_ip . delta_iq)(x_ip . x_iq)`` (used when ``P (in + out) <= in out``,
+  otherwise the layer's ``g_i`` are materialised).
+* AdaCliP's transformed norm with shift ``A`` and scale ``S`` (this layer's slices of ``a`` and
+  ``b``, shaped ``[out, in]``): expanding ``sum_oj (delta_io x_ij - A_oj)^2 / S_oj^2`` gives
+
+      ||(g_i - A) / S||^2 = (delta_i^2)^T (1/S^2) (x_i^2) - 2 delta_i^T (A/S^2) x_i + sum_oj A_oj^2 / S_oj^2,
+
+  two products of the size of the forward pass (computed on the side with fewer features).  In
+  floating point the three terms can cancel, so the sum is clamped at 0.  For ``P > 1`` the
+  transformed norm has no cheap form and the layer's ``g_i`` are materialised.
+
+Weighted sum of a linear weight: ``sum_i c_i g_i = sum_ip (c_i delta_ip) x_ip^T``, one product.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from adaclip.fastpath import LinearCapture
+
+
+@dataclass(frozen=True)
+class Transform:
+    """The flat shift ``a`` and scale ``b`` of a transformed norm, with ``1/b^2`` and ``a/b^2`` precomputed."""
+
+    shift: Tensor
+    scale: Tensor
+    inv_scale_sq: Tensor
+    shift_inv_scale_sq: Tensor
+
+    @classmethod
+    def of(cls, shift: Tensor, scale: Tensor) -> Transform:
+        inv_scale_sq = scale.square().reciprocal()
+        return cls(shift=shift, scale=scale, inv_scale_sq=inv_scale_sq, shift_inv_scale_sq=shift * inv_scale_sq)
+
+
+class Part(ABC):
+    """One parameter's per-example gradients, occupying ``[offset, offset + numel)`` of the flat vector."""
+
+    def __init__(self, param: nn.Parameter, offset: int) -> None:
+        self.param = param
+        self.span = slice(offset, offset + param.numel())
+
+    @property
+    @abstractmethod
+    def num_examples(self) -> int: ...
+
+    @abstractmethod
+    def squared_norms(self) -> Tensor:
+        """``||g_i||^2`` of this parameter's part, shape ``[n]``."""
+
+    @abstractmethod
+    def transformed_squared_norms(self, transform: Transform) -> Tensor:
+        """``||(g_i - a) / b||^2`` restricted to this parameter, shape ``[n]``."""
+
+    @abstractmethod
+    def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
+        """Write ``sum_i weights_i g_i`` into ``out`` (a view shaped like the parameter)."""
+
+    @abstractmethod
+    def materialise(self) -> Tensor:
+        """The per-example gradients ``[n, numel]``."""
+
+
+class MaterialisedPart(Part):
+    """Per-example gradients held explicitly, ``[n, *param.shape]``."""
+
+    def __init__(self, param: nn.Parameter, offset: int, grad_sample: Tensor) -> None:
+        super().__init__(param, offset)
+        self.grads = grad_sample.reshape(grad_sample.shape[0], param.numel())
+
+    @property
+    def num_examples(self) -> int:
+        return self.grads.shape[0]
+
+    def squared_norms(self) -> Tensor:
+        return torch.linalg.vector_norm(self.grads, dim=1).square_()
+
+    def transformed_squared_norms(self, transform: Transform) -> Tensor:
+        return ((self.grads - transform.shift[self.span]) / transform.scale[self.span]).square().sum(1)
+
+    def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
+        torch.mv(self.grads.t(), weights, out=out.view(-1))
+
+    def materialise(self) -> Tensor:
+        return self.grads
+
+
+class LinearWeightPart(Part):
+    """The weight of a book-keeping linear layer, from inputs ``x`` ``[n, P, in]`` and output gradients ``delta`` ``[n, P, out]``."""
+
+    def __init__(self, param: nn.Parameter, offset: int, activations: Tensor, backprops: Tensor) -> None:
+        super().__init__(param, offset)
+        self.x, self.delta = activations, backprops
+        self._materialised: MaterialisedPart | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def positions(self) -> int:
+        return self.x.shape[1]
+
+    def _as_materialised(self) -> MaterialisedPart:
+        if self._materialised is None:
+            self._materialised = MaterialisedPart(self.param, self.span.start, self.materialise())
+        return self._materialised
+
+    def squared_norms(self) -> Tensor:
+        n, positions, fan_in = self.x.shape
+        fan_out = self.delta.shape[2]
+        if positions == 1:
+            return torch.linalg.vector_norm(self.x[:, 0], dim=1).square_().mul_(torch.linalg.vector_norm(self.delta[:, 0], dim=1).square_())
+        if positions * (fan_in + fan_out) <= fan_in * fan_out:
+            gram_x = torch.bmm(self.x, self.x.transpose(1, 2))
+            gram_delta = torch.bmm(self.delta, self.delta.transpose(1, 2))
+            return (gram_x * gram_delta).sum((1, 2)).clamp_min(0)
+        return self._as_materialised().squared_norms()
+
+    def transformed_squared_norms(self, transform: Transform) -> Tensor:
+        if self.positions != 1:
+            return self._as_materialised().transformed_squared_norms(transform)
+        x, delta = self.x[:, 0], self.delta[:, 0]
+        shape = self.param.shape
+        inv_scale_sq = transform.inv_scale_sq[self.span].view(shape)  # [out, in]
+        shift_inv_scale_sq = transform.shift_inv_scale_sq[self.span].view(shape)
+        constant = torch.dot(transform.shift[self.span], transform.shift_inv_scale_sq[self.span])
+        # Contract over the wider side; results are laid out [features of the other side, n], the
+        # orientation in which BLAS handles a narrow layer fastest.
+        if x.shape[1] >= delta.shape[1]:
+            quadratic = torch.mm(inv_scale_sq, x.square().t())  # [out, n]: (1/S^2) x_i^2
+            linear = torch.mm(shift_inv_scale_sq, x.t())  # [out, n]: (A/S^2) x_i
+            other = delta.t()
+        else:
+            quadratic = torch.mm(inv_scale_sq.t(), delta.square().t())  # [in, n]: (1/S^2)^T delta_i^2
+            linear = torch.mm(shift_inv_scale_sq.t(), delta.t())  # [in, n]: (A/S^2)^T delta_i
+            other = x.t()
+        # sum_k other_k^2 quadratic_k - 2 other_k linear_k = sum_k (other_k quadratic_k - 2 linear_k) other_k
+        return quadratic.mul_(other).sub_(linear, alpha=2.0).mul_(other).sum(0).add_(constant).clamp_min_(0)
+
+    def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
+        fan_out, fan_in = out.shape
+        scaled = (self.delta * weights.view(-1, 1, 1)).view(-1, fan_out)
+        torch.mm(scaled.t(), self.x.reshape(-1, fan_in), out=out)
+
+    def materialise(self) -> Tensor:
+        if self.positions == 1:
+            return torch.einsum("no,ni->noi", self.delta[:, 0], self.x[:, 0]).reshape(self.num_examples, self.param.numel())
+        return torch.einsum("npo,npi->noi", self.delta, self.x).reshape(self.num_examples, self.param.numel())
+
+
+def _stack_uses(capture: LinearCapture) -> tuple[Tensor, Tensor]:
+    """Inputs ``[n, P, in]`` and output gradients ``[n, P, out]`` over every position of every use."""
+    sizes = {x.shape[0] for x, _ in capture.pairs}
+    if len(sizes) != 1:
+        raise RuntimeError(f"a linear layer saw batches of different sizes {sorted(sizes)} in one step; call optimizer.zero_grad() after every step")
+    n = sizes.pop()
+    xs = [x.reshape(n, math.prod(x.shape[1:-1]), x.shape[-1]) for x, _ in capture.pairs]
+    deltas = [delta.reshape(n, math.prod(delta.shape[1:-1]), delta.shape[-1]) for _, delta in capture.pairs]
+    if len(xs) == 1:
+        return xs[0], deltas[0]
+    return torch.cat(xs, 1), torch.cat(deltas, 1)
+
+
+def collect_parts(params: list[nn.Parameter]) -> list[Part]:
+    """One part per parameter, in order, from ``p.grad_sample`` or a book-keeping ``p.linear_capture``.
+
+    Raises ``RuntimeError`` naming the problem when a parameter got no per-example gradient or
+    gradients of several backward passes are pending.
+    """
+    parts: list[Part] = []
+    missing, accumulated = [], []
+    stacked: dict[int, tuple[Tensor, Tensor]] = {}
+    offset = 0
+    for index, p in enumerate(params):
+        capture: LinearCapture | None = getattr(p, "linear_capture", None)
+        grad_sample = getattr(p, "grad_sample", None)
+        if capture is not None and capture.pairs:
+            if capture.completed_passes != 1:
+                accumulated.append(index)
+            elif id(capture) not in stacked:
+                stacked[id(capture)] = _stack_uses(capture)
+            if not accumulated:
+                x, delta = stacked[id(capture)]
+                if p is capture.layer.weight:
+                    parts.append(LinearWeightPart(p, offset, x, delta))
+                else:
+                    parts.append(MaterialisedPart(p, offset, delta[:, 0] if delta.shape[1] == 1 else delta.sum(1)))
+        elif isinstance(grad_sample, Tensor):
+            parts.append(MaterialisedPart(p, offset, grad_sample))
+        elif isinstance(grad_sample, list):
+            accumulated.append(index)
+        else:
+            missing.append(index)
+        offset += p.numel()
+    if missing:
+        raise RuntimeError(
+            f"parameters {missing} (in optimizer order) got no per-example gradient: every trainable parameter "
+            "must be used in forward, and loss.backward() must run before optimizer.step()"
+        )
+    if accumulated:
+        raise RuntimeError(
+            "per-example gradients from several backward passes are pending: call optimizer.zero_grad() "
+            "after every optimizer.step(); accumulating Poisson batches is not supported"
+        )
+    sizes = {part.num_examples for part in parts}
+    if len(sizes) > 1:
+        raise RuntimeError(f"parameters got per-example gradients for different batch sizes {sorted(sizes)}")
+    return parts
+
+
+def per_example_norms(parts: list[Part], transform: Transform | None = None) -> Tensor:
+    """``||g_i||`` (or ``||(g_i - a) / b||`` under ``transform``) over all parts, shape ``[n]``."""
+    total = None
+    for part in parts:
+        squared = part.squared_norms() if transform is None else part.transformed_squared_norms(transform)
+        total = squared if total is None else total.add_(squared)
+    assert total is not None
+    return total.clamp_min_(0).sqrt_()
+
+
+def weighted_sum(parts: list[Part], weights: Tensor, dim: int) -> Tensor:
+    """``sum_i weights_i g_i`` as one flat vector of length ``dim``."""
+    flat = torch.empty(dim, dtype=weights.dtype, device=weights.device)
+    for part in parts:
+        part.weighted_sum_into(weights, flat[part.span].view(part.param.shape))
+    return flat
+
+
+def materialise(parts: list[Part]) -> Tensor:
+    """The ``[n, d]`` matrix of per-example gradients (for rules without the norm interface)."""
+    return torch.cat([part.materialise() for part in parts], dim=1)
