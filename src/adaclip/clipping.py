@@ -173,9 +173,16 @@ def supports_norm_path(rule: ClipRule) -> bool:
     return type(rule).example_weights is not ClipRule.example_weights
 
 
-def clip_factors(norms: Tensor, bound: float | Tensor = 1.0) -> Tensor:
-    """``min(1, bound / ||x||)`` per row, as :func:`clip_rows` applies them (a zero norm gives 1)."""
-    return (bound / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
+def clip_factors(norms: Tensor, bound: float = 1.0) -> Tensor:
+    """``min(1, bound / ||x||)`` per row, the factors :func:`clip_rows` applies (a zero norm gives 1).
+
+    ``bound / t`` is ``t.reciprocal() * bound`` in torch, so the values are identical; a zero norm
+    gives ``inf`` before the clamp instead of ``bound / tiny``, both clamped to 1.
+    """
+    factors = norms.reciprocal()
+    if bound != 1.0:
+        factors.mul_(bound)
+    return factors.clamp_(max=1.0)
 
 
 def _check_dim(dim: int) -> int:

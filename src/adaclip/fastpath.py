@@ -74,8 +74,8 @@ class _LinearTap(torch.autograd.Function):
     def forward(
         ctx: Any, output: Tensor, x: Tensor, capture: LinearCapture, scale: float, weight: Tensor, bias: Tensor | None
     ) -> Tensor:
-        ctx.x, ctx.weight, ctx.capture, ctx.scale = x.detach(), weight.detach(), capture, scale
-        return output.view_as(output)
+        ctx.x, ctx.weight, ctx.capture, ctx.scale = x.detach(), weight, capture, scale
+        return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[None, Tensor | None, None, None, None, None]:

@@ -88,13 +88,14 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
 
     def pre_step(self, closure: Any = None) -> bool:
         """Clip, noise and average the per-example gradients with the rule; write them into ``p.grad``."""
-        if len(self.params) == 0:
+        params = self.params
+        if len(params) == 0:
             return True
         if self._check_skip_next_step():
             raise RuntimeError("virtual steps (signal_skip_step / BatchMemoryManager) are not supported by adaclip's optimizer")
-        parts = collect_parts(self.params)
-        dim = sum(p.numel() for p in self.params)
-        reference = self.params[0]
+        parts = collect_parts(params)
+        dim = sum(p.numel() for p in params)
+        reference = params[0]
         if self.rule_state is None:
             self.rule_state = self.rule.init_state(dim, device=reference.device, dtype=reference.dtype)
         noise = torch.randn(self.rule.noise_size(dim), generator=self.generator, device=reference.device, dtype=reference.dtype)
@@ -105,7 +106,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         if self.loss_reduction == "sum":
             noisy_mean = noisy_mean * self.expected_batch_size
         offset = 0
-        for p in self.params:
+        for p in params:
             p.grad = noisy_mean[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         self.steps_taken += 1

@@ -3,11 +3,12 @@
 All parameters are flattened, in the optimizer's order, into one vector of length ``d`` (the
 layout the clipping rules and their state use).  Each parameter contributes one *part*:
 
-* :class:`LinearWeightPart` for the weight of a book-keeping ``nn.Linear`` layer
-  (:mod:`adaclip.fastpath`): the layer inputs ``x`` ``[n, P, in]`` and per-example output gradients
-  ``delta`` ``[n, P, out]`` over ``P`` positions, with ``g_i = sum_p delta_ip x_ip^T``;
+* :class:`LinearWeightPart` and :class:`LinearBiasPart` for a book-keeping ``nn.Linear`` layer
+  (:mod:`adaclip.fastpath`), from the layer inputs ``x`` ``[n, P, in]`` and per-example output
+  gradients ``delta`` ``[n, P, out]`` over ``P`` positions (:class:`LinearFactors`):
+  ``g_i(W) = sum_p delta_ip x_ip^T`` and ``g_i(b) = sum_p delta_ip``;
 * :class:`MaterialisedPart` for everything else: a per-example gradient ``[n, k]`` (Opacus's
-  ``p.grad_sample`` of one layer, or the bias of a book-keeping layer, ``sum_p delta_ip``).
+  ``p.grad_sample`` of one layer).
 
 Squared norms, transformed squared norms and weighted sums add up over parts, so a rule gets
 ``||g_i||`` (or ``||(g_i - a) / b||``) and ``sum_i c_i g_i`` without the ``[n, d]`` matrix.
@@ -69,7 +70,7 @@ class Part(ABC):
 
     @abstractmethod
     def squared_norms(self) -> Tensor:
-        """``||g_i||^2`` of this parameter's part, shape ``[n]``."""
+        """``||g_i||^2`` of this parameter's part, shape ``[n]`` (callers must not modify it in place)."""
 
     @abstractmethod
     def transformed_squared_norms(self, transform: Transform) -> Tensor:
@@ -99,7 +100,7 @@ class MaterialisedPart(Part):
         return torch.linalg.vector_norm(self.grads, dim=1).square_()
 
     def transformed_squared_norms(self, transform: Transform) -> Tensor:
-        return ((self.grads - transform.shift[self.span]) / transform.scale[self.span]).square().sum(1)
+        return ((self.grads - transform.shift[self.span]) / transform.scale[self.span]).square_().sum(1)
 
     def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
         torch.mv(self.grads.t(), weights, out=out.view(-1))
@@ -108,21 +109,54 @@ class MaterialisedPart(Part):
         return self.grads
 
 
-class LinearWeightPart(Part):
-    """The weight of a book-keeping linear layer, from inputs ``x`` ``[n, P, in]`` and output gradients ``delta`` ``[n, P, out]``."""
+class LinearFactors:
+    """A book-keeping layer's inputs ``x`` and per-example output gradients ``delta``.
 
-    def __init__(self, param: nn.Parameter, offset: int, activations: Tensor, backprops: Tensor) -> None:
-        super().__init__(param, offset)
+    ``[n, in]`` and ``[n, out]`` when every example has one position (``single``), else
+    ``[n, P, in]`` and ``[n, P, out]``.  Quantities that the weight and the bias share are computed
+    once per step: ``||delta_i||^2`` and ``c_i delta_i`` for the step's weights.
+    """
+
+    def __init__(self, activations: Tensor, backprops: Tensor) -> None:
+        if activations.dim() == 3 and activations.shape[1] == 1:
+            activations, backprops = activations[:, 0], backprops[:, 0]
         self.x, self.delta = activations, backprops
-        self._materialised: MaterialisedPart | None = None
+        self.single = activations.dim() == 2
+        self._delta_squared_norms: Tensor | None = None
+        self._scaled: tuple[Tensor, Tensor] | None = None
 
     @property
     def num_examples(self) -> int:
         return self.x.shape[0]
 
+    def bias_grads(self) -> Tensor:
+        """The bias's per-example gradients ``sum_p delta_ip``, ``[n, out]``."""
+        return self.delta if self.single else self.delta.sum(1)
+
+    def delta_squared_norms(self) -> Tensor:
+        """``||sum_p delta_ip||^2`` (the bias's squared norms; with ``||x_i||^2``, the weight's for one position)."""
+        if self._delta_squared_norms is None:
+            self._delta_squared_norms = torch.linalg.vector_norm(self.bias_grads(), dim=1).square_()
+        return self._delta_squared_norms
+
+    def scaled_delta(self, weights: Tensor) -> Tensor:
+        """``c_i delta_i`` for ``weights = c``."""
+        if self._scaled is None or self._scaled[0] is not weights:
+            self._scaled = (weights, self.delta * (weights.unsqueeze(1) if self.single else weights.view(-1, 1, 1)))
+        return self._scaled[1]
+
+
+class LinearWeightPart(Part):
+    """The weight ``[out, in]`` of a book-keeping linear layer, from its :class:`LinearFactors`."""
+
+    def __init__(self, param: nn.Parameter, offset: int, factors: LinearFactors) -> None:
+        super().__init__(param, offset)
+        self.factors = factors
+        self._materialised: MaterialisedPart | None = None
+
     @property
-    def positions(self) -> int:
-        return self.x.shape[1]
+    def num_examples(self) -> int:
+        return self.factors.num_examples
 
     def _as_materialised(self) -> MaterialisedPart:
         if self._materialised is None:
@@ -130,20 +164,21 @@ class LinearWeightPart(Part):
         return self._materialised
 
     def squared_norms(self) -> Tensor:
-        n, positions, fan_in = self.x.shape
-        fan_out = self.delta.shape[2]
-        if positions == 1:
-            return torch.linalg.vector_norm(self.x[:, 0], dim=1).square_().mul_(torch.linalg.vector_norm(self.delta[:, 0], dim=1).square_())
+        factors = self.factors
+        if factors.single:
+            return torch.linalg.vector_norm(factors.x, dim=1).square_().mul_(factors.delta_squared_norms())
+        positions, fan_in = factors.x.shape[1:]
+        fan_out = factors.delta.shape[2]
         if positions * (fan_in + fan_out) <= fan_in * fan_out:
-            gram_x = torch.bmm(self.x, self.x.transpose(1, 2))
-            gram_delta = torch.bmm(self.delta, self.delta.transpose(1, 2))
-            return (gram_x * gram_delta).sum((1, 2)).clamp_min(0)
+            gram_x = torch.bmm(factors.x, factors.x.transpose(1, 2))
+            gram_delta = torch.bmm(factors.delta, factors.delta.transpose(1, 2))
+            return (gram_x * gram_delta).sum((1, 2)).clamp_min_(0)
         return self._as_materialised().squared_norms()
 
     def transformed_squared_norms(self, transform: Transform) -> Tensor:
-        if self.positions != 1:
+        if not self.factors.single:
             return self._as_materialised().transformed_squared_norms(transform)
-        x, delta = self.x[:, 0], self.delta[:, 0]
+        x, delta = self.factors.x, self.factors.delta
         shape = self.param.shape
         inv_scale_sq = transform.inv_scale_sq[self.span].view(shape)  # [out, in]
         shift_inv_scale_sq = transform.shift_inv_scale_sq[self.span].view(shape)
@@ -162,27 +197,44 @@ class LinearWeightPart(Part):
         return quadratic.mul_(other).sub_(linear, alpha=2.0).mul_(other).sum(0).add_(constant).clamp_min_(0)
 
     def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
-        fan_out, fan_in = out.shape
-        scaled = (self.delta * weights.view(-1, 1, 1)).view(-1, fan_out)
-        torch.mm(scaled.t(), self.x.reshape(-1, fan_in), out=out)
+        scaled, x = self.factors.scaled_delta(weights), self.factors.x
+        if self.factors.single:
+            torch.mm(scaled.t(), x, out=out)
+        else:
+            torch.mm(scaled.reshape(-1, out.shape[0]).t(), x.reshape(-1, out.shape[1]), out=out)
 
     def materialise(self) -> Tensor:
-        if self.positions == 1:
-            return torch.einsum("no,ni->noi", self.delta[:, 0], self.x[:, 0]).reshape(self.num_examples, self.param.numel())
-        return torch.einsum("npo,npi->noi", self.delta, self.x).reshape(self.num_examples, self.param.numel())
+        x, delta = self.factors.x, self.factors.delta
+        grads = torch.einsum("no,ni->noi", delta, x) if self.factors.single else torch.einsum("npo,npi->noi", delta, x)
+        return grads.reshape(self.num_examples, self.param.numel())
 
 
-def _stack_uses(capture: LinearCapture) -> tuple[Tensor, Tensor]:
-    """Inputs ``[n, P, in]`` and output gradients ``[n, P, out]`` over every position of every use."""
-    sizes = {x.shape[0] for x, _ in capture.pairs}
+class LinearBiasPart(MaterialisedPart):
+    """The bias of a book-keeping linear layer: per-example gradients ``sum_p delta_ip``, sharing the layer's factors."""
+
+    def __init__(self, param: nn.Parameter, offset: int, factors: LinearFactors) -> None:
+        super().__init__(param, offset, factors.bias_grads())
+        self.factors = factors
+
+    def squared_norms(self) -> Tensor:
+        return self.factors.delta_squared_norms()
+
+    def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
+        torch.sum(self.factors.scaled_delta(weights), 0 if self.factors.single else (0, 1), out=out)
+
+
+def _factors(capture: LinearCapture) -> LinearFactors:
+    """The capture's inputs and output gradients over every position of every use."""
+    pairs = capture.pairs
+    if len(pairs) == 1 and pairs[0][0].dim() == 2:
+        return LinearFactors(*pairs[0])
+    sizes = {x.shape[0] for x, _ in pairs}
     if len(sizes) != 1:
         raise RuntimeError(f"a linear layer saw batches of different sizes {sorted(sizes)} in one step; call optimizer.zero_grad() after every step")
     n = sizes.pop()
-    xs = [x.reshape(n, math.prod(x.shape[1:-1]), x.shape[-1]) for x, _ in capture.pairs]
-    deltas = [delta.reshape(n, math.prod(delta.shape[1:-1]), delta.shape[-1]) for _, delta in capture.pairs]
-    if len(xs) == 1:
-        return xs[0], deltas[0]
-    return torch.cat(xs, 1), torch.cat(deltas, 1)
+    xs = [x.reshape(n, math.prod(x.shape[1:-1]), x.shape[-1]) for x, _ in pairs]
+    deltas = [delta.reshape(n, math.prod(delta.shape[1:-1]), delta.shape[-1]) for _, delta in pairs]
+    return LinearFactors(torch.cat(xs, 1), torch.cat(deltas, 1))
 
 
 def collect_parts(params: list[nn.Parameter]) -> list[Part]:
@@ -193,7 +245,7 @@ def collect_parts(params: list[nn.Parameter]) -> list[Part]:
     """
     parts: list[Part] = []
     missing, accumulated = [], []
-    stacked: dict[int, tuple[Tensor, Tensor]] = {}
+    factors: dict[int, LinearFactors] = {}
     offset = 0
     for index, p in enumerate(params):
         capture: LinearCapture | None = getattr(p, "linear_capture", None)
@@ -201,14 +253,12 @@ def collect_parts(params: list[nn.Parameter]) -> list[Part]:
         if capture is not None and capture.pairs:
             if capture.completed_passes != 1:
                 accumulated.append(index)
-            elif id(capture) not in stacked:
-                stacked[id(capture)] = _stack_uses(capture)
-            if not accumulated:
-                x, delta = stacked[id(capture)]
-                if p is capture.layer.weight:
-                    parts.append(LinearWeightPart(p, offset, x, delta))
-                else:
-                    parts.append(MaterialisedPart(p, offset, delta[:, 0] if delta.shape[1] == 1 else delta.sum(1)))
+            else:
+                layer = factors.get(id(capture))
+                if layer is None:
+                    layer = factors[id(capture)] = _factors(capture)
+                part_class = LinearWeightPart if p is capture.layer.weight else LinearBiasPart
+                parts.append(part_class(p, offset, layer))
         elif isinstance(grad_sample, Tensor):
             parts.append(MaterialisedPart(p, offset, grad_sample))
         elif isinstance(grad_sample, list):
@@ -226,20 +276,20 @@ def collect_parts(params: list[nn.Parameter]) -> list[Part]:
             "per-example gradients from several backward passes are pending: call optimizer.zero_grad() "
             "after every optimizer.step(); accumulating Poisson batches is not supported"
         )
-    sizes = {part.num_examples for part in parts}
-    if len(sizes) > 1:
-        raise RuntimeError(f"parameters got per-example gradients for different batch sizes {sorted(sizes)}")
+    if len({part.num_examples for part in parts}) > 1:
+        raise RuntimeError(f"parameters got per-example gradients for different batch sizes {sorted({part.num_examples for part in parts})}")
     return parts
 
 
 def per_example_norms(parts: list[Part], transform: Transform | None = None) -> Tensor:
     """``||g_i||`` (or ``||(g_i - a) / b||`` under ``transform``) over all parts, shape ``[n]``."""
-    total = None
-    for part in parts:
-        squared = part.squared_norms() if transform is None else part.transformed_squared_norms(transform)
-        total = squared if total is None else total.add_(squared)
-    assert total is not None
-    return total.clamp_min_(0).sqrt_()
+    squared = [part.squared_norms() if transform is None else part.transformed_squared_norms(transform) for part in parts]
+    if len(squared) == 1:
+        return squared[0].sqrt()
+    total = squared[0] + squared[1]
+    for more in squared[2:]:
+        total.add_(more)
+    return total.sqrt_()
 
 
 def weighted_sum(parts: list[Part], weights: Tensor, dim: int) -> Tensor:

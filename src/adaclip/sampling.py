@@ -31,6 +31,8 @@ def poisson_epoch(num_examples: int, sample_rate: float, steps: int, generator: 
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+    if sample_rate == 1:
+        return [torch.arange(num_examples) for _ in range(steps)]
     cells = steps * num_examples
     expected = cells * sample_rate
     chunk = int(expected + 6 * math.sqrt(expected) + 16)  # almost always enough in one draw
