@@ -544,7 +544,7 @@ class AdaCliP(ClipRule):
         matrix of ``w_i`` is never needed, only ``S`` (one reweighted product per layer) and the
         scalar ``sum_i m_i``.  The released gradient is then
 
-            g~ = b ((S - a sum_i m_i) / b + sigma z) / B + a = (S + sigma b z - a sum_i m_i) / B + a,
+            g~ = b ((S - a sum_i m_i) / b + sigma z) / B + a = (S + (B - sum_i m_i) a + sigma b z) / B,
 
         and the state update is :meth:`step`'s, written with fused in-place operations (the same
         values up to float rounding; fewer passes over ``d``).
@@ -553,8 +553,8 @@ class AdaCliP(ClipRule):
         if state.scale.shape != (dim,):
             raise ValueError(f"state was made for {state.scale.shape[0]} parameters, but the gradients have {dim}")
         a, b, B = state.mean, state.scale, self.expected_batch_size
-        released = torch.addcmul(weighted_sum, b, noise, value=self.noise_multiplier)
-        released.sub_(a, alpha=float(weights.sum())).div_(B).add_(a)
+        released = torch.add(weighted_sum, a, alpha=B - float(weights.sum()))  # S + (B - sum_i m_i) a
+        released.addcmul_(b, noise, value=self.noise_multiplier).div_(B)
 
         # r_t = (g~ - a)^2 - b^2 sigma^2 / B^2, times B for the per-example variance
         factor = B if self.variance_target == "per_example" else 1.0

@@ -85,6 +85,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self.steps_taken = 0
         self.rule_state: Any = None
         self.last_stats: Stats = {}
+        self._last_epsilon: tuple[tuple[int, float] | None, float] = (None, 0.0)
 
     def pre_step(self, closure: Any = None) -> bool:
         """Clip, noise and average the per-example gradients with the rule; write them into ``p.grad``."""
@@ -124,24 +125,35 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         return self.rule.finish_step(summed, weights, norms, self.rule_state, noise)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear ``p.grad`` (to ``None`` by default, as ``torch.optim`` does), ``p.grad_sample`` and the book-keeping captures."""
-        super().zero_grad(set_to_none)
+        """Clear ``p.grad`` (to ``None`` by default, as ``torch.optim`` does), ``p.grad_sample``,
+        ``p.summed_grad`` (as Opacus does; this optimizer never skips steps) and the book-keeping captures."""
         for p in self.params:
+            p.grad_sample = None
+            p.summed_grad = None
             capture = getattr(p, "linear_capture", None)
             if capture is not None:
                 capture.reset()
+        self.original_optimizer.zero_grad(set_to_none)
 
     def get_epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent by the steps taken so far, at ``delta`` (default: the one given at construction)."""
+        """Epsilon spent by the steps taken so far, at ``delta`` (default: the one given at construction).
+
+        An accountant call costs milliseconds, so call this once per epoch, not per step; repeated
+        calls for the same number of steps and delta reuse the last answer.
+        """
         delta = self.delta if delta is None else delta
         if delta is None:
             raise ValueError("delta is needed: pass get_epsilon(delta=...) or make_private(..., delta=...)")
         if self.steps_taken == 0:
             return 0.0
-        return epsilon(
-            noise_multiplier=self.rule.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self.steps_taken,
-            delta=delta,
-            accountant=self.accountant,
-        )
+        key = (self.steps_taken, delta)
+        if self._last_epsilon[0] != key:
+            spent = epsilon(
+                noise_multiplier=self.rule.noise_multiplier,
+                sample_rate=self.sample_rate,
+                steps=self.steps_taken,
+                delta=delta,
+                accountant=self.accountant,
+            )
+            self._last_epsilon = (key, spent)
+        return self._last_epsilon[1]
