@@ -81,6 +81,22 @@ class ConvModel(nn.Module):
         return self.head(torch.tanh(self.norm(self.conv(x.view(-1, 1, 6, 1).expand(-1, 1, 6, 6)))))
 
 
+class ConvVariants(nn.Module):
+    """Padding, dilation, groups, no bias, a convolution used twice, and 'same' padding (left to Opacus's hooks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Conv2d(1, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.same = nn.Conv2d(4, 2, 3, padding="same")
+        self.head = nn.Linear(2 * 6 * 6, 3)
+
+    def forward(self, x):
+        image = x.view(-1, 1, 6, 1) * x.view(-1, 1, 1, 6) / 3
+        hidden = torch.tanh(self.shared(image) + self.shared(image.flip(3)))
+        return self.head(torch.tanh(self.same(torch.tanh(self.grouped(hidden)))).flatten(1))
+
+
 class EmbeddingModel(nn.Module):
     """Embedding and LayerNorm (materialised per layer) with a linear head."""
 
@@ -95,12 +111,28 @@ class EmbeddingModel(nn.Module):
         return self.head(torch.cat([self.norm(x), self.embed(tokens)], dim=1))
 
 
+class TiedLinear(nn.Module):
+    """Two linear layers sharing a weight: the shared layers stay with Opacus's hooks, the head is book-keeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.second = nn.Linear(6, 6)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
 MODELS = {
     "mlp": lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)),
     "linear_used_twice": LinearUsedTwice,
     "sequence": SequenceModel,
     "conv_groupnorm": ConvModel,
+    "conv_variants": ConvVariants,
     "embedding_layernorm": EmbeddingModel,
+    "tied_weights": TiedLinear,
     "frozen_bias": lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3, bias=False)),
 }
 RULE_PARAMS = {"fixed": {"clip_norm": 0.5}, "quantile": {"count_noise_std": 2.0, "initial_clip": 0.5}, "auto": {}, "adaclip": {"initial_clip": 0.5, "h2": 1.0}}
@@ -157,6 +189,12 @@ def test_fast_path_equals_the_materialised_path_with_sum_reduction(method):
     fast = train_steps(copy.deepcopy(initial), "fast", method, loss_reduction="sum")[2]
     slow = train_steps(copy.deepcopy(initial), "materialise", method, loss_reduction="sum")[2]
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+
+
+def test_which_layers_are_bookkeeping():
+    variants, tied = ConvVariants(), TiedLinear()
+    assert BookkeepingGradSampleModule(variants).bookkeeping_layers() == [variants.shared, variants.grouped, variants.head]
+    assert BookkeepingGradSampleModule(tied).bookkeeping_layers() == [tied.head]
 
 
 # --- the parts against explicit per-example gradients --------------------------------------------
@@ -245,10 +283,13 @@ def test_norms_and_weighted_sums_match_torch_func(model_name):
     torch.testing.assert_close(weighted_sum(parts, weights, reference.shape[1]), weights @ reference)
     shift, scale = torch.randn(reference.shape[1]), torch.rand(reference.shape[1]) + 0.5
     torch.testing.assert_close(per_example_norms(parts, Transform.of(shift, scale)), ((reference - shift) / scale).norm(dim=1))
-    linear_weights = {id(m.weight): m.weight for m in model.modules() if type(m) is nn.Linear}
+    bookkeeping = module.bookkeeping_layers()
+    linear_weights = {id(m.weight) for m in bookkeeping if type(m) is nn.Linear}
+    linear_biases = {id(m.bias) for m in bookkeeping if type(m) is nn.Linear and m.bias is not None}
     assert all(isinstance(part, LinearWeightPart) == (id(part.param) in linear_weights) for part in parts)
-    assert all(isinstance(part, LinearBiasPart) == any(part.param is m.bias for m in model.modules() if type(m) is nn.Linear) for part in parts)
-    assert all(w.grad_sample is None and w.grad is None for w in linear_weights.values())  # never formed, never computed
+    assert all(isinstance(part, LinearBiasPart) == (id(part.param) in linear_biases) for part in parts)
+    for layer in bookkeeping:  # per-example gradients never stored, weight gradients never computed by autograd
+        assert all(p.grad_sample is None and p.grad is None for p in layer.parameters())
 
 
 # --- what the fast path never does ---------------------------------------------------------------

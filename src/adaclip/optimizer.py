@@ -130,7 +130,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         for p in self.params:
             p.grad_sample = None
             p.summed_grad = None
-            capture = getattr(p, "linear_capture", None)
+            capture = getattr(p, "layer_capture", None)
             if capture is not None:
                 capture.reset()
         self.original_optimizer.zero_grad(set_to_none)

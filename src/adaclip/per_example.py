@@ -7,8 +7,8 @@ layout the clipping rules and their state use).  Each parameter contributes one 
   (:mod:`adaclip.fastpath`), from the layer inputs ``x`` ``[n, P, in]`` and per-example output
   gradients ``delta`` ``[n, P, out]`` over ``P`` positions (:class:`LinearFactors`):
   ``g_i(W) = sum_p delta_ip x_ip^T`` and ``g_i(b) = sum_p delta_ip``;
-* :class:`MaterialisedPart` for everything else: a per-example gradient ``[n, k]`` (Opacus's
-  ``p.grad_sample`` of one layer).
+* :class:`MaterialisedPart` for everything else: a per-example gradient ``[n, k]`` of one layer
+  (a book-keeping convolution's, :func:`conv2d_per_example_grads`, or Opacus's ``p.grad_sample``).
 
 Squared norms, transformed squared norms and weighted sums add up over parts, so a rule gets
 ``||g_i||`` (or ``||(g_i - a) / b||``) and ``sum_i c_i g_i`` without the ``[n, d]`` matrix.
@@ -37,9 +37,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+from opacus.utils.tensor_utils import unfold2d
 from torch import Tensor, nn
 
-from adaclip.fastpath import LinearCapture
+from adaclip.fastpath import LayerCapture
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ class LinearBiasPart(MaterialisedPart):
         torch.sum(self.factors.scaled_delta(weights), 0 if self.factors.single else (0, 1), out=out)
 
 
-def _factors(capture: LinearCapture) -> LinearFactors:
+def _factors(capture: LayerCapture) -> LinearFactors:
     """The capture's inputs and output gradients over every position of every use."""
     pairs = capture.pairs
     if len(pairs) == 1 and pairs[0][0].dim() == 2:
@@ -237,28 +238,70 @@ def _factors(capture: LinearCapture) -> LinearFactors:
     return LinearFactors(torch.cat(xs, 1), torch.cat(deltas, 1))
 
 
+def conv2d_per_example_grads(layer: nn.Conv2d, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example weight ``[n, *weight.shape]`` and bias ``[n, out]`` gradients of one use of a ``Conv2d``.
+
+    With the input unfolded into patches ``u_il`` (one column per output position ``l``), the
+    layer is linear per position, so ``g_i(W) = sum_l delta_il u_il^T`` per group and
+    ``g_i(b) = sum_l delta_il``.
+    """
+    n, groups = x.shape[0], layer.groups
+    # [n, C k k, L]; Opacus's strided unfold, several times faster than F.unfold (im2col) on CPU
+    patches = unfold2d(x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation)
+    delta = delta.flatten(2)  # [n, out, L]
+    if groups == 1:
+        weight = torch.bmm(delta, patches.transpose(1, 2))
+    else:
+        positions = delta.shape[2]
+        weight = torch.einsum(
+            "ngol,ngpl->ngop", delta.view(n, groups, -1, positions), patches.view(n, groups, -1, positions)
+        )
+    return weight.reshape(n, *layer.weight.shape), delta.sum(2)
+
+
+def _conv_grads(capture: LayerCapture) -> tuple[Tensor, Tensor]:
+    """A convolution's per-example weight and bias gradients, summed over its uses."""
+    sizes = {x.shape[0] for x, _ in capture.pairs}
+    if len(sizes) != 1:
+        raise RuntimeError(f"a layer saw batches of different sizes {sorted(sizes)} in one step; call optimizer.zero_grad() after every step")
+    weight, bias = conv2d_per_example_grads(capture.layer, *capture.pairs[0])
+    for x, delta in capture.pairs[1:]:
+        more_weight, more_bias = conv2d_per_example_grads(capture.layer, x, delta)
+        weight, bias = weight + more_weight, bias + more_bias
+    return weight, bias
+
+
+def _capture_part(p: nn.Parameter, offset: int, capture: LayerCapture, cache: dict[int, object]) -> Part:
+    """The part of a book-keeping layer's parameter, sharing the layer's factors or gradients with its other parameter."""
+    computed = cache.get(id(capture))
+    is_weight = p is capture.layer.weight
+    if type(capture.layer) is nn.Linear:
+        if computed is None:
+            computed = cache[id(capture)] = _factors(capture)
+        return (LinearWeightPart if is_weight else LinearBiasPart)(p, offset, computed)
+    if computed is None:
+        computed = cache[id(capture)] = _conv_grads(capture)
+    return MaterialisedPart(p, offset, computed[0] if is_weight else computed[1])
+
+
 def collect_parts(params: list[nn.Parameter]) -> list[Part]:
-    """One part per parameter, in order, from ``p.grad_sample`` or a book-keeping ``p.linear_capture``.
+    """One part per parameter, in order, from ``p.grad_sample`` or a book-keeping ``p.layer_capture``.
 
     Raises ``RuntimeError`` naming the problem when a parameter got no per-example gradient or
     gradients of several backward passes are pending.
     """
     parts: list[Part] = []
     missing, accumulated = [], []
-    factors: dict[int, LinearFactors] = {}
+    cache: dict[int, object] = {}
     offset = 0
     for index, p in enumerate(params):
-        capture: LinearCapture | None = getattr(p, "linear_capture", None)
+        capture: LayerCapture | None = getattr(p, "layer_capture", None)
         grad_sample = getattr(p, "grad_sample", None)
         if capture is not None and capture.pairs:
             if capture.completed_passes != 1:
                 accumulated.append(index)
             else:
-                layer = factors.get(id(capture))
-                if layer is None:
-                    layer = factors[id(capture)] = _factors(capture)
-                part_class = LinearWeightPart if p is capture.layer.weight else LinearBiasPart
-                parts.append(part_class(p, offset, layer))
+                parts.append(_capture_part(p, offset, capture, cache))
         elif isinstance(grad_sample, Tensor):
             parts.append(MaterialisedPart(p, offset, grad_sample))
         elif isinstance(grad_sample, list):
