@@ -18,11 +18,13 @@ thread (robust to preemption on a shared machine, meaningful with one thread on 
 the ``nonprivate`` setup of the same model, batch size and run.  ``--runs 2`` repeats the whole
 measurement in the same process to show its stability.
 
-Peak memory is measured in a separate, untimed step per setup: on CUDA ``torch.cuda.max_memory_allocated``
-during the step minus the memory allocated before it; on CPU the peak of the running sum of the
-torch profiler's allocation events during the step (torch tensors only, relative to the start of the
-step, so parameters, data and state allocated earlier are not counted).  ``per_example_bytes`` is
-the size ``B * d * 4`` of the per-example gradient matrix that the fast path never forms.
+Memory is measured in separate, untimed steps after the timing: ``peak_memory_bytes`` on CUDA is
+``torch.cuda.max_memory_allocated`` during a step minus the memory allocated before it; on CPU the
+peak of the running sum of the torch profiler's allocation events during a step (torch tensors only,
+relative to the start of the step, so parameters, data and state allocated earlier are not counted;
+the maximum over three steps).  ``largest_tensor_bytes`` is the largest tensor any operation of a
+step returns (a ``TorchDispatchMode``; on either device).  ``per_example_bytes`` is the size
+``B * d * 4`` of the per-example gradient matrix that the fast path never forms.
 
 Outputs: a Markdown table, a JSON list of records and a figure (ratio to non-private per setup).
 """
@@ -45,6 +47,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip.engine import make_private
@@ -57,7 +60,7 @@ OUR_METHODS = ("fixed", "quantile", "auto", "adaclip")
 PATHS = ("fast", "materialise")
 BASELINES = ("opacus/hooks", "opacus/ghost")
 NOISE_MULTIPLIER = 1.0
-QUICK = {"models": ["logistic", "mlp", "cnn"], "batch_sizes": [64, 600], "repeats": 7, "warmup": 2, "runs": 2}
+QUICK = {"models": ["logistic", "mlp", "cnn"], "batch_sizes": [64, 600], "repeats": 6, "warmup": 1, "runs": 2}
 FULL = {"models": ["logistic", "mlp", "mlp1000", "cnn"], "batch_sizes": [64, 256, 600], "repeats": 15, "warmup": 3, "runs": 2}
 
 
@@ -85,6 +88,11 @@ def _step_with(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[
         optimizer.step()
 
     return step
+
+
+def per_example_bytes(model_name: str, batch_size: int) -> int:
+    """Size of the float32 per-example gradient matrix ``[B, d]``."""
+    return batch_size * sum(p.numel() for p in _model(model_name, 0).parameters()) * 4
 
 
 def build_setups(model_name: str, batch_size: int, methods: list[str], paths: list[str], baselines: list[str], device: str, seed: int = 0) -> list[Setup]:
@@ -133,13 +141,17 @@ def _synchronise(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_setups(setups: list[Setup], repeats: int, warmup: int, device: str, target_sample_s: float = 0.02) -> dict[int, tuple[float, float]]:
+def time_setups(
+    setups: list[Setup], repeats: int, warmup: int, device: str, target_sample_s: float = 0.02, slow_step_s: float = 0.1
+) -> dict[int, tuple[float, float]]:
     """Median wall-clock and CPU seconds per step of each setup, sampled round-robin.
 
     Each sample times a block of consecutive steps of one setup, sized from the warm-up so that a
-    sample lasts about ``target_sample_s`` (one step for slow setups).
+    sample lasts about ``target_sample_s`` (one step for slow setups).  Setups slower than
+    ``slow_step_s`` per step (the materialised paths of large models) get ``max(3, repeats // 3)``
+    samples, taken in the first rounds.
     """
-    blocks = {}
+    blocks, samples = {}, {}
     for index, setup in enumerate(setups):
         for _ in range(max(warmup, 1)):
             _synchronise(device)
@@ -148,10 +160,13 @@ def time_setups(setups: list[Setup], repeats: int, warmup: int, device: str, tar
             _synchronise(device)
             elapsed = time.perf_counter() - start
         blocks[index] = max(1, min(20, math.ceil(target_sample_s / max(elapsed, 1e-6))))
+        samples[index] = min(repeats, max(3, repeats // 3)) if elapsed > slow_step_s else repeats
     wall: dict[int, list[float]] = {i: [] for i in range(len(setups))}
     cpu: dict[int, list[float]] = {i: [] for i in range(len(setups))}
-    for _ in range(repeats):
+    for round_index in range(repeats):
         for index, setup in enumerate(setups):
+            if round_index >= samples[index]:
+                continue
             _synchronise(device)
             start_wall, start_cpu = time.perf_counter(), time.thread_time()
             for _ in range(blocks[index]):
@@ -162,40 +177,82 @@ def time_setups(setups: list[Setup], repeats: int, warmup: int, device: str, tar
     return {i: (statistics.median(wall[i]), statistics.median(cpu[i])) for i in wall}
 
 
-def peak_step_memory(setup: Setup, device: str) -> int:
-    """Peak bytes allocated by torch during one step, above what was allocated before it (see the module docstring)."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        setup.step()
-        torch.cuda.synchronize(device)
-        return int(torch.cuda.max_memory_allocated(device) - before)
-    from torch.profiler import ProfilerActivity, profile
+def peak_step_memory(setup: Setup, device: str, steps: int = 3) -> int:
+    """Peak bytes allocated by torch during a step, above what was allocated before it (max over ``steps`` steps).
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    On CPU the profiler's allocation events of one step are summed in time order (frees of blocks
+    allocated before the step are not reported by the profiler, so they cannot hide an allocation);
+    the maximum over a few steps guards against events the profiler occasionally drops.
+    """
+    peaks = []
+    for _ in range(steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            setup.step()
+            torch.cuda.synchronize(device)
+            peaks.append(int(torch.cuda.max_memory_allocated(device) - before))
+            continue
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            setup.step()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        peaks.append(peak)
+    return max(peaks)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the size in bytes of the largest tensor any operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel() * tensor.element_size())
+        return out
+
+
+def largest_step_tensor(setup: Setup) -> int:
+    """Bytes of the largest tensor created during one step (a ``[B, d]`` matrix shows up here)."""
+    with _LargestTensor() as tracker:
         setup.step()
-    allocations = sorted((event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events() if event.name() == "[memory]")
-    running = peak = 0
-    for _, nbytes in allocations:
-        running += nbytes
-        peak = max(peak, running)
-    return int(peak)
+    return tracker.largest
 
 
 def measure(
     models: list[str], batch_sizes: list[int], methods: list[str], paths: list[str], baselines: list[str],
-    repeats: int, warmup: int, runs: int, device: str, progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Records for every model, batch size, setup and run (see the module docstring)."""
-    records = []
+    repeats: int, warmup: int, runs: int, device: str, max_per_example_bytes: float = math.inf, progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records for every model, batch size, setup and run (see the module docstring), and the setups skipped.
+
+    Setups that materialise ``[B, d]`` (``materialise`` and ``opacus/hooks``) are skipped where that
+    matrix exceeds ``max_per_example_bytes``.
+    """
+    records, skipped = [], []
     for model_name in models:
         for batch_size in batch_sizes:
-            setups = build_setups(model_name, batch_size, methods, paths, baselines, device)
-            dim = sum(p.numel() for p in _model(model_name, 0).parameters())
-            memory = {i: peak_step_memory(setup, device) for i, setup in enumerate(setups)}
-            for run in range(1, runs + 1):
-                times = time_setups(setups, repeats, warmup if run == 1 else 1, device)
+            size = per_example_bytes(model_name, batch_size)
+            too_big = size > max_per_example_bytes
+            if too_big:
+                skipped.append(f"{MODEL_LABELS[model_name]}, B={batch_size}: materialise and opacus/hooks ([B, d] = {size / 2**30:.2f} GiB)")
+            setups = build_setups(
+                model_name, batch_size, methods, [p for p in paths if not (too_big and p == "materialise")],
+                [b for b in baselines if not (too_big and b == "opacus/hooks")], device,
+            )
+            timed = [time_setups(setups, repeats, warmup if run == 1 else 1, device) for run in range(1, runs + 1)]
+            memory = {i: peak_step_memory(setup, device) for i, setup in enumerate(setups)}  # warm: steady-state steps
+            largest = {i: largest_step_tensor(setup) for i, setup in enumerate(setups)}
+            for run, times in enumerate(timed, start=1):
                 base_wall, base_cpu = times[0]
                 for index, setup in enumerate(setups):
                     wall, cpu = times[index]
@@ -203,12 +260,12 @@ def measure(
                         "model": model_name, "batch_size": batch_size, "method": setup.method, "path": setup.path, "run": run,
                         "step_time_s": wall, "examples_per_s": batch_size / wall, "ratio_to_nonprivate": wall / base_wall,
                         "cpu_time_s": cpu, "cpu_ratio_to_nonprivate": cpu / base_cpu if base_cpu > 0 else float("nan"),
-                        "peak_memory_bytes": memory[index], "per_example_bytes": batch_size * dim * 4, "parameters": dim, "device": device,
+                        "peak_memory_bytes": memory[index], "largest_tensor_bytes": largest[index], "per_example_bytes": size, "parameters": size // (4 * batch_size), "device": device,
                     })
                 if progress:
                     summary = ", ".join(f"{s.method}/{s.path} {times[i][0] / base_wall:.2f}x" for i, s in enumerate(setups) if i)
                     print(f"[bench] {model_name} B={batch_size} run {run}: non-private {base_wall * 1e3:.2f} ms; {summary}", file=sys.stderr, flush=True)
-    return records
+    return records, skipped
 
 
 def _device_label(device: str) -> str:
@@ -217,14 +274,15 @@ def _device_label(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} thread(s)"
 
 
-def table(records: list[dict[str, Any]], header_note: str) -> str:
+def table(records: list[dict[str, Any]], header_note: str, skipped: list[str]) -> str:
     """Markdown: one row per model, batch size and setup, ratios of every run side by side."""
     runs = sorted({r["run"] for r in records})
     keyed: dict[tuple, dict[int, dict[str, Any]]] = {}
     for r in records:
         keyed.setdefault((r["model"], r["batch_size"], r["method"], r["path"]), {})[r["run"]] = r
     header = ["model", "B", "method", "path", "step (ms)", "examples/s"]
-    header += [f"x non-private (run {run})" for run in runs] + [f"x CPU time (run {run})" for run in runs] + ["peak memory (MiB)", "[B, d] (MiB)"]
+    header += [f"x non-private (run {run})" for run in runs] + [f"x CPU time (run {run})" for run in runs]
+    header += ["peak memory (MiB)", "largest tensor (MiB)", "[B, d] (MiB)"]
     rows = []
     for (model, batch, method, path), by_run in keyed.items():
         last = by_run[runs[-1]]
@@ -232,9 +290,12 @@ def table(records: list[dict[str, Any]], header_note: str) -> str:
             [MODEL_LABELS.get(model, model), batch, method, path, round(last["step_time_s"] * 1e3, 3), round(last["examples_per_s"])]
             + [f"{by_run[run]['ratio_to_nonprivate']:.2f}" for run in runs]
             + [f"{by_run[run]['cpu_ratio_to_nonprivate']:.2f}" for run in runs]
-            + [f"{last['peak_memory_bytes'] / 2**20:.2f}", f"{last['per_example_bytes'] / 2**20:.1f}"]
+            + [f"{last[key] / 2**20:.2f}" for key in ("peak_memory_bytes", "largest_tensor_bytes", "per_example_bytes")]
         )
-    return header_note + "\n\n" + markdown_table(header, rows)
+    text = header_note + "\n\n" + markdown_table(header, rows)
+    if skipped:
+        text += "\nNot run (the per-example matrix exceeds --max-per-example-gib): " + "; ".join(skipped) + ".\n"
+    return text
 
 
 def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
@@ -279,6 +340,7 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--runs", type=int, help=f"whole measurements in this process (default {FULL['runs']})")
     cli.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable timings on a shared machine)")
     cli.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    cli.add_argument("--max-per-example-gib", type=float, default=1.0, help="skip setups that materialise a larger [B, d] matrix (default 1)")
     cli.add_argument("--table", type=Path, default=Path("reports/tables/bench.md"))
     cli.add_argument("--json", type=Path, default=Path("reports/metrics/bench.json"))
     cli.add_argument("--figure", type=Path, default=Path("reports/figures/bench"), help="stem: writes .png and .svg")
@@ -300,20 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus's and torch's hook warnings, once per setup
-        records = measure(options["models"], options["batch_sizes"], args.methods, args.paths, args.baselines,
-                          options["repeats"], options["warmup"], options["runs"], args.device, progress=not args.quiet)
+        records, skipped = measure(
+            options["models"], options["batch_sizes"], args.methods, args.paths, args.baselines, options["repeats"], options["warmup"],
+            options["runs"], args.device, max_per_example_bytes=args.max_per_example_gib * 2**30, progress=not args.quiet,
+        )
     device = _device_label(args.device)
     note = (
         f"Step time relative to non-private training, same process ({device}; torch {torch.__version__}; "
         f"sigma = {NOISE_MULTIPLIER}, timing only, no privacy claim). Median of {options['repeats']} round-robin samples per run; "
-        f"'x CPU time' uses this thread's CPU time. Peak memory: torch allocations during one step "
+        f"'x CPU time' uses this thread's CPU time. Peak memory: torch allocations during a step above those before it "
         f"({'CUDA max_memory_allocated' if args.device.startswith('cuda') else 'profiler allocation events'}); "
-        f"[B, d]: size of the per-example gradient matrix (float32)."
+        f"largest tensor: the largest tensor any operation of a step returns; [B, d]: size of the per-example gradient matrix (float32)."
     )
     for record in records:
         record["device_name"] = device
     write_text_atomic(args.json, json.dumps(records, indent=1) + "\n")
-    write_text_atomic(args.table, table(records, note))
+    write_text_atomic(args.table, table(records, note, skipped))
     figure(records, args.figure, f"Private step time / non-private step time ({device})")
     return 0
 

@@ -32,7 +32,8 @@ def test_tiny_benchmark_writes_table_json_and_figure(bench, tmp_path):
     assert {(r["model"], r["method"], r["path"], r["run"]) for r in records} == {
         (model, method, path, run) for model in ("logistic", "cnn") for method, path in setups for run in (1, 2)
     }
-    required = {"model", "batch_size", "method", "path", "step_time_s", "examples_per_s", "ratio_to_nonprivate", "peak_memory_bytes", "device"}
+    required = {"model", "batch_size", "method", "path", "step_time_s", "examples_per_s", "ratio_to_nonprivate", "peak_memory_bytes", "device",
+                "largest_tensor_bytes", "cpu_time_s", "cpu_ratio_to_nonprivate"}
     for r in records:
         assert required <= set(r) and r["batch_size"] == 8 and r["device"] == "cpu"
         assert r["step_time_s"] > 0 and r["examples_per_s"] == pytest.approx(8 / r["step_time_s"])
@@ -52,10 +53,13 @@ def test_fast_path_peak_memory_stays_below_the_per_example_matrix(bench):
     for setup in setups:
         setup.step()  # first step allocates optimizer and rule state
     peaks = {(s.method, s.path): bench.peak_step_memory(s, "cpu") for s in setups}
-    per_example_bytes = 64 * (784 * 100 + 100 + 100 * 10 + 10) * 4
+    largest = {(s.method, s.path): bench.largest_step_tensor(s) for s in setups}
+    dim = 784 * 100 + 100 + 100 * 10 + 10
+    per_example_bytes = 64 * dim * 4
     for method in ("fixed", "adaclip"):
-        assert peaks[(method, "materialise")] >= per_example_bytes
+        assert peaks[(method, "materialise")] >= per_example_bytes and largest[(method, "materialise")] >= per_example_bytes
         assert peaks[(method, "fast")] < per_example_bytes / 4
+        assert largest[(method, "fast")] <= dim * 4  # parameter-sized (the flat gradient and noise) at most
 
 
 def test_bad_options_are_named(bench, tmp_path):
