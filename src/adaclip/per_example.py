@@ -189,13 +189,14 @@ class LinearWeightPart(Part):
         if x.shape[1] >= delta.shape[1]:
             quadratic = torch.mm(inv_scale_sq, x.square().t())  # [out, n]: (1/S^2) x_i^2
             linear = torch.mm(shift_inv_scale_sq, x.t())  # [out, n]: (A/S^2) x_i
-            other = delta.t()
+            other = delta.t().contiguous()
         else:
             quadratic = torch.mm(inv_scale_sq.t(), delta.square().t())  # [in, n]: (1/S^2)^T delta_i^2
             linear = torch.mm(shift_inv_scale_sq.t(), delta.t())  # [in, n]: (A/S^2)^T delta_i
-            other = x.t()
-        # sum_k other_k^2 quadratic_k - 2 other_k linear_k = sum_k (other_k quadratic_k - 2 linear_k) other_k
-        return quadratic.mul_(other).sub_(linear, alpha=2.0).mul_(other).sum(0).add_(constant).clamp_min_(0)
+            other = x.t().contiguous()
+        # sum_k other_k^2 quadratic_k - 2 other_k linear_k = -2 sum_k (linear_k - quadratic_k other_k / 2) other_k
+        cross = torch.addcmul(linear, quadratic, other, value=-0.5).mul_(other).sum(0)
+        return cross.mul_(-2.0).add_(constant).clamp_min_(0)
 
     def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
         scaled, x = self.factors.scaled_delta(weights), self.factors.x
