@@ -23,9 +23,11 @@ Norms of a linear weight (one position, ``g_i = delta_i x_i^T``):
 
       ||(g_i - A) / S||^2 = (delta_i^2)^T (1/S^2) (x_i^2) - 2 delta_i^T (A/S^2) x_i + sum_oj A_oj^2 / S_oj^2,
 
-  two products of the size of the forward pass (computed on the side with fewer features).  In
-  floating point the three terms can cancel, so the sum is clamped at 0.  For ``P > 1`` the
-  transformed norm has no cheap form and the layer's ``g_i`` are materialised.
+  two products of the size of the forward pass (contracting over the wider side).  In floating
+  point the three terms can cancel: the sum is clamped at 0, and where the estimated rounding error
+  (:func:`_needs_float64`) exceeds ``NORM_ERROR_TOLERANCE`` against the clipping threshold the layer
+  is recomputed in float64, so clipping, and with it the sensitivity, stays exact to about 0.05 %.
+  For ``P > 1`` the transformed norm has no cheap form and the layer's ``g_i`` are materialised.
 
 Weighted sum of a linear weight: ``sum_i c_i g_i = sum_ip (c_i delta_ip) x_ip^T``, one product.
 """
@@ -171,32 +173,35 @@ class LinearWeightPart(Part):
         positions, fan_in = factors.x.shape[1:]
         fan_out = factors.delta.shape[2]
         if positions * (fan_in + fan_out) <= fan_in * fan_out:
-            gram_x = torch.bmm(factors.x, factors.x.transpose(1, 2))
-            gram_delta = torch.bmm(factors.delta, factors.delta.transpose(1, 2))
-            return (gram_x * gram_delta).sum((1, 2)).clamp_min_(0)
+            value, magnitude = _gram_norms(factors.x, factors.delta)
+            if _needs_float64(value, magnitude, positions * positions * (fan_in + fan_out), floor=torch.finfo(value.dtype).tiny):
+                value = _gram_norms(factors.x.double(), factors.delta.double())[0].to(value.dtype)
+            return value.clamp_min_(0)
         return self._as_materialised().squared_norms()
 
     def transformed_squared_norms(self, transform: Transform) -> Tensor:
         if not self.factors.single:
             return self._as_materialised().transformed_squared_norms(transform)
-        x, delta = self.factors.x, self.factors.delta
         shape = self.param.shape
-        inv_scale_sq = transform.inv_scale_sq[self.span].view(shape)  # [out, in]
-        shift_inv_scale_sq = transform.shift_inv_scale_sq[self.span].view(shape)
-        constant = torch.dot(transform.shift[self.span], transform.shift_inv_scale_sq[self.span])
-        # Contract over the wider side; results are laid out [features of the other side, n], the
-        # orientation in which BLAS handles a narrow layer fastest.
-        if x.shape[1] >= delta.shape[1]:
-            quadratic = torch.mm(inv_scale_sq, x.square().t())  # [out, n]: (1/S^2) x_i^2
-            linear = torch.mm(shift_inv_scale_sq, x.t())  # [out, n]: (A/S^2) x_i
-            other = delta.t().contiguous()
-        else:
-            quadratic = torch.mm(inv_scale_sq.t(), delta.square().t())  # [in, n]: (1/S^2)^T delta_i^2
-            linear = torch.mm(shift_inv_scale_sq.t(), delta.t())  # [in, n]: (A/S^2)^T delta_i
-            other = x.t().contiguous()
-        # sum_k other_k^2 quadratic_k - 2 other_k linear_k = -2 sum_k (linear_k - quadratic_k other_k / 2) other_k
-        cross = torch.addcmul(linear, quadratic, other, value=-0.5).mul_(other).sum(0)
-        return cross.mul_(-2.0).add_(constant).clamp_min_(0)
+        operands = (
+            self.factors.x,
+            self.factors.delta,
+            transform.inv_scale_sq[self.span].view(shape),  # [out, in]: 1/S^2
+            transform.shift_inv_scale_sq[self.span].view(shape),  # [out, in]: A/S^2
+            torch.dot(transform.shift[self.span], transform.shift_inv_scale_sq[self.span]),  # sum A^2/S^2
+        )
+        value, magnitude = _transformed_linear_norms(*operands)
+        if _needs_float64(value, magnitude, self.param.numel(), floor=1.0):
+            exact = Transform.of(transform.shift[self.span].double(), transform.scale[self.span].double())
+            operands = (
+                self.factors.x.double(),
+                self.factors.delta.double(),
+                exact.inv_scale_sq.view(shape),
+                exact.shift_inv_scale_sq.view(shape),
+                torch.dot(exact.shift, exact.shift_inv_scale_sq),
+            )
+            value = _transformed_linear_norms(*operands)[0].to(value.dtype)
+        return value.clamp_min_(0)
 
     def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
         scaled, x = self.factors.scaled_delta(weights), self.factors.x
@@ -209,6 +214,55 @@ class LinearWeightPart(Part):
         x, delta = self.factors.x, self.factors.delta
         grads = torch.einsum("no,ni->noi", delta, x) if self.factors.single else torch.einsum("npo,npi->noi", delta, x)
         return grads.reshape(self.num_examples, self.param.numel())
+
+
+def _gram_norms(x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """``||sum_p delta_ip x_ip^T||^2 = sum_pq (x_ip . x_iq)(delta_ip . delta_iq)`` and the size of its terms."""
+    products = torch.bmm(x, x.transpose(1, 2)).mul_(torch.bmm(delta, delta.transpose(1, 2)))
+    return products.sum((1, 2)), products.abs_().sum((1, 2))
+
+
+def _transformed_linear_norms(x: Tensor, delta: Tensor, inv_scale_sq: Tensor, shift_inv_scale_sq: Tensor, constant: Tensor) -> tuple[Tensor, Tensor]:
+    """``||(delta_i x_i^T - A) / S||^2`` by the three-term expansion, and the size of its terms.
+
+    Returns the (unclamped) values and ``sum_oj (delta_io x_ij)^2 / S_oj^2 + sum_oj A_oj^2 / S_oj^2``,
+    which bounds each term (the cross term by Cauchy-Schwarz) and so the rounding error.
+    """
+    # Contract over the wider side; results are laid out [features of the other side, n], the
+    # orientation in which BLAS handles a narrow layer fastest.
+    if x.shape[1] >= delta.shape[1]:
+        quadratic = torch.mm(inv_scale_sq, x.square().t())  # [out, n]: (1/S^2) x_i^2
+        linear = torch.mm(shift_inv_scale_sq, x.t())  # [out, n]: (A/S^2) x_i
+        other = delta.t().contiguous()
+    else:
+        quadratic = torch.mm(inv_scale_sq.t(), delta.square().t())  # [in, n]: (1/S^2)^T delta_i^2
+        linear = torch.mm(shift_inv_scale_sq.t(), delta.t())  # [in, n]: (A/S^2)^T delta_i
+        other = x.t().contiguous()
+    quadratic_term = quadratic.mul_(other).mul_(other).sum(0)  # sum_k other_k^2 quadratic_k
+    cross_term = linear.mul_(other).sum(0)  # sum_k other_k linear_k
+    return quadratic_term - 2 * cross_term + constant, quadratic_term.add_(constant)
+
+
+# Rounding error allowed in a squared norm compared with the clipping threshold 1 of a transformed
+# norm (0.05 % in the norm): beyond it the part is recomputed in float64.
+NORM_ERROR_TOLERANCE = 1e-3
+
+
+def _needs_float64(value: Tensor, magnitude: Tensor, terms: int, floor: float) -> bool:
+    """Whether cancellation may have cost more than ``NORM_ERROR_TOLERANCE`` relative to ``max(value, floor)``.
+
+    ``floor`` is the clipping threshold when it is known (1 for a transformed norm); plain norms,
+    whose threshold the part does not know, use a relative test (``floor`` tiny).
+
+    The rounding error of a sum of ``terms`` products whose sizes add up to ``magnitude`` is
+    typically ``sqrt(terms) * eps * magnitude`` (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2002, §2.8: the rule of thumb for random rounding errors); that estimate is compared
+    with the tolerance.
+    """
+    if value.dtype == torch.float64 or value.numel() == 0:
+        return False
+    estimate = terms**0.5 * torch.finfo(value.dtype).eps * magnitude
+    return bool((estimate > NORM_ERROR_TOLERANCE * value.abs().clamp_min(floor)).any())
 
 
 class LinearBiasPart(MaterialisedPart):
