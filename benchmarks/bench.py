@@ -61,7 +61,7 @@ PATHS = ("fast", "materialise")
 BASELINES = ("opacus/hooks", "opacus/ghost")
 NOISE_MULTIPLIER = 1.0
 QUICK = {"models": ["logistic", "mlp", "cnn"], "batch_sizes": [64, 600], "repeats": 6, "warmup": 1, "runs": 2}
-FULL = {"models": ["logistic", "mlp", "mlp1000", "cnn"], "batch_sizes": [64, 256, 600], "repeats": 15, "warmup": 3, "runs": 2}
+FULL = {"models": ["logistic", "mlp", "mlp1000", "cnn"], "batch_sizes": [64, 256, 600], "repeats": 21, "warmup": 3, "runs": 2}
 
 
 @dataclass
