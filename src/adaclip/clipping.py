@@ -19,6 +19,21 @@ Common rules (DESIGN.md §2), which every class here obeys:
 ``stats`` always holds ``clipped_fraction`` (share of the batch whose vector was shrunk; 0 for an
 empty batch), ``noise_power`` (``E||noise||^2`` of the returned mean gradient), ``batch_size``
 (the realised ``n``) and, for rules with a scalar bound, ``clip_norm``.
+
+**Norm interface (the fast path).**  Every rule here scales each example's vector by one number
+``c_i`` that depends only on a norm of the example (for AdaCliP: of its transformed vector), so
+the rule needs the per-example norms and the weighted sum ``sum_i c_i g_i``, never the ``[n, d]``
+matrix.  :mod:`adaclip.per_example` computes both from layer inputs and output gradients; a rule
+opts in by overriding :meth:`ClipRule.example_weights` (see :func:`supports_norm_path`)::
+
+    shift_scale = rule.norm_transform(state)             # None, or (a, b) for ||(g_i - a) / b||
+    weights     = rule.example_weights(norms, state)     # c_i, shape [n]
+    noisy_mean, new_state, stats = rule.finish_step(weighted_sum, weights, norms, state, noise)
+
+``finish_step`` returns what ``step`` returns on the materialised gradients with the same noise
+(up to float rounding).  The default ``finish_step`` serves stateless rules whose weighted vectors
+have norm at most ``weight_bound(state)`` (``clip_norm`` unless overridden).  A rule without
+``example_weights`` (e.g. one with a full-matrix transform) always gets the materialised path.
 """
 
 from __future__ import annotations
@@ -83,6 +98,60 @@ class ClipRule(ABC):
     def step(self, per_example_grads: Tensor, state: Any, noise: Tensor) -> tuple[Tensor, Any, Stats]:
         """One private aggregation step; pure (inputs are not modified)."""
 
+    # --- norm interface (optional; see the module docstring) ------------------------------------
+
+    def norm_transform(self, state: Any) -> tuple[Tensor, Tensor] | None:
+        """``(a, b)`` if :meth:`example_weights` wants the norms ``||(g_i - a) / b||``; ``None`` for ``||g_i||``."""
+        return None
+
+    def example_weights(self, norms: Tensor, state: Any) -> Tensor:
+        """The per-example weights ``c_i`` (shape ``[n]``) that this rule applies to ``g_i``, from the norms.
+
+        Overriding this enables the fast path for the rule (:func:`supports_norm_path`).
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no norm interface; use step() on per-example gradients")
+
+    def weight_bound(self, state: Any) -> float:
+        """The largest norm of any weighted vector ``c_i g_i`` (the sensitivity of their sum); default ``clip_norm``."""
+        bound = getattr(self, "clip_norm", None)
+        if bound is None:
+            raise NotImplementedError(f"{type(self).__name__} has no clip_norm: override weight_bound(state) to give its sensitivity")
+        return float(bound)
+
+    def finish_step(
+        self, weighted_sum: Tensor, weights: Tensor, norms: Tensor, state: Any, noise: Tensor
+    ) -> tuple[Tensor, Any, Stats]:
+        """Noise and normalise ``weighted_sum = sum_i c_i g_i``: ``(sum_i c_i g_i + N(0, sigma^2 s^2 I)) / B``.
+
+        ``s = weight_bound(state)``; for stateless rules with a scalar bound (DP-SGD, AUTO-S and
+        any rule that only rescales each ``g_i`` by a function of ``||g_i||``).  ``clipped_fraction``
+        is the share of examples with ``c_i < 1``.
+        """
+        dim = self._check_finish_inputs(weighted_sum, weights, norms, noise)
+        noise_std = self.noise_multiplier * self.weight_bound(state)
+        noisy_mean = torch.add(weighted_sum, noise, alpha=noise_std).div_(self.expected_batch_size)
+        stats = {
+            "clipped_fraction": float((weights < 1).sum()) / weights.numel() if weights.numel() else 0.0,
+            "noise_power": dim * (noise_std / self.expected_batch_size) ** 2,
+            "batch_size": float(weights.shape[0]),
+        }
+        if hasattr(self, "clip_norm"):
+            stats["clip_norm"] = float(self.clip_norm)
+        return noisy_mean, state, stats
+
+    def _check_finish_inputs(self, weighted_sum: Tensor, weights: Tensor, norms: Tensor, noise: Tensor) -> int:
+        if not isinstance(weighted_sum, Tensor) or weighted_sum.dim() != 1:
+            raise ValueError(f"weighted_sum must be a 1-D tensor [n_params], got {getattr(weighted_sum, 'shape', type(weighted_sum))}")
+        if weights.dim() != 1 or norms.shape != weights.shape:
+            raise ValueError(f"weights and norms must be 1-D tensors [n_examples] of one shape, got {weights.shape} and {norms.shape}")
+        dim = weighted_sum.shape[0]
+        if not isinstance(noise, Tensor) or noise.shape != (self.noise_size(dim),):
+            raise ValueError(
+                f"noise must be a 1-D tensor of {self.noise_size(dim)} standard-normal draws "
+                f"(noise_size({dim})); got {getattr(noise, 'shape', type(noise))}"
+            )
+        return dim
+
     def _check_step_inputs(self, per_example_grads: Tensor, noise: Tensor) -> int:
         if not isinstance(per_example_grads, Tensor) or per_example_grads.dim() != 2:
             raise ValueError(
@@ -97,6 +166,23 @@ class ClipRule(ABC):
                 f"(noise_size({dim})); got {getattr(noise, 'shape', type(noise))}"
             )
         return dim
+
+
+def supports_norm_path(rule: ClipRule) -> bool:
+    """Whether ``rule`` implements the norm interface (it overrides :meth:`ClipRule.example_weights`)."""
+    return type(rule).example_weights is not ClipRule.example_weights
+
+
+def clip_factors(norms: Tensor, bound: float = 1.0) -> Tensor:
+    """``min(1, bound / ||x||)`` per row, the factors :func:`clip_rows` applies (a zero norm gives 1).
+
+    ``bound / t`` is ``t.reciprocal() * bound`` in torch, so the values are identical; a zero norm
+    gives ``inf`` before the clamp instead of ``bound / tiny``, both clamped to 1.
+    """
+    factors = norms.reciprocal()
+    if bound != 1.0:
+        factors.mul_(bound)
+    return factors.clamp_(max=1.0)
 
 
 def _check_dim(dim: int) -> int:
@@ -133,6 +219,10 @@ class FixedClip(ClipRule):
         }
         return noisy_mean, state, stats
 
+    def example_weights(self, norms: Tensor, state: None) -> Tensor:
+        """``min(1, C / ||g_i||)``."""
+        return clip_factors(norms, self.clip_norm)
+
 
 class AutoClip(ClipRule):
     """Automatic clipping AUTO-S (Bu et al. 2023, eq. 4): ``g_i <- g_i / (||g_i|| + r)``.
@@ -158,6 +248,14 @@ class AutoClip(ClipRule):
             "batch_size": float(per_example_grads.shape[0]),
         }
         return noisy_mean, state, stats
+
+    def example_weights(self, norms: Tensor, state: None) -> Tensor:
+        """``1 / (||g_i|| + r)``."""
+        return 1.0 / (norms + self.r)
+
+    def weight_bound(self, state: None) -> float:
+        """Every normalised vector has norm below 1."""
+        return 1.0
 
 
 @dataclass(frozen=True)
@@ -244,6 +342,32 @@ class QuantileClip(ClipRule):
             "clip_norm": clip_norm,
             "unclipped_estimate": unclipped_estimate,
             "batch_size": float(per_example_grads.shape[0]),
+        }
+        return noisy_mean, QuantileClipState(clip_norm=next_clip), stats
+
+    def example_weights(self, norms: Tensor, state: QuantileClipState) -> Tensor:
+        """``min(1, C_t / ||g_i||)``."""
+        return clip_factors(norms, state.clip_norm)
+
+    def finish_step(
+        self, weighted_sum: Tensor, weights: Tensor, norms: Tensor, state: QuantileClipState, noise: Tensor
+    ) -> tuple[Tensor, QuantileClipState, Stats]:
+        """:meth:`step` from ``sum_i min(1, C_t / ||g_i||) g_i`` and the norms (the bits need only ``||g_i||``)."""
+        dim = self._check_finish_inputs(weighted_sum, weights, norms, noise)
+        clip_norm = state.clip_norm
+        grad_noise_std = self.grad_noise_multiplier * clip_norm
+        noisy_mean = torch.add(weighted_sum, noise[:dim], alpha=grad_noise_std).div_(self.expected_batch_size)
+
+        centred_bits = (norms <= clip_norm).to(noise.dtype) - 0.5
+        noisy_count = centred_bits.sum() + self.count_noise_std * noise[dim]
+        unclipped_estimate = float(noisy_count) / self.expected_batch_size + 0.5
+        next_clip = clip_norm * math.exp(-self.clip_lr * (unclipped_estimate - self.target_quantile))
+        stats = {
+            "clipped_fraction": _clipped_fraction(norms, clip_norm),
+            "noise_power": dim * (grad_noise_std / self.expected_batch_size) ** 2,
+            "clip_norm": clip_norm,
+            "unclipped_estimate": unclipped_estimate,
+            "batch_size": float(norms.shape[0]),
         }
         return noisy_mean, QuantileClipState(clip_norm=next_clip), stats
 
@@ -402,6 +526,63 @@ class AdaCliP(ClipRule):
         }
         return released, new_state, stats
 
+    def norm_transform(self, state: AdaClipState) -> tuple[Tensor, Tensor]:
+        """Clipping happens on ``(g_i - a_t) / b_t``: the norms must be ``||(g_i - a_t) / b_t||``."""
+        return state.mean, state.scale
+
+    def example_weights(self, norms: Tensor, state: AdaClipState) -> Tensor:
+        """``m_i = min(1, 1 / ||(g_i - a_t) / b_t||)``."""
+        return clip_factors(norms, 1.0)
+
+    def finish_step(
+        self, weighted_sum: Tensor, weights: Tensor, norms: Tensor, state: AdaClipState, noise: Tensor
+    ) -> tuple[Tensor, AdaClipState, Stats]:
+        """:meth:`step` from ``S = sum_i m_i g_i``, ``m_i = min(1, 1 / ||(g_i - a) / b||)``.
+
+        The clipped transformed vectors are ``w_i = m_i (g_i - a) / b``, so their sum maps back as
+        ``sum_i w_i = (sum_i m_i g_i - a sum_i m_i) / b = (S - a sum_i m_i) / b``: the ``[n, d]``
+        matrix of ``w_i`` is never needed, only ``S`` (one reweighted product per layer) and the
+        scalar ``sum_i m_i``.  The released gradient is then
+
+            g~ = b ((S - a sum_i m_i) / b + sigma z) / B + a = (S + (B - sum_i m_i) a + sigma b z) / B,
+
+        and the state update is :meth:`step`'s, written with fused in-place operations (the same
+        values up to float rounding; fewer passes over ``d``).
+        """
+        dim = self._check_finish_inputs(weighted_sum, weights, norms, noise)
+        if state.scale.shape != (dim,):
+            raise ValueError(f"state was made for {state.scale.shape[0]} parameters, but the gradients have {dim}")
+        a, b, B = state.mean, state.scale, self.expected_batch_size
+        released = torch.add(weighted_sum, a, alpha=B - float(weights.sum()))  # S + (B - sum_i m_i) a
+        released.addcmul_(b, noise, value=self.noise_multiplier).div_(B)
+
+        # r_t = (g~ - a)^2 - b^2 sigma^2 / B^2, times B for the per-example variance
+        factor = B if self.variance_target == "per_example" else 1.0
+        second_moment = (released - a).square_().mul_(factor)
+        second_moment.addcmul_(b, b, value=-factor * (self.noise_multiplier / B) ** 2)
+        # beta2 v + (1 - beta2) r  ==  lerp(r, v, beta2)
+        if self.clamp == "before_average":
+            variance = torch.lerp(second_moment.clamp_(self.h1, self.h2), state.variance, self.beta2)
+        else:
+            variance = torch.lerp(second_moment, state.variance, self.beta2).clamp_(self.h1, self.h2)
+        # b = kappa sqrt(sd) sqrt(sum sd), sd = sqrt(v)  (optimal_scale)
+        std = variance.sqrt()
+        total = std.sum()
+        new_state = AdaClipState(
+            mean=torch.lerp(released, a, self.beta1),
+            variance=variance,
+            scale=std.sqrt_().mul_(total.sqrt_().mul_(self.kappa)),
+        )
+        low, high = torch.aminmax(b)
+        stats = {
+            "clipped_fraction": float((norms > 1.0).sum()) / norms.numel() if norms.numel() else 0.0,
+            "noise_power": float(torch.dot(b, b)) * (self.noise_multiplier / B) ** 2,
+            "scale_mean": float(b.sum()) / dim,
+            "scale_min": float(low),
+            "scale_max": float(high),
+            "batch_size": float(norms.shape[0]),
+        }
+        return released, new_state, stats
 
 def psac_weights(norms: Tensor, clip_norm: float, r: float) -> Tensor:
     """DP-PSAC's per-example weight ``C / (||g|| + r / (||g|| + r))`` (Xia et al. 2023)."""
@@ -447,3 +628,7 @@ class PerSampleAdaptiveClip(ClipRule):
             "batch_size": float(per_example_grads.shape[0]),
         }
         return noisy_mean, state, stats
+
+    def example_weights(self, norms: Tensor, state: None) -> Tensor:
+        """``C / (||g_i|| + r / (||g_i|| + r))`` (:func:`psac_weights`); the sum's sensitivity is ``C``."""
+        return psac_weights(norms, self.clip_norm, self.r)

@@ -12,12 +12,14 @@ from opacus.data_loader import DPDataLoader
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.optim import Optimizer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from adaclip.accounting import ACCOUNTANTS, Accountant, noise_multiplier_for
-from adaclip.clipping import AdaCliP, AutoClip, ClipRule, FixedClip, PerSampleAdaptiveClip, QuantileClip
+from adaclip.clipping import AdaCliP, AutoClip, ClipRule, FixedClip, PerSampleAdaptiveClip, QuantileClip, supports_norm_path
+from adaclip.fastpath import BookkeepingGradSampleModule
 from adaclip.geoclip import GeoClip
-from adaclip.optimizer import AdaptiveClipDPOptimizer
+from adaclip.optimizer import PER_EXAMPLE_PATHS, AdaptiveClipDPOptimizer, PerExample
+from adaclip.sampling import TensorPoissonLoader
 
 METHODS: dict[str, type[ClipRule]] = {"adaclip": AdaCliP, "quantile": QuantileClip, "fixed": FixedClip, "auto": AutoClip, "geoclip": GeoClip, "psac": PerSampleAdaptiveClip}
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {"fixed": {"clip_norm": 1.0}}
@@ -76,15 +78,25 @@ def make_private(
     accountant: Accountant = "prv",
     seed: int | None = None,
     loss_reduction: str = "mean",
+    per_example: PerExample = "fast",
     **method_params: object,
-) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, DPDataLoader]:
+) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, DPDataLoader | TensorPoissonLoader]:
     """Make training private with clipping rule ``method``, like ``opacus.PrivacyEngine.make_private``.
 
     Returns a ``GradSampleModule``, an :class:`AdaptiveClipDPOptimizer` and a Poisson-sampling
-    ``DPDataLoader`` with rate ``q = batch_size / len(dataset)``; one epoch is ``int(1 / q)`` steps.
+    loader with rate ``q = batch_size / len(dataset)``; one epoch is ``int(1 / q)`` steps.
     Give either ``noise_multiplier`` or ``target_epsilon`` (then ``epochs`` too; sigma is calibrated
     with ``accountant`` for ``epochs * int(1 / q)`` steps).  ``seed`` fixes the sampling and the noise.
     ``method_params`` go to the rule (e.g. ``initial_clip=0.5`` for AdaCliP, ``clip_norm=1.0`` for fixed).
+
+    ``per_example="fast"`` (default) wraps the module in a
+    :class:`~adaclip.fastpath.BookkeepingGradSampleModule` when the rule has the norm interface:
+    ``nn.Linear`` layers never form per-example gradients and the optimizer works from norms and
+    weighted sums; other layers materialise theirs one layer at a time.  ``"materialise"`` (and any
+    rule without the norm interface) uses Opacus's ``GradSampleModule`` and the ``[n, d]`` matrix.
+    Both give the same result up to float rounding.  A module that is already a ``GradSampleModule``
+    is used as it is.  A ``TensorDataset`` with the default collate is sampled in memory
+    (:class:`~adaclip.sampling.TensorPoissonLoader`); any other dataset by Opacus's ``DPDataLoader``.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -96,6 +108,8 @@ def make_private(
         raise ValueError("optimizer holds parameters that are not the module's: build the optimizer over module.parameters()")
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if per_example not in PER_EXAMPLE_PATHS:
+        raise ValueError(f"per_example must be one of {PER_EXAMPLE_PATHS}, got {per_example!r}")
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if not (isinstance(delta, (int, float)) and 0 < delta < 1):
@@ -123,21 +137,28 @@ def make_private(
     rule = build_rule(method, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **method_params)
     if not isinstance(module, GradSampleModule):
         _check_module(module)
-        module = GradSampleModule(module, loss_reduction=loss_reduction)
+        if per_example == "fast" and supports_norm_path(rule):
+            module = BookkeepingGradSampleModule(module, loss_reduction=loss_reduction)
+        else:
+            module = GradSampleModule(module, loss_reduction=loss_reduction)
 
     sampling_seed, noise_seed = _seeds(seed)
     sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
     device = next(module.parameters()).device
     noise_generator = None if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
 
-    private_loader = DPDataLoader(
-        data_loader.dataset,
-        sample_rate=sample_rate,
-        collate_fn=data_loader.collate_fn,
-        generator=sampling_generator,
-        num_workers=data_loader.num_workers,
-        pin_memory=data_loader.pin_memory,
-    )
+    private_loader: DPDataLoader | TensorPoissonLoader
+    if isinstance(data_loader.dataset, TensorDataset) and data_loader.collate_fn is default_collate:
+        private_loader = TensorPoissonLoader(data_loader.dataset, sample_rate, generator=sampling_generator)
+    else:
+        private_loader = DPDataLoader(
+            data_loader.dataset,
+            sample_rate=sample_rate,
+            collate_fn=data_loader.collate_fn,
+            generator=sampling_generator,
+            num_workers=data_loader.num_workers,
+            pin_memory=data_loader.pin_memory,
+        )
     private_optimizer = AdaptiveClipDPOptimizer(
         optimizer,
         rule=rule,
@@ -146,5 +167,6 @@ def make_private(
         delta=delta,
         generator=noise_generator,
         loss_reduction=loss_reduction,
+        per_example=per_example,
     )
     return module, private_optimizer, private_loader

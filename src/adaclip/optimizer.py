@@ -1,23 +1,36 @@
 """An Opacus ``DPOptimizer`` whose clipping and noise come from a :mod:`adaclip.clipping` rule.
 
-Opacus computes per-example gradients (``GradSampleModule``) and draws Poisson batches
-(``DPDataLoader``); at each ``step`` this optimizer flattens the per-example gradients of all
-parameters into one ``[n, d]`` matrix, hands it to the rule with fresh standard-normal noise from
-its seeded generator, writes the released noisy mean gradient into ``p.grad`` and lets the wrapped
-optimizer update the parameters.  It counts the steps it has taken and reports the accountant's
-epsilon for them.
+The module (an Opacus ``GradSampleModule``, or :class:`adaclip.fastpath.BookkeepingGradSampleModule`)
+leaves per-example gradient information on the parameters after backward: ``p.grad_sample``, or,
+for book-keeping linear layers, the layer's inputs and output gradients.  At each ``step`` this
+optimizer draws the step's standard-normal noise in one call from its seeded generator and either
+
+* ``per_example="fast"`` (default), for rules with the norm interface
+  (:func:`adaclip.clipping.supports_norm_path`): computes the per-example (transformed) norms and
+  the rule's weighted sum ``sum_i c_i g_i`` part by part (:mod:`adaclip.per_example`), never the
+  ``[n, d]`` matrix, and lets the rule finish the step; or
+* ``per_example="materialise"`` (and for every rule without the norm interface): flattens the
+  per-example gradients into one ``[n, d]`` matrix and hands it to ``rule.step``.
+
+Both give the same result up to float rounding.  It writes the released noisy mean gradient into
+``p.grad`` and lets the wrapped optimizer update the parameters; it counts the steps it has taken
+and reports the accountant's epsilon for them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from opacus.optimizers import DPOptimizer
 from torch.optim import Optimizer
 
 from adaclip.accounting import Accountant, epsilon
-from adaclip.clipping import ClipRule, Stats
+from adaclip.clipping import ClipRule, Stats, supports_norm_path
+from adaclip.per_example import Part, Transform, collect_parts, materialise, per_example_norms, weighted_sum
+
+PerExample = Literal["fast", "materialise"]
+PER_EXAMPLE_PATHS: tuple[PerExample, ...] = ("fast", "materialise")
 
 
 class AdaptiveClipDPOptimizer(DPOptimizer):
@@ -31,6 +44,8 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         delta: default delta for :meth:`get_epsilon`.
         generator: ``torch.Generator`` on the parameters' device for the noise (``None``: torch's global RNG).
         loss_reduction: ``"mean"`` (``p.grad`` is the noisy mean gradient) or ``"sum"`` (``B`` times it).
+        per_example: ``"fast"`` (norms and weighted sums, where the rule allows) or ``"materialise"``
+            (the ``[n, d]`` matrix and ``rule.step``); see the module docstring.
 
     ``noise_multiplier`` and ``max_grad_norm`` are the rule's at construction (for adaptive rules,
     ``max_grad_norm`` is only the initial bound): changing them later (e.g. with an Opacus noise
@@ -48,7 +63,10 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         delta: float | None = None,
         generator: torch.Generator | None = None,
         loss_reduction: str = "mean",
+        per_example: PerExample = "fast",
     ) -> None:
+        if per_example not in PER_EXAMPLE_PATHS:
+            raise ValueError(f"per_example must be one of {PER_EXAMPLE_PATHS}, got {per_example!r}")
         bound = getattr(rule, "clip_norm", getattr(rule, "initial_clip", 1.0))
         super().__init__(
             optimizer,
@@ -59,47 +77,37 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             generator=generator,
         )
         self.rule = rule
+        self.per_example: PerExample = per_example
+        self.uses_norm_path = per_example == "fast" and supports_norm_path(rule)
         self.sample_rate = sample_rate
         self.accountant = accountant
         self.delta = delta
         self.steps_taken = 0
         self.rule_state: Any = None
         self.last_stats: Stats = {}
-
-    def _flat_per_example_grads(self) -> torch.Tensor:
-        missing = [i for i, p in enumerate(self.params) if getattr(p, "grad_sample", None) is None]
-        if missing:
-            raise RuntimeError(
-                f"parameters {missing} (in optimizer order) got no per-example gradient: every trainable parameter "
-                "must be used in forward, and loss.backward() must run before optimizer.step()"
-            )
-        if self.accumulated_iterations != 1:
-            raise RuntimeError(
-                "per-example gradients from several backward passes are pending: call optimizer.zero_grad() "
-                "after every optimizer.step(); accumulating Poisson batches is not supported"
-            )
-        grad_samples = self.grad_samples
-        n = grad_samples[0].shape[0]
-        return torch.cat([g.reshape(n, p.numel()) for g, p in zip(grad_samples, self.params)], dim=1)
+        self._last_epsilon: tuple[tuple[int, float] | None, float] = (None, 0.0)
 
     def pre_step(self, closure: Any = None) -> bool:
         """Clip, noise and average the per-example gradients with the rule; write them into ``p.grad``."""
-        if len(self.params) == 0:
+        params = self.params
+        if len(params) == 0:
             return True
         if self._check_skip_next_step():
             raise RuntimeError("virtual steps (signal_skip_step / BatchMemoryManager) are not supported by adaclip's optimizer")
-        per_example_grads = self._flat_per_example_grads()
-        dim = per_example_grads.shape[1]
+        parts = collect_parts(params)
+        dim = sum(p.numel() for p in params)
+        reference = params[0]
         if self.rule_state is None:
-            self.rule_state = self.rule.init_state(dim, device=per_example_grads.device, dtype=per_example_grads.dtype)
-        noise = torch.randn(
-            self.rule.noise_size(dim), generator=self.generator, device=per_example_grads.device, dtype=per_example_grads.dtype
-        )
-        noisy_mean, self.rule_state, self.last_stats = self.rule.step(per_example_grads, self.rule_state, noise)
+            self.rule_state = self.rule.init_state(dim, device=reference.device, dtype=reference.dtype)
+        noise = torch.randn(self.rule.noise_size(dim), generator=self.generator, device=reference.device, dtype=reference.dtype)
+        if self.uses_norm_path:
+            noisy_mean, self.rule_state, self.last_stats = self._norm_path_step(parts, dim, noise)
+        else:
+            noisy_mean, self.rule_state, self.last_stats = self.rule.step(materialise(parts), self.rule_state, noise)
         if self.loss_reduction == "sum":
             noisy_mean = noisy_mean * self.expected_batch_size
         offset = 0
-        for p in self.params:
+        for p in params:
             p.grad = noisy_mean[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         self.steps_taken += 1
@@ -107,17 +115,45 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             self.step_hook(self)
         return True
 
+    def _norm_path_step(self, parts: list[Part], dim: int, noise: torch.Tensor) -> tuple[torch.Tensor, Any, Stats]:
+        """The rule's step from per-example (transformed) norms and ``sum_i c_i g_i``, without ``[n, d]``."""
+        shift_scale = self.rule.norm_transform(self.rule_state)
+        transform = None if shift_scale is None else Transform.of(*shift_scale)
+        norms = per_example_norms(parts, transform)
+        weights = self.rule.example_weights(norms, self.rule_state)
+        summed = weighted_sum(parts, weights, dim)
+        return self.rule.finish_step(summed, weights, norms, self.rule_state, noise)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``p.grad`` (to ``None`` by default, as ``torch.optim`` does), ``p.grad_sample``,
+        ``p.summed_grad`` (as Opacus does; this optimizer never skips steps) and the book-keeping captures."""
+        for p in self.params:
+            p.grad_sample = None
+            p.summed_grad = None
+            capture = getattr(p, "layer_capture", None)
+            if capture is not None:
+                capture.reset()
+        self.original_optimizer.zero_grad(set_to_none)
+
     def get_epsilon(self, delta: float | None = None) -> float:
-        """Epsilon spent by the steps taken so far, at ``delta`` (default: the one given at construction)."""
+        """Epsilon spent by the steps taken so far, at ``delta`` (default: the one given at construction).
+
+        An accountant call costs milliseconds, so call this once per epoch, not per step; repeated
+        calls for the same number of steps and delta reuse the last answer.
+        """
         delta = self.delta if delta is None else delta
         if delta is None:
             raise ValueError("delta is needed: pass get_epsilon(delta=...) or make_private(..., delta=...)")
         if self.steps_taken == 0:
             return 0.0
-        return epsilon(
-            noise_multiplier=self.rule.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self.steps_taken,
-            delta=delta,
-            accountant=self.accountant,
-        )
+        key = (self.steps_taken, delta)
+        if self._last_epsilon[0] != key:
+            spent = epsilon(
+                noise_multiplier=self.rule.noise_multiplier,
+                sample_rate=self.sample_rate,
+                steps=self.steps_taken,
+                delta=delta,
+                accountant=self.accountant,
+            )
+            self._last_epsilon = (key, spent)
+        return self._last_epsilon[1]

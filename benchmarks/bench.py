@@ -1,0 +1,386 @@
+"""Step time, throughput and peak memory of private training relative to non-private training.
+
+For every model and batch size, one process builds one *setup* per training variant, all from the
+same initial weights and the same fixed in-memory batch of ``B`` random examples (pure training
+steps: no data loader, so only the per-example machinery differs):
+
+* ``nonprivate``: plain SGD;
+* ``opacus/hooks``: Opacus DP-SGD with per-example gradient hooks (``PrivacyEngine.make_private``);
+* ``opacus/ghost``: Opacus ghost clipping (``grad_sample_mode="ghost"``, flat clip, two backward passes);
+* ``<method>/fast`` and ``<method>/materialise`` for each adaclip method: ``adaclip.make_private``
+  with ``per_example="fast"`` (book-keeping, no ``[B, d]``) or ``"materialise"`` (the ``[B, d]`` matrix).
+
+A step is ``zero_grad``, forward, cross-entropy loss, backward and ``optimizer.step`` (with noise,
+sigma = 1).  Timing interleaves the setups round-robin (each sample is a block of consecutive steps
+of one setup, so drift from other load on the machine hits every setup alike); ``step_time_s`` is
+the median over samples of wall-clock time per step, ``cpu_time_s`` the same in CPU time of this
+thread (robust to preemption on a shared machine, meaningful with one thread on CPU).  Ratios are to
+the ``nonprivate`` setup of the same model, batch size and run.  ``--runs 2`` repeats the whole
+measurement in the same process to show its stability.
+
+Memory is measured in separate, untimed steps after the timing: ``peak_memory_bytes`` on CUDA is
+``torch.cuda.max_memory_allocated`` during a step minus the memory allocated before it; on CPU the
+peak of the running sum of the torch profiler's allocation events during a step (torch tensors only,
+relative to the start of the step, so parameters, data and state allocated earlier are not counted;
+the maximum over three steps).  ``largest_tensor_bytes`` is the largest tensor any operation of a
+step returns (a ``TorchDispatchMode``; on either device).  ``per_example_bytes`` is the size
+``B * d * 4`` of the per-example gradient matrix that the fast path never forms.
+
+Outputs: a Markdown table, a JSON list of records and a figure (ratio to non-private per setup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, TensorDataset
+
+from adaclip.engine import make_private
+from adaclip.models import build_model
+from adaclip.reporting import apply_style, markdown_table, save_figure, write_text_atomic
+
+MODELS = {"logistic": ("logistic", {}), "mlp": ("mlp", {"hidden": 100}), "mlp1000": ("mlp", {"hidden": 1000}), "cnn": ("cnn", {})}
+MODEL_LABELS = {"logistic": "logistic 784-10", "mlp": "MLP 784-100-10", "mlp1000": "MLP 784-1000-10", "cnn": "tanh CNN"}
+OUR_METHODS = ("fixed", "quantile", "auto", "adaclip")
+PATHS = ("fast", "materialise")
+BASELINES = ("opacus/hooks", "opacus/ghost")
+NOISE_MULTIPLIER = 1.0
+QUICK = {"models": ["logistic", "mlp", "cnn"], "batch_sizes": [64, 600], "repeats": 6, "warmup": 1, "runs": 2}
+FULL = {"models": ["logistic", "mlp", "mlp1000", "cnn"], "batch_sizes": [64, 256, 600], "repeats": 21, "warmup": 3, "runs": 2}
+
+
+@dataclass
+class Setup:
+    """One training variant: a closure doing one step on the fixed batch."""
+
+    method: str
+    path: str
+    step: Callable[[], None]
+
+
+def _model(name: str, seed: int) -> nn.Module:
+    kind, options = MODELS[name]
+    torch.manual_seed(seed)
+    return build_model(kind, (1, 28, 28), 10, **options)
+
+
+def _step_with(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable) -> Callable[[], None]:
+    features, labels = batch
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss_fn(model(features), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def per_example_bytes(model_name: str, batch_size: int) -> int:
+    """Size of the float32 per-example gradient matrix ``[B, d]``."""
+    return batch_size * sum(p.numel() for p in _model(model_name, 0).parameters()) * 4
+
+
+def build_setups(model_name: str, batch_size: int, methods: list[str], paths: list[str], baselines: list[str], device: str, seed: int = 0) -> list[Setup]:
+    """Every requested variant for one model and batch size, each with its own copy of the same initial model."""
+    from opacus import PrivacyEngine
+
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(batch_size, 1, 28, 28, generator=generator).to(device)
+    labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
+    batch = (features, labels)
+    dataset_size = 20 * batch_size  # only fixes q = B / N for the optimizers; the batch above is what is trained on
+    loader = DataLoader(TensorDataset(torch.zeros(dataset_size, 1), torch.zeros(dataset_size)), batch_size=batch_size)
+    initial = _model(model_name, seed).to(device)
+    cross_entropy = nn.functional.cross_entropy
+    setups = []
+
+    model = copy.deepcopy(initial)
+    setups.append(Setup("nonprivate", "-", _step_with(model, torch.optim.SGD(model.parameters(), lr=0.01), batch, cross_entropy)))
+    for baseline in baselines:
+        model = copy.deepcopy(initial)
+        mode = baseline.split("/")[1]
+        private = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), data_loader=loader, criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
+        )
+        if mode == "ghost":
+            module, optimizer, criterion, _ = private
+            setups.append(Setup("opacus", mode, _step_with(module, optimizer, batch, criterion)))
+        else:
+            module, optimizer, _ = private
+            setups.append(Setup("opacus", mode, _step_with(module, optimizer, batch, cross_entropy)))
+    for method in methods:
+        params = {"count_noise_std": max(batch_size / 20, NOISE_MULTIPLIER)} if method == "quantile" else {}
+        for path in paths:
+            model = copy.deepcopy(initial)
+            module, optimizer, _ = make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), data_loader=loader, method=method,
+                noise_multiplier=NOISE_MULTIPLIER, delta=0.1 / dataset_size, seed=seed, per_example=path, **params,
+            )
+            setups.append(Setup(method, path, _step_with(module, optimizer, batch, cross_entropy)))
+    return setups
+
+
+def _synchronise(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_setups(
+    setups: list[Setup], repeats: int, warmup: int, device: str, target_sample_s: float = 0.02, slow_step_s: float = 0.1
+) -> dict[int, tuple[float, float]]:
+    """Median wall-clock and CPU seconds per step of each setup, sampled round-robin.
+
+    Each sample times a block of consecutive steps of one setup, sized from the warm-up so that a
+    sample lasts about ``target_sample_s`` (one step for slow setups).  Setups slower than
+    ``slow_step_s`` per step (the materialised paths of large models) get ``max(3, repeats // 3)``
+    samples, taken in the first rounds.
+    """
+    blocks, samples = {}, {}
+    for index, setup in enumerate(setups):
+        for _ in range(max(warmup, 1)):
+            _synchronise(device)
+            start = time.perf_counter()
+            setup.step()
+            _synchronise(device)
+            elapsed = time.perf_counter() - start
+        blocks[index] = max(1, min(20, math.ceil(target_sample_s / max(elapsed, 1e-6))))
+        samples[index] = min(repeats, max(3, repeats // 3)) if elapsed > slow_step_s else repeats
+    wall: dict[int, list[float]] = {i: [] for i in range(len(setups))}
+    cpu: dict[int, list[float]] = {i: [] for i in range(len(setups))}
+    for round_index in range(repeats):
+        for index, setup in enumerate(setups):
+            if round_index >= samples[index]:
+                continue
+            _synchronise(device)
+            start_wall, start_cpu = time.perf_counter(), time.thread_time()
+            for _ in range(blocks[index]):
+                setup.step()
+            _synchronise(device)
+            wall[index].append((time.perf_counter() - start_wall) / blocks[index])
+            cpu[index].append((time.thread_time() - start_cpu) / blocks[index])
+    return {i: (statistics.median(wall[i]), statistics.median(cpu[i])) for i in wall}
+
+
+def peak_step_memory(setup: Setup, device: str, steps: int = 3) -> int:
+    """Peak bytes allocated by torch during a step, above what was allocated before it (max over ``steps`` steps).
+
+    On CPU the profiler's allocation events of one step are summed in time order (frees of blocks
+    allocated before the step are not reported by the profiler, so they cannot hide an allocation);
+    the maximum over a few steps guards against events the profiler occasionally drops.
+    """
+    peaks = []
+    for _ in range(steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            setup.step()
+            torch.cuda.synchronize(device)
+            peaks.append(int(torch.cuda.max_memory_allocated(device) - before))
+            continue
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            setup.step()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        running = peak = 0
+        for _, nbytes in events:
+            running += nbytes
+            peak = max(peak, running)
+        peaks.append(peak)
+    return max(peaks)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the size in bytes of the largest tensor any operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel() * tensor.element_size())
+        return out
+
+
+def largest_step_tensor(setup: Setup) -> int:
+    """Bytes of the largest tensor created during one step (a ``[B, d]`` matrix shows up here)."""
+    with _LargestTensor() as tracker:
+        setup.step()
+    return tracker.largest
+
+
+def measure(
+    models: list[str], batch_sizes: list[int], methods: list[str], paths: list[str], baselines: list[str],
+    repeats: int, warmup: int, runs: int, device: str, max_per_example_bytes: float = math.inf, progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Records for every model, batch size, setup and run (see the module docstring), and the setups skipped.
+
+    Setups that materialise ``[B, d]`` (``materialise`` and ``opacus/hooks``) are skipped where that
+    matrix exceeds ``max_per_example_bytes``.
+    """
+    records, skipped = [], []
+    for model_name in models:
+        for batch_size in batch_sizes:
+            size = per_example_bytes(model_name, batch_size)
+            too_big = size > max_per_example_bytes
+            if too_big:
+                skipped.append(f"{MODEL_LABELS[model_name]}, B={batch_size}: materialise and opacus/hooks ([B, d] = {size / 2**30:.2f} GiB)")
+            setups = build_setups(
+                model_name, batch_size, methods, [p for p in paths if not (too_big and p == "materialise")],
+                [b for b in baselines if not (too_big and b == "opacus/hooks")], device,
+            )
+            timed = [time_setups(setups, repeats, warmup if run == 1 else 1, device) for run in range(1, runs + 1)]
+            memory = {i: peak_step_memory(setup, device) for i, setup in enumerate(setups)}  # warm: steady-state steps
+            largest = {i: largest_step_tensor(setup) for i, setup in enumerate(setups)}
+            for run, times in enumerate(timed, start=1):
+                base_wall, base_cpu = times[0]
+                for index, setup in enumerate(setups):
+                    wall, cpu = times[index]
+                    records.append({
+                        "model": model_name, "batch_size": batch_size, "method": setup.method, "path": setup.path, "run": run,
+                        "step_time_s": wall, "examples_per_s": batch_size / wall, "ratio_to_nonprivate": wall / base_wall,
+                        "cpu_time_s": cpu, "cpu_ratio_to_nonprivate": cpu / base_cpu if base_cpu > 0 else float("nan"),
+                        "peak_memory_bytes": memory[index], "largest_tensor_bytes": largest[index], "per_example_bytes": size, "parameters": size // (4 * batch_size), "device": device,
+                    })
+                if progress:
+                    summary = ", ".join(f"{s.method}/{s.path} {times[i][0] / base_wall:.2f}x" for i, s in enumerate(setups) if i)
+                    print(f"[bench] {model_name} B={batch_size} run {run}: non-private {base_wall * 1e3:.2f} ms; {summary}", file=sys.stderr, flush=True)
+    return records, skipped
+
+
+def _device_label(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} thread(s)"
+
+
+def table(records: list[dict[str, Any]], header_note: str, skipped: list[str]) -> str:
+    """Markdown: one row per model, batch size and setup, ratios of every run side by side."""
+    runs = sorted({r["run"] for r in records})
+    keyed: dict[tuple, dict[int, dict[str, Any]]] = {}
+    for r in records:
+        keyed.setdefault((r["model"], r["batch_size"], r["method"], r["path"]), {})[r["run"]] = r
+    header = ["model", "B", "method", "path", "step (ms)", "examples/s"]
+    header += [f"x non-private (run {run})" for run in runs] + [f"x CPU time (run {run})" for run in runs]
+    header += ["peak memory (MiB)", "largest tensor (MiB)", "[B, d] (MiB)"]
+    rows = []
+    for (model, batch, method, path), by_run in keyed.items():
+        last = by_run[runs[-1]]
+        rows.append(
+            [MODEL_LABELS.get(model, model), batch, method, path, round(last["step_time_s"] * 1e3, 3), round(last["examples_per_s"])]
+            + [f"{by_run[run]['ratio_to_nonprivate']:.2f}" for run in runs]
+            + [f"{by_run[run]['cpu_ratio_to_nonprivate']:.2f}" for run in runs]
+            + [f"{last[key] / 2**20:.2f}" for key in ("peak_memory_bytes", "largest_tensor_bytes", "per_example_bytes")]
+        )
+    text = header_note + "\n\n" + markdown_table(header, rows)
+    if skipped:
+        text += "\nNot run (the per-example matrix exceeds --max-per-example-gib): " + "; ".join(skipped) + ".\n"
+    return text
+
+
+def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
+    """Ratio to non-private (last run) per setup, one panel per batch size, one bar per model."""
+    apply_style()
+    import matplotlib.pyplot as plt
+
+    last_run = max(r["run"] for r in records)
+    chosen = [r for r in records if r["run"] == last_run and r["method"] != "nonprivate"]
+    batch_sizes = sorted({r["batch_size"] for r in chosen})
+    models = list(dict.fromkeys(r["model"] for r in chosen))
+    setups = list(dict.fromkeys(f"{r['method']}/{r['path']}" for r in chosen))
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(4.5 * len(batch_sizes), 4.2), sharey=True, squeeze=False)
+    width = 0.8 / max(len(models), 1)
+    for ax, batch_size in zip(axes[0], batch_sizes):
+        for k, model in enumerate(models):
+            ratios = {f"{r['method']}/{r['path']}": r["ratio_to_nonprivate"] for r in chosen if r["model"] == model and r["batch_size"] == batch_size}
+            xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(setups))]
+            ax.bar(xs, [ratios.get(s, float("nan")) for s in setups], width=width, label=MODEL_LABELS.get(model, model))
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(setups)), setups, rotation=70, ha="right", fontsize=8)
+        ax.set_title(f"batch size {batch_size}")
+    axes[0][0].set_ylabel("step time / non-private step time")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    written = save_figure(fig, stem)
+    plt.close(fig)
+    return written
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--quick", action="store_true", help=f"the quick profile (about 2 minutes on 2 CPU cores): {QUICK}")
+    cli.add_argument("--models", nargs="+", choices=sorted(MODELS), help=f"default {FULL['models']}")
+    cli.add_argument("--batch-sizes", nargs="+", type=int, help=f"default {FULL['batch_sizes']}")
+    cli.add_argument("--methods", nargs="+", choices=OUR_METHODS, default=list(OUR_METHODS))
+    cli.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    cli.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
+    cli.add_argument("--repeats", type=int, help=f"timed samples per setup and run (default {FULL['repeats']})")
+    cli.add_argument("--warmup", type=int, help=f"untimed steps per setup before the first run (default {FULL['warmup']})")
+    cli.add_argument("--runs", type=int, help=f"whole measurements in this process (default {FULL['runs']})")
+    cli.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable timings on a shared machine)")
+    cli.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    cli.add_argument("--max-per-example-gib", type=float, default=1.0, help="skip setups that materialise a larger [B, d] matrix (default 1)")
+    cli.add_argument("--table", type=Path, default=Path("reports/tables/bench.md"))
+    cli.add_argument("--json", type=Path, default=Path("reports/metrics/bench.json"))
+    cli.add_argument("--figure", type=Path, default=Path("reports/figures/bench"), help="stem: writes .png and .svg")
+    cli.add_argument("--quiet", action="store_true")
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    profile = QUICK if args.quick else FULL
+    options = {key: getattr(args, key) if getattr(args, key) is not None else profile[key] for key in ("models", "batch_sizes", "repeats", "warmup", "runs")}
+    for key in ("repeats", "runs"):
+        if options[key] < 1:
+            raise SystemExit(f"error: --{key} must be >= 1, got {options[key]}")
+    if options["warmup"] < 0 or any(b < 1 for b in options["batch_sizes"]) or args.threads < 1:
+        raise SystemExit("error: --warmup must be >= 0, batch sizes and --threads >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {args.device} but CUDA is not available")
+    torch.set_num_threads(args.threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus's and torch's hook warnings, once per setup
+        records, skipped = measure(
+            options["models"], options["batch_sizes"], args.methods, args.paths, args.baselines, options["repeats"], options["warmup"],
+            options["runs"], args.device, max_per_example_bytes=args.max_per_example_gib * 2**30, progress=not args.quiet,
+        )
+    device = _device_label(args.device)
+    note = (
+        f"Step time relative to non-private training, same process ({device}; torch {torch.__version__}; "
+        f"sigma = {NOISE_MULTIPLIER}, timing only, no privacy claim). Median of {options['repeats']} round-robin samples per run; "
+        f"'x CPU time' uses this thread's CPU time. Peak memory: torch allocations during a step above those before it "
+        f"({'CUDA max_memory_allocated' if args.device.startswith('cuda') else 'profiler allocation events'}); "
+        f"largest tensor: the largest tensor any operation of a step returns; [B, d]: size of the per-example gradient matrix (float32)."
+    )
+    for record in records:
+        record["device_name"] = device
+    write_text_atomic(args.json, json.dumps(records, indent=1) + "\n")
+    write_text_atomic(args.table, table(records, note, skipped))
+    figure(records, args.figure, f"Private step time / non-private step time ({device})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Poisson sampling of in-memory tensors, without per-example ``Dataset.__getitem__`` calls.
+
+Poisson sampling (DESIGN.md §2) puts every example into every step's batch independently with
+probability ``q``.  Over one epoch of ``T`` steps that is a Bernoulli(``q``) process over the
+``T * N`` cells ``(step, example)``, and a Bernoulli process is equivalently described by its gaps,
+which are i.i.d. Geometric(``q``) (trials up to and including the next success).  So one epoch
+needs only about ``T * N * q = T * B`` geometric draws (one vectorised call), a cumulative sum and a
+split by step, instead of ``T * N`` uniforms or ``N`` ``__getitem__`` calls per step; each batch
+is then one ``index_select`` per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+
+def poisson_epoch(num_examples: int, sample_rate: float, steps: int, generator: torch.Generator | None = None) -> list[Tensor]:
+    """Indices of each of ``steps`` Poisson batches over ``num_examples`` examples at rate ``sample_rate``.
+
+    Every example is in every batch independently with probability ``sample_rate``; indices within
+    a batch are increasing.  Deterministic for a seeded (CPU) ``generator``.
+    """
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+    if sample_rate == 1:
+        return [torch.arange(num_examples) for _ in range(steps)]
+    cells = steps * num_examples
+    expected = cells * sample_rate
+    chunk = int(expected + 6 * math.sqrt(expected) + 16)  # almost always enough in one draw
+    found, last = [], -1
+    while last < cells - 1:  # positions past the last cell are dropped below
+        gaps = torch.empty(chunk, dtype=torch.float64).geometric_(sample_rate, generator=generator)
+        positions = last + gaps.to(torch.int64).cumsum(0)
+        found.append(positions)
+        last = int(positions[-1])
+    positions = torch.cat(found)
+    positions = positions[positions < cells]
+    step_of = torch.div(positions, num_examples, rounding_mode="floor")
+    bounds = torch.searchsorted(step_of, torch.arange(steps + 1)).tolist()
+    examples = positions - step_of * num_examples
+    return [examples[bounds[s] : bounds[s + 1]] for s in range(steps)]
+
+
+class TensorPoissonLoader:
+    """Poisson-sampled batches of a ``TensorDataset``, ``int(1 / q)`` steps per epoch (as Opacus's ``DPDataLoader``).
+
+    Iterating gives, per step, a list with one tensor per dataset tensor (empty tensors, with the
+    right trailing shape, for an empty batch), like a ``DataLoader`` with the default collate.
+
+    Args:
+        dataset: the in-memory data.
+        sample_rate: the Poisson rate ``q = B / N``.
+        generator: a CPU ``torch.Generator`` for the sampling (``None``: torch's global RNG).
+    """
+
+    def __init__(self, dataset: TensorDataset, sample_rate: float, *, generator: torch.Generator | None = None) -> None:
+        if not isinstance(dataset, TensorDataset):
+            raise TypeError(f"dataset must be a torch TensorDataset, got {type(dataset).__name__}")
+        if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+        self.dataset = dataset
+        self.sample_rate = float(sample_rate)
+        self.generator = generator
+        self.steps_per_epoch = int(1 / self.sample_rate)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[list[Tensor]]:
+        tensors = self.dataset.tensors
+        batches = poisson_epoch(len(self.dataset), self.sample_rate, self.steps_per_epoch, self.generator)
+        for indices in batches:
+            yield [t.index_select(0, indices.to(t.device)) for t in tensors]
