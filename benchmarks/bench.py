@@ -35,6 +35,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -268,10 +269,20 @@ def measure(
     return records, skipped
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _device_label(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} thread(s)"
+    return f"CPU ({_cpu_name()}, {torch.get_num_threads()} of {os.cpu_count()} cores used)"
 
 
 def table(records: list[dict[str, Any]], header_note: str, skipped: list[str]) -> str:
@@ -327,20 +338,27 @@ def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
     return written
 
 
+OPTION_DEFAULTS = {
+    "methods": list(OUR_METHODS), "paths": list(PATHS), "baselines": list(BASELINES),
+    "threads": 1, "device": "cpu", "max_per_example_gib": 1.0,
+}
+
+
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--quick", action="store_true", help=f"the quick profile (about 2 minutes on 2 CPU cores): {QUICK}")
+    cli.add_argument("--params-file", type=Path, help="YAML file whose 'bench' mapping sets any option below (options given here win)")
     cli.add_argument("--models", nargs="+", choices=sorted(MODELS), help=f"default {FULL['models']}")
     cli.add_argument("--batch-sizes", nargs="+", type=int, help=f"default {FULL['batch_sizes']}")
-    cli.add_argument("--methods", nargs="+", choices=OUR_METHODS, default=list(OUR_METHODS))
-    cli.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
-    cli.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
+    cli.add_argument("--methods", nargs="+", choices=OUR_METHODS, help=f"default {list(OUR_METHODS)}")
+    cli.add_argument("--paths", nargs="+", choices=PATHS, help=f"default {list(PATHS)}")
+    cli.add_argument("--baselines", nargs="*", choices=BASELINES, help=f"default {list(BASELINES)}")
     cli.add_argument("--repeats", type=int, help=f"timed samples per setup and run (default {FULL['repeats']})")
     cli.add_argument("--warmup", type=int, help=f"untimed steps per setup before the first run (default {FULL['warmup']})")
     cli.add_argument("--runs", type=int, help=f"whole measurements in this process (default {FULL['runs']})")
-    cli.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable timings on a shared machine)")
-    cli.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    cli.add_argument("--max-per-example-gib", type=float, default=1.0, help="skip setups that materialise a larger [B, d] matrix (default 1)")
+    cli.add_argument("--threads", type=int, help="torch CPU threads (default 1: stable timings on a shared machine)")
+    cli.add_argument("--device", help="cpu (default) or cuda[:i]")
+    cli.add_argument("--max-per-example-gib", type=float, help="skip setups that materialise a larger [B, d] matrix (default 1)")
     cli.add_argument("--table", type=Path, default=Path("reports/tables/bench.md"))
     cli.add_argument("--json", type=Path, default=Path("reports/metrics/bench.json"))
     cli.add_argument("--figure", type=Path, default=Path("reports/figures/bench"), help="stem: writes .png and .svg")
@@ -348,30 +366,66 @@ def parser() -> argparse.ArgumentParser:
     return cli
 
 
+def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Profile defaults, then the params file's ``bench`` mapping, then options given on the command line; validated."""
+    options: dict[str, Any] = {**OPTION_DEFAULTS, **(QUICK if args.quick else FULL)}
+    if args.params_file is not None:
+        import yaml
+
+        loaded = yaml.safe_load(args.params_file.read_text()) or {}
+        section = loaded.get("bench") if isinstance(loaded, dict) else None
+        if not isinstance(section, dict):
+            raise SystemExit(f"error: {args.params_file} has no 'bench' mapping")
+        unknown = sorted(set(section) - set(options) - {"quick"})
+        if unknown:
+            raise SystemExit(f"error: unknown key(s) {unknown} in the 'bench' mapping of {args.params_file}; known: {sorted(options)}")
+        if section.get("quick"):
+            options.update(QUICK)
+        options.update({k: v for k, v in section.items() if k != "quick"})
+    options.update({k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
+    checks = {
+        "models": isinstance(options["models"], list) and bool(options["models"]) and set(options["models"]) <= set(MODELS),
+        "batch_sizes": isinstance(options["batch_sizes"], list) and bool(options["batch_sizes"])
+        and all(isinstance(b, int) and b >= 1 for b in options["batch_sizes"]),
+        "methods": isinstance(options["methods"], list) and set(options["methods"]) <= set(OUR_METHODS),
+        "paths": isinstance(options["paths"], list) and set(options["paths"]) <= set(PATHS),
+        "baselines": isinstance(options["baselines"], list) and set(options["baselines"]) <= set(BASELINES),
+        "repeats": isinstance(options["repeats"], int) and options["repeats"] >= 1,
+        "runs": isinstance(options["runs"], int) and options["runs"] >= 1,
+        "warmup": isinstance(options["warmup"], int) and options["warmup"] >= 0,
+        "threads": isinstance(options["threads"], int) and options["threads"] >= 1,
+        "device": isinstance(options["device"], str) and (options["device"] == "cpu" or options["device"].startswith("cuda")),
+        "max_per_example_gib": isinstance(options["max_per_example_gib"], (int, float)) and options["max_per_example_gib"] > 0,
+    }
+    bad = [key for key, ok in checks.items() if not ok]
+    if bad:
+        raise SystemExit(
+            f"error: invalid {', '.join(f'{k}={options[k]!r}' for k in bad)}: models from {sorted(MODELS)}, batch sizes, repeats, "
+            f"runs and threads >= 1, warmup >= 0, methods from {list(OUR_METHODS)}, paths from {list(PATHS)}, baselines from "
+            f"{list(BASELINES)}, device cpu or cuda[:i], max_per_example_gib > 0"
+        )
+    if options["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"error: device {options['device']} but CUDA is not available")
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    profile = QUICK if args.quick else FULL
-    options = {key: getattr(args, key) if getattr(args, key) is not None else profile[key] for key in ("models", "batch_sizes", "repeats", "warmup", "runs")}
-    for key in ("repeats", "runs"):
-        if options[key] < 1:
-            raise SystemExit(f"error: --{key} must be >= 1, got {options[key]}")
-    if options["warmup"] < 0 or any(b < 1 for b in options["batch_sizes"]) or args.threads < 1:
-        raise SystemExit("error: --warmup must be >= 0, batch sizes and --threads >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {args.device} but CUDA is not available")
-    torch.set_num_threads(args.threads)
+    options = resolve_options(args)
+    torch.set_num_threads(options["threads"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus's and torch's hook warnings, once per setup
         records, skipped = measure(
-            options["models"], options["batch_sizes"], args.methods, args.paths, args.baselines, options["repeats"], options["warmup"],
-            options["runs"], args.device, max_per_example_bytes=args.max_per_example_gib * 2**30, progress=not args.quiet,
+            options["models"], options["batch_sizes"], options["methods"], options["paths"], options["baselines"], options["repeats"],
+            options["warmup"], options["runs"], options["device"], max_per_example_bytes=options["max_per_example_gib"] * 2**30,
+            progress=not args.quiet,
         )
-    device = _device_label(args.device)
+    device = _device_label(options["device"])
     note = (
         f"Step time relative to non-private training, same process ({device}; torch {torch.__version__}; "
         f"sigma = {NOISE_MULTIPLIER}, timing only, no privacy claim). Median of {options['repeats']} round-robin samples per run; "
         f"'x CPU time' uses this thread's CPU time. Peak memory: torch allocations during a step above those before it "
-        f"({'CUDA max_memory_allocated' if args.device.startswith('cuda') else 'profiler allocation events'}); "
+        f"({'CUDA max_memory_allocated' if options['device'].startswith('cuda') else 'profiler allocation events'}); "
         f"largest tensor: the largest tensor any operation of a step returns; [B, d]: size of the per-example gradient matrix (float32)."
     )
     for record in records:

@@ -62,6 +62,25 @@ def test_fast_path_peak_memory_stays_below_the_per_example_matrix(bench):
         assert largest[(method, "fast")] <= dim * 4  # parameter-sized (the flat gradient and noise) at most
 
 
+def test_params_file_sets_options_and_the_command_line_wins(bench, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "bench:\n  models: [logistic]\n  batch_sizes: [4]\n  methods: [auto]\n  paths: [fast]\n"
+        "  baselines: []\n  repeats: 1\n  warmup: 0\n  runs: 2\n"
+    )
+    out = tmp_path / "bench.json"
+    argv = ["--params-file", str(params), "--runs", "1", "--quiet", "--json", str(out),
+            "--table", str(tmp_path / "bench.md"), "--figure", str(tmp_path / "bench")]
+    assert bench.main(argv) == 0
+    records = json.loads(out.read_text())
+    assert {(r["model"], r["batch_size"], r["method"], r["path"], r["run"]) for r in records} == {
+        ("logistic", 4, "nonprivate", "-", 1), ("logistic", 4, "auto", "fast", 1)
+    }
+    params.write_text("bench:\n  model: [logistic]\n")
+    with pytest.raises(SystemExit, match="unknown key"):
+        bench.main(["--params-file", str(params)])
+
+
 def test_bad_options_are_named(bench, tmp_path):
     with pytest.raises(SystemExit, match="repeats"):
         bench.main(["--repeats", "0", "--table", str(tmp_path / "t.md")])
