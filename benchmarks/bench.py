@@ -57,7 +57,7 @@ from adaclip.reporting import apply_style, markdown_table, save_figure, write_te
 
 MODELS = {"logistic": ("logistic", {}), "mlp": ("mlp", {"hidden": 100}), "mlp1000": ("mlp", {"hidden": 1000}), "cnn": ("cnn", {})}
 MODEL_LABELS = {"logistic": "logistic 784-10", "mlp": "MLP 784-100-10", "mlp1000": "MLP 784-1000-10", "cnn": "tanh CNN"}
-OUR_METHODS = ("fixed", "quantile", "auto", "adaclip")
+OUR_METHODS = ("fixed", "quantile", "auto", "adaclip", "psac")
 PATHS = ("fast", "materialise")
 BASELINES = ("opacus/hooks", "opacus/ghost")
 NOISE_MULTIPLIER = 1.0
@@ -360,7 +360,7 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--device", help="cpu (default) or cuda[:i]")
     cli.add_argument("--max-per-example-gib", type=float, help="skip setups that materialise a larger [B, d] matrix (default 1)")
     cli.add_argument("--table", type=Path, default=Path("reports/tables/bench.md"))
-    cli.add_argument("--json", type=Path, default=Path("reports/metrics/bench.json"))
+    cli.add_argument("--json", type=Path, default=Path("reports/data/bench.json"))
     cli.add_argument("--figure", type=Path, default=Path("reports/figures/bench"), help="stem: writes .png and .svg")
     cli.add_argument("--quiet", action="store_true")
     return cli

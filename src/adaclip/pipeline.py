@@ -122,8 +122,15 @@ SCHEMA: dict[str, dict[str, tuple[Checker, str]]] = {
     },
 }
 TOP_LEVEL = {"profile": (_string, "a name, e.g. 'quick' or 'paper'")}
+def _bench_section(section: Any) -> None:
+    """``benchmarks/bench.py --params-file`` checks every key and value of ``bench`` itself when its stage runs."""
+    if not isinstance(section, dict):
+        raise ValueError("must be a mapping of benchmarks/bench.py options (models, batch_sizes, methods, repeats, ...)")
+
+
 SECTION_VALIDATORS: dict[str, Callable[[Mapping[str, Any]], object]] = {
     "audit": lambda section: audit_config(section, complete=True),
+    "bench": _bench_section,
 }
 """Validators for sections owned by other modules; each raises ``ValueError`` naming the key."""
 

@@ -115,16 +115,18 @@ def _learning_rates(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, fl
 
 
 def _compute(bench: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Step time relative to non-private, per (model, batch size, method, path)."""
-    result: dict[str, Any] = {}
+    """Step time relative to non-private (mean over the benchmark's runs), per (model, batch size, method, path)."""
+    grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in bench:
         key = f"{row['model']}/B={row['batch_size']}"
-        result.setdefault(key, {})[f"{row['method']}/{row['path']}"] = {
-            "ratio_to_nonprivate": row["ratio_to_nonprivate"],
-            "step_time_s": row["step_time_s"],
-            "examples_per_s": row["examples_per_s"],
+        grouped.setdefault(key, {}).setdefault(f"{row['method']}/{row['path']}", []).append(row)
+    return {
+        key: {
+            setup: {name: float(np.mean([r[name] for r in rows])) for name in ("ratio_to_nonprivate", "step_time_s", "examples_per_s")}
+            for setup, rows in setups.items()
         }
-    return result
+        for key, setups in grouped.items()
+    }
 
 
 def headline_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -139,6 +141,12 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     metrics["q2_flat_decades"] = {m: r["decades"] for m, r in summary["clip"]["flat_regions"].items()}
     metrics["q1_noise_power"] = {m: r["noise_power"] for m, r in summary["diagnostics"].items()}
     metrics["q1_cosine_to_clean"] = {m: r["cosine_to_clean"] for m, r in summary["diagnostics"].items()}
+    if "compute" in summary:
+        largest = max((k for k in summary["compute"] if k.startswith("mlp/")), key=lambda k: int(k.split("B=")[1]), default=None)
+        if largest is not None:
+            metrics["q5_step_time_ratio_mlp"] = {
+                setup.split("/")[0]: row["ratio_to_nonprivate"] for setup, row in summary["compute"][largest].items() if setup.endswith("/fast")
+            }
     smallest = {m: min(v, key=int) for m, v in summary["size"].items()}
     metrics["q4_smallest_n"] = {m: summary["size"][m][n]["mean"] for m, n in smallest.items()}
     return {name: {k: round(v, 5) for k, v in values.items() if v is not None} for name, values in metrics.items()}
@@ -209,10 +217,12 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
 
     compute = summary.get("compute")
     if compute:
-        key = max(compute, key=lambda k: int(k.split("B=")[1]))
-        ratios = {name: row["ratio_to_nonprivate"] for name, row in compute[key].items() if not name.startswith("nonprivate")}
-        listed = ", ".join(f"{name} {ratio:.2f}×" for name, ratio in sorted(ratios.items(), key=lambda kv: kv[1]))
-        result["compute"] = f"Step time relative to non-private training ({key}, one run): {listed}."
+        parts = []
+        for key in sorted(compute, key=lambda k: (k.split("/B=")[0], int(k.split("B=")[1]))):
+            ratios = {name: row["ratio_to_nonprivate"] for name, row in compute[key].items() if not name.startswith("nonprivate")}
+            listed = ", ".join(f"{name} {ratio:.2f}×" for name, ratio in sorted(ratios.items(), key=lambda kv: kv[1]))
+            parts.append(f"{key}: {listed}")
+        result["compute"] = "Step time relative to non-private training, measured in one process: " + "; ".join(parts) + "."
     return result
 
 
