@@ -69,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--params", type=Path, default=Path("params.yaml"))
     aggregate.add_argument("--runs", type=Path, default=Path("runs"), help="folder with <sweep>.jsonl for every sweep")
     aggregate.add_argument("--bench", type=Path, help="the benchmark's JSON records (optional)")
+    aggregate.add_argument("--audit", type=Path, help="the audit's JSON results (optional)")
     aggregate.add_argument("--summary", type=Path, default=Path("reports/summary.json"))
     aggregate.add_argument("--metrics", type=Path, default=Path("reports/metrics"), help="folder for the {method: value} headline files")
     return top
@@ -78,7 +79,8 @@ def _aggregate(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     sweeps = {name: read_records(args.runs / f"{name}.jsonl") for name in SWEEPS}
     bench = json.loads(args.bench.read_text()) if args.bench is not None else None
-    summary = summarise(params, sweeps, bench)
+    audit = json.loads(args.audit.read_text()) if args.audit is not None else None
+    summary = summarise(params, sweeps, bench, audit)
     metrics = headline_metrics(summary)
     for name, values in metrics.items():
         write_text_atomic(args.metrics / f"{name}.json", json.dumps(values, indent=1, sort_keys=True) + "\n")

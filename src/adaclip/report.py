@@ -90,8 +90,9 @@ def summarise(
     params: dict[str, Any],
     sweeps: dict[str, Sequence[dict[str, Any]]],
     bench: Sequence[dict[str, Any]] | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything the report states, from the sweeps' records (``{sweep name: records}``) and the benchmark's."""
+    """Everything the report states, from the sweeps' records (``{sweep name: records}``), the benchmark's and the audit's."""
     any_record = next(r for records in sweeps.values() for r in records if r["method"] != "nonprivate")
     summary: dict[str, Any] = {
         "profile": params["profile"],
@@ -105,7 +106,17 @@ def summarise(
     }
     if bench is not None:
         summary["compute"] = _compute(bench)
+    if audit is not None:
+        summary["audit"] = _audit(audit)
     return _clean(summary)
+
+
+def _audit(audit: dict[str, Any]) -> dict[str, Any]:
+    """Per audit row (see :mod:`adaclip.audit`): kind, verdict, theoretical epsilon and the audited lower bound."""
+    return {
+        row["name"]: {"kind": row["kind"], "passed": row["verdict"] == "pass", "theoretical_epsilon": row["theoretical_epsilon"], "lower_bound": row["lower_bound"]["epsilon"]}
+        for row in audit["results"]
+    }
 
 
 def _learning_rates(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -219,10 +230,23 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
     if compute:
         parts = []
         for key in sorted(compute, key=lambda k: (k.split("/B=")[0], int(k.split("B=")[1]))):
-            ratios = {name: row["ratio_to_nonprivate"] for name, row in compute[key].items() if not name.startswith("nonprivate")}
-            listed = ", ".join(f"{name} {ratio:.2f}×" for name, ratio in sorted(ratios.items(), key=lambda kv: kv[1]))
-            parts.append(f"{key}: {listed}")
+            rows = compute[key]
+            ours = {name.split("/")[0]: row["ratio_to_nonprivate"] for name, row in rows.items() if name.endswith("/fast")}
+            low, high = min(ours, key=ours.get), max(ours, key=ours.get)
+            opacus = ", ".join(f"{name} {row['ratio_to_nonprivate']:.2f}×" for name, row in sorted(rows.items()) if name.startswith("opacus/"))
+            parts.append(f"{key}: {ours[low]:.2f}× ({analysis.label(low)}) to {ours[high]:.2f}× ({analysis.label(high)}) on the fast path ({opacus})")
         result["compute"] = "Step time relative to non-private training, measured in one process: " + "; ".join(parts) + "."
+
+    audit = summary.get("audit")
+    if audit:
+        correct = {n: r for n, r in audit.items() if r["kind"] != "control"}
+        controls = {n: r for n, r in audit.items() if r["kind"] == "control"}
+        worst = max(correct, key=lambda n: correct[n]["lower_bound"] / correct[n]["theoretical_epsilon"])
+        result["audit"] = (
+            f"{sum(r['passed'] for r in correct.values())} of {len(correct)} audits of correct methods passed (largest audited lower "
+            f"bound: {correct[worst]['lower_bound']:.2f} against ε = {correct[worst]['theoretical_epsilon']:.2f} for {worst}); "
+            f"{sum(not r['passed'] for r in controls.values())} of {len(controls)} deliberately broken controls were caught."
+        )
     return result
 
 
