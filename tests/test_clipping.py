@@ -21,13 +21,7 @@ from adaclip.clipping import (
 
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    """Exact comparisons in double precision; restored afterwards for the other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 # The example of DESIGN.md §2: per-coordinate standard deviations, zero mean.

@@ -32,12 +32,7 @@ from adaclip.per_example import (
 )
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 # --- models covering every kind of layer the fast path sees -------------------------------------

@@ -18,13 +18,7 @@ from adaclip.clipping import AdaCliP, AdaClipState, FixedClip, optimal_scale
 from adaclip.geoclip import FULL_MATRIX_MAX_DIM, GeoClip, GeoClipState
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    """Exact comparisons in double precision; restored afterwards for the other test modules."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 def make_state(mean, basis, eigenvalues, residual=1.0) -> GeoClipState:

@@ -8,12 +8,7 @@ import torch
 from adaclip.clipping import AutoClip, PerSampleAdaptiveClip, psac_weights
 
 
-@pytest.fixture(autouse=True)
-def float64_by_default():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_by_default")
 
 
 def paper_weight(norm: float, clip: float, r: float) -> float:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from adaclip import analysis
+from adaclip.experiments import select_learning_rates
 from adaclip.theory import dpsgd_noise_power, log_spaced_std, optimal_noise_power
 
 DIAGNOSTIC_KEYS = ("noise_power", "cosine_to_clean", "clipped_fraction")
@@ -97,7 +98,7 @@ def summarise(
     summary: dict[str, Any] = {
         "profile": params["profile"],
         "privacy": {"delta": any_record["delta"], "accountant": any_record["accountant"], "main_epsilon": params["setting"]["epsilon"]},
-        "learning_rates": _learning_rates(sweeps["lr_search"]),
+        "learning_rates": select_learning_rates(sweeps["lr_search"]),
         "accuracy": _accuracy(sweeps["accuracy"], params),
         "clip": _clip(sweeps["clip"]),
         "size": _size(sweeps["size"]),
@@ -117,12 +118,6 @@ def _audit(audit: dict[str, Any]) -> dict[str, Any]:
         row["name"]: {"kind": row["kind"], "passed": row["verdict"] == "pass", "theoretical_epsilon": row["theoretical_epsilon"], "lower_bound": row["lower_bound"]["epsilon"]}
         for row in audit["results"]
     }
-
-
-def _learning_rates(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    from adaclip.experiments import select_learning_rates
-
-    return select_learning_rates(records)
 
 
 def _compute(bench: Sequence[dict[str, Any]]) -> dict[str, Any]:
