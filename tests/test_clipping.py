@@ -14,14 +14,22 @@ from adaclip.clipping import (
     FixedClip,
     QuantileClip,
     QuantileClipState,
-    clip_rows,
-    noise_corrected_second_moment,
     optimal_scale,
 )
 
-
-
 pytestmark = pytest.mark.usefixtures("float64_by_default")
+
+
+def clip_rows(rows: torch.Tensor, bound: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference clipping, written out (Abadi et al. 2016, Alg. 1): each row times ``min(1, bound / ||row||)``."""
+    norms = torch.linalg.vector_norm(rows, dim=1)
+    factors = torch.where(norms > bound, bound / norms.clamp_min(1e-300), torch.ones_like(norms))
+    return rows * factors.unsqueeze(1), norms
+
+
+def noise_corrected_second_moment(released, mean, scale, sigma, batch):
+    """AdaCliP's ``r_t = (g~ - a_t)^2 - b_t^2 sigma^2 / B^2`` (Pichapati et al. 2019, Alg. 1)."""
+    return (released - mean) ** 2 - (scale * sigma / batch) ** 2
 
 
 # The example of DESIGN.md §2: per-coordinate standard deviations, zero mean.

@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaclip.clipping import ClipRule, clip_factors, supports_norm_path
+from adaclip.clipping import ClippedSum, ClipRule, clip_factors, supports_norm_path
 from adaclip.engine import METHODS, make_private
 from adaclip import per_example as per_example_module
 from adaclip.fastpath import BookkeepingGradSampleModule
@@ -347,7 +347,7 @@ def test_fast_path_never_forms_a_per_example_gradient_of_a_linear_layer(method):
 
 
 class PsacLike(ClipRule):
-    """A norm-only rule written against the step() API plus one method (DP-PSAC's weight, Xia et al. 2023)."""
+    """A user-written norm-only rule: its own ``clipped_sum`` on ``[n, d]`` plus one method (DP-PSAC's weight, Xia et al. 2023); the default release."""
 
     def __init__(self, *, clip_norm: float, noise_multiplier: float, expected_batch_size: float, r: float = 0.1) -> None:
         self.clip_norm, self.noise_multiplier, self.expected_batch_size, self.r = clip_norm, noise_multiplier, expected_batch_size, r
@@ -355,14 +355,9 @@ class PsacLike(ClipRule):
     def _weights(self, norms):
         return self.clip_norm / (norms + self.r / (norms + self.r))
 
-    def step(self, per_example_grads, state, noise):
-        norms = per_example_grads.norm(dim=1)
-        weights = self._weights(norms)
-        summed = (weights.unsqueeze(1) * per_example_grads).sum(0)
-        stats = {"clipped_fraction": float((weights < 1).double().mean()) if len(norms) else 0.0,
-                 "noise_power": per_example_grads.shape[1] * (self.noise_multiplier * self.clip_norm / self.expected_batch_size) ** 2,
-                 "batch_size": float(len(norms)), "clip_norm": self.clip_norm}
-        return (summed + self.noise_multiplier * self.clip_norm * noise) / self.expected_batch_size, state, stats
+    def clipped_sum(self, per_example_grads, state):
+        weights = self._weights(per_example_grads.norm(dim=1))
+        return ClippedSum.of((weights.unsqueeze(1) * per_example_grads).sum(0), weights)
 
     def example_weights(self, norms, state):
         return self._weights(norms)

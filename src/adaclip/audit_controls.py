@@ -1,9 +1,11 @@
 """DELIBERATELY BROKEN clipping rules: the negative controls of :mod:`adaclip.audit`.  Never train with them.
 
 Each class breaks exactly one privacy rule of DESIGN.md §2, the way DP-SGD implementations are known
-to break it silently, and otherwise behaves like the correct rule it subclasses.  They break
-``step``, which the rule audit calls; only :class:`FixedClipWithoutClipping`, which the optimizer-path
-test runs through ``make_private``, also breaks the optimizer's per-example norm path.  They exist so
+to break it silently, and otherwise behaves like the correct rule it subclasses.  Most break one of
+the two halves of a step (:mod:`adaclip.clipping`): ``example_weights`` (the clipping) or ``release``
+(noise, normaliser, state update), which both the rule audit's ``step`` and the optimizer use;
+:class:`AdaCliPWithRawStatistics` needs the raw gradients, which ``release`` never sees, so it breaks
+``step`` itself.  They exist so
 that the audit can be shown to catch each bug: ``tests/test_audit.py`` requires every one to be
 flagged, and the audit notebook reports them next to the correct methods.  None is registered in
 ``adaclip.engine.METHODS`` or exported from ``adaclip`` (a test checks this), so ``make_private``
@@ -20,23 +22,16 @@ import torch
 from torch import Tensor
 
 from adaclip.audit import ADAPTERS, AuditConfig, AuditResult, audit_rule
-from adaclip.clipping import AdaCliP, AdaClipState, ClipRule, FixedClip, QuantileClip, QuantileClipState, Stats, optimal_scale
+from adaclip.clipping import AdaCliP, AdaClipState, ClippedSum, ClipRule, FixedClip, QuantileClip, QuantileClipState, Stats, optimal_scale
 from adaclip.engine import METHOD_DEFAULTS
 
 
 class FixedClipWithoutClipping(FixedClip):
     """BROKEN: DP-SGD that forgets to clip; the sum's sensitivity is unbounded, noise still ``sigma C``.
 
-    It is broken on both ways an optimizer may aggregate: ``step`` on the per-example matrix and, for
-    an optimizer with the per-example *norm* interface (a fast path that calls ``example_weights``
-    and ``finish_step`` instead of ``step``), unit weights.  The optimizer-path test needs both.
+    Unit weights break both ways of aggregating: ``clipped_sum`` on the per-example matrix and the
+    optimizer's per-example norm path.
     """
-
-    def step(self, per_example_grads: Tensor, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
-        noise_std = self.noise_multiplier * self.clip_norm
-        released = (per_example_grads.sum(0) + noise_std * noise) / self.expected_batch_size
-        _, _, stats = super().step(per_example_grads, state, noise)
-        return released, state, stats
 
     def example_weights(self, norms: Tensor, state: None) -> Tensor:
         """Weight 1 for every example: no clipping on the norm path either."""
@@ -46,8 +41,8 @@ class FixedClipWithoutClipping(FixedClip):
 class FixedClipWithHalfNoise(FixedClip):
     """BROKEN: DP-SGD whose noise standard deviation is ``sigma C / 2`` (a wrong constant)."""
 
-    def step(self, per_example_grads: Tensor, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
-        return super().step(per_example_grads, state, noise / 2)
+    def release(self, clipped: ClippedSum, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
+        return super().release(clipped, state, noise / 2)
 
 
 class FixedClipWithRealisedBatchSize(FixedClip):
@@ -57,9 +52,9 @@ class FixedClipWithRealisedBatchSize(FixedClip):
     ``2 C / n``, twice what the accountant assumes when the other examples oppose the new one.
     """
 
-    def step(self, per_example_grads: Tensor, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
-        released, state, stats = super().step(per_example_grads, state, noise)
-        realised = max(per_example_grads.shape[0], 1)
+    def release(self, clipped: ClippedSum, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
+        released, state, stats = super().release(clipped, state, noise)
+        realised = max(clipped.examples, 1.0)
         return released * self.expected_batch_size / realised, state, stats
 
 
@@ -86,10 +81,10 @@ class AdaCliPWithRawStatistics(AdaCliP):
 class QuantileClipWithNoiselessCount(QuantileClip):
     """BROKEN: quantile clipping whose unclipped count (and so the next clip norm) gets no noise."""
 
-    def step(self, per_example_grads: Tensor, state: QuantileClipState, noise: Tensor) -> tuple[Tensor, QuantileClipState, Stats]:
+    def release(self, clipped: ClippedSum, state: QuantileClipState, noise: Tensor) -> tuple[Tensor, QuantileClipState, Stats]:
         without_count_noise = noise.clone()
         without_count_noise[-1] = 0.0
-        return super().step(per_example_grads, state, without_count_noise)
+        return super().release(clipped, state, without_count_noise)
 
 
 #: Control name -> (the correct method it breaks, the broken rule class).

@@ -16,31 +16,41 @@ Common rules (DESIGN.md §2), which every class here obeys:
 * Statistics that steer clipping (AdaCliP's ``a`` and ``b``, the quantile rule's ``C``) are
   computed only from values that were released with noise.
 
+**Two halves.**  ``step`` is ``release(clipped_sum(per_example_grads, state), state, noise)``:
+
+* :meth:`ClipRule.clipped_sum` is the only part that reads the examples.  It returns a
+  :class:`ClippedSum`: ``sum_i c_i (g_i - a)`` (each example's clipped contribution, mapped back to
+  gradient space; ``a = 0`` for rules without a shift) and the counts ``[n, n_clipped]``.  Every
+  field is a sum over examples, so data-parallel workers each sum their own examples and
+  all-reduce (:mod:`adaclip.distributed`).
+* :meth:`ClipRule.release` adds the noise once, divides by ``B``, and updates the state from the
+  released values only; given the same summed input and noise it is the same on every worker.
+
 ``stats`` always holds ``clipped_fraction`` (share of the batch whose vector was shrunk; 0 for an
 empty batch), ``noise_power`` (``E||noise||^2`` of the returned mean gradient), ``batch_size``
 (the realised ``n``) and, for rules with a scalar bound, ``clip_norm``.
 
-**Norm interface (the fast path).**  Every rule here scales each example's vector by one number
-``c_i`` that depends only on a norm of the example (for AdaCliP: of its transformed vector), so
-the rule needs the per-example norms and the weighted sum ``sum_i c_i g_i``, never the ``[n, d]``
+**Norm interface (the fast path).**  Every rule here but GeoClip scales each example's vector by one
+number ``c_i`` that depends only on a norm of the example (for AdaCliP: of its transformed vector),
+so the rule needs the per-example norms and the weighted sum ``sum_i c_i g_i``, never the ``[n, d]``
 matrix.  :mod:`adaclip.per_example` computes both from layer inputs and output gradients; a rule
 opts in by overriding :meth:`ClipRule.example_weights` (see :func:`supports_norm_path`)::
 
     shift_scale = rule.norm_transform(state)             # None, or (a, b) for ||(g_i - a) / b||
     weights     = rule.example_weights(norms, state)     # c_i, shape [n]
-    noisy_mean, new_state, stats = rule.finish_step(weighted_sum, weights, norms, state, noise)
+    clipped     = rule.clipped_sum_from_weights(weighted_sum, weights, state)
+    noisy_mean, new_state, stats = rule.release(clipped, state, noise)
 
-``finish_step`` returns what ``step`` returns on the materialised gradients with the same noise
-(up to float rounding).  The default ``finish_step`` serves stateless rules whose weighted vectors
-have norm at most ``weight_bound(state)`` (``clip_norm`` unless overridden).  A rule without
-``example_weights`` (e.g. one with a full-matrix transform) always gets the materialised path.
+The same ``example_weights`` give the materialised :meth:`ClipRule.clipped_sum`, so both paths
+compute one thing (up to float rounding).  A rule without ``example_weights`` (e.g. one with a
+full-matrix transform) overrides ``clipped_sum`` and always gets the materialised path.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,18 +79,45 @@ def _require_in_range(name: str, value: float, low: float, high: float, *, close
     return float(value)
 
 
-def clip_rows(rows: Tensor, bound: float | Tensor = 1.0) -> tuple[Tensor, Tensor]:
-    """Scale each row ``x`` of ``rows`` by ``min(1, bound / ||x||)`` (Abadi et al. 2016, eq. in Alg. 1).
+@dataclass(frozen=True)
+class ClippedSum:
+    """The data-dependent input of one release: a sum over the batch's examples.
 
-    Returns the clipped rows and the original row norms.  A zero row stays zero.
+    ``vector`` is ``sum_i c_i (g_i - a)``, the clipped contributions in gradient space (``a`` is the
+    rule's shift, 0 for rules without one); ``counts`` is ``[n, n_clipped]``, the realised batch size
+    and how many examples were shrunk (weight ``c_i < 1``), in ``vector``'s dtype and device.  Both
+    are sums over examples: the ``ClippedSum`` of a batch is the field-wise sum of those of any split
+    of it, which is what a data-parallel all-reduce relies on.
     """
-    norms = torch.linalg.vector_norm(rows, dim=1)
-    factors = (bound / norms.clamp_min(torch.finfo(rows.dtype).tiny)).clamp(max=1.0)
-    return rows * factors.unsqueeze(1), norms
+
+    vector: Tensor
+    counts: Tensor
+
+    @classmethod
+    def of(cls, vector: Tensor, weights: Tensor) -> ClippedSum:
+        """From the summed vector and the per-example weights ``c_i`` (which give the counts)."""
+        clipped = (weights < 1).sum().to(device=vector.device, dtype=vector.dtype)
+        return cls(vector=vector, counts=torch.stack([clipped.new_tensor(float(weights.numel())), clipped]))
+
+    @property
+    def examples(self) -> float:
+        """The realised batch size ``n``."""
+        return float(self.counts[0])
+
+    @property
+    def clipped_fraction(self) -> float:
+        """Share of the batch whose vector was shrunk (0 for an empty batch)."""
+        examples, clipped = self.counts.tolist()
+        return clipped / examples if examples else 0.0
 
 
 class ClipRule(ABC):
-    """Interface shared by every clipping rule (see the module docstring)."""
+    """Interface shared by every clipping rule (see the module docstring).
+
+    A subclass gives either the norm interface (:meth:`example_weights`, plus :meth:`norm_transform`
+    if it clips shifted and scaled vectors) or its own :meth:`clipped_sum`; and :meth:`release`
+    unless the default (noise ``sigma * weight_bound``, stateless) is right for it.
+    """
 
     noise_multiplier: float
     expected_batch_size: float
@@ -94,9 +131,44 @@ class ClipRule(ABC):
         """How many standard-normal draws one step consumes."""
         return _check_dim(dim)
 
-    @abstractmethod
     def step(self, per_example_grads: Tensor, state: Any, noise: Tensor) -> tuple[Tensor, Any, Stats]:
-        """One private aggregation step; pure (inputs are not modified)."""
+        """One private aggregation step, ``release(clipped_sum(...))``; pure (inputs are not modified)."""
+        self._check_step_inputs(per_example_grads, noise)
+        return self.release(self.clipped_sum(per_example_grads, state), state, noise)
+
+    def clipped_sum(self, per_example_grads: Tensor, state: Any) -> ClippedSum:
+        """``sum_i c_i (g_i - a)`` and the counts, from the ``[n, d]`` per-example gradients.
+
+        The default uses the norm interface: ``c_i = example_weights(||(g_i - a) / b||)`` with
+        ``(a, b) = norm_transform(state)`` (plain ``||g_i||`` when that is ``None``).
+        """
+        shift_scale = self.norm_transform(state)
+        if shift_scale is None:
+            deviations = per_example_grads
+            norms = torch.linalg.vector_norm(per_example_grads, dim=1)
+        else:
+            shift, scale = shift_scale
+            deviations = per_example_grads - shift
+            norms = torch.linalg.vector_norm(deviations / scale, dim=1)
+        weights = self.example_weights(norms, state)
+        return ClippedSum.of(weights @ deviations, weights)
+
+    def release(self, clipped: ClippedSum, state: Any, noise: Tensor) -> tuple[Tensor, Any, Stats]:
+        """``(sum_i c_i g_i + N(0, sigma^2 s^2 I)) / B`` with ``s = weight_bound(state)``; the state is unchanged.
+
+        For stateless rules whose weighted vectors have norm at most ``s`` (DP-SGD, AUTO-S, DP-PSAC).
+        """
+        dim = self._check_release_inputs(clipped, noise)
+        noise_std = self.noise_multiplier * self.weight_bound(state)
+        noisy_mean = torch.add(clipped.vector, noise, alpha=noise_std).div_(self.expected_batch_size)
+        stats = {
+            "clipped_fraction": clipped.clipped_fraction,
+            "noise_power": dim * (noise_std / self.expected_batch_size) ** 2,
+            "batch_size": clipped.examples,
+        }
+        if hasattr(self, "clip_norm"):
+            stats["clip_norm"] = float(self.clip_norm)
+        return noisy_mean, state, stats
 
     # --- norm interface (optional; see the module docstring) ------------------------------------
 
@@ -105,7 +177,7 @@ class ClipRule(ABC):
         return None
 
     def example_weights(self, norms: Tensor, state: Any) -> Tensor:
-        """The per-example weights ``c_i`` (shape ``[n]``) that this rule applies to ``g_i``, from the norms.
+        """The per-example weights ``c_i`` (shape ``[n]``) that this rule applies to ``g_i - a``, from the norms.
 
         Overriding this enables the fast path for the rule (:func:`supports_norm_path`).
         """
@@ -118,33 +190,23 @@ class ClipRule(ABC):
             raise NotImplementedError(f"{type(self).__name__} has no clip_norm: override weight_bound(state) to give its sensitivity")
         return float(bound)
 
-    def finish_step(
-        self, weighted_sum: Tensor, weights: Tensor, norms: Tensor, state: Any, noise: Tensor
-    ) -> tuple[Tensor, Any, Stats]:
-        """Noise and normalise ``weighted_sum = sum_i c_i g_i``: ``(sum_i c_i g_i + N(0, sigma^2 s^2 I)) / B``.
+    def clipped_sum_from_weights(self, weighted_sum: Tensor, weights: Tensor, state: Any) -> ClippedSum:
+        """:meth:`clipped_sum` from ``S = sum_i c_i g_i`` and the weights ``c_i`` (the fast path).
 
-        ``s = weight_bound(state)``; for stateless rules with a scalar bound (DP-SGD, AUTO-S and
-        any rule that only rescales each ``g_i`` by a function of ``||g_i||``).  ``clipped_fraction``
-        is the share of examples with ``c_i < 1``.
+        With a shift ``a``, ``sum_i c_i (g_i - a) = S - a sum_i c_i``: one pass over ``d``.
         """
-        dim = self._check_finish_inputs(weighted_sum, weights, norms, noise)
-        noise_std = self.noise_multiplier * self.weight_bound(state)
-        noisy_mean = torch.add(weighted_sum, noise, alpha=noise_std).div_(self.expected_batch_size)
-        stats = {
-            "clipped_fraction": float((weights < 1).sum()) / weights.numel() if weights.numel() else 0.0,
-            "noise_power": dim * (noise_std / self.expected_batch_size) ** 2,
-            "batch_size": float(weights.shape[0]),
-        }
-        if hasattr(self, "clip_norm"):
-            stats["clip_norm"] = float(self.clip_norm)
-        return noisy_mean, state, stats
-
-    def _check_finish_inputs(self, weighted_sum: Tensor, weights: Tensor, norms: Tensor, noise: Tensor) -> int:
         if not isinstance(weighted_sum, Tensor) or weighted_sum.dim() != 1:
             raise ValueError(f"weighted_sum must be a 1-D tensor [n_params], got {getattr(weighted_sum, 'shape', type(weighted_sum))}")
-        if weights.dim() != 1 or norms.shape != weights.shape:
-            raise ValueError(f"weights and norms must be 1-D tensors [n_examples] of one shape, got {weights.shape} and {norms.shape}")
-        dim = weighted_sum.shape[0]
+        if not isinstance(weights, Tensor) or weights.dim() != 1:
+            raise ValueError(f"weights must be a 1-D tensor [n_examples], got {getattr(weights, 'shape', type(weights))}")
+        shift_scale = self.norm_transform(state)
+        vector = weighted_sum if shift_scale is None else torch.add(weighted_sum, shift_scale[0], alpha=-float(weights.sum()))
+        return ClippedSum.of(vector, weights)
+
+    def _check_release_inputs(self, clipped: ClippedSum, noise: Tensor) -> int:
+        if not isinstance(clipped, ClippedSum) or clipped.vector.dim() != 1 or clipped.counts.shape != (2,):
+            raise ValueError("clipped must be a ClippedSum with a 1-D vector [n_params] and counts [n, n_clipped] (from clipped_sum)")
+        dim = clipped.vector.shape[0]
         if not isinstance(noise, Tensor) or noise.shape != (self.noise_size(dim),):
             raise ValueError(
                 f"noise must be a 1-D tensor of {self.noise_size(dim)} standard-normal draws "
@@ -174,11 +236,7 @@ def supports_norm_path(rule: ClipRule) -> bool:
 
 
 def clip_factors(norms: Tensor, bound: float = 1.0) -> Tensor:
-    """``min(1, bound / ||x||)`` per row, the factors :func:`clip_rows` applies (a zero norm gives 1).
-
-    ``bound / t`` is ``t.reciprocal() * bound`` in torch, so the values are identical; a zero norm
-    gives ``inf`` before the clamp instead of ``bound / tiny``, both clamped to 1.
-    """
+    """``min(1, bound / ||x||)`` for each norm ``||x||`` (Abadi et al. 2016, Alg. 1); a zero norm gives 1."""
     factors = norms.reciprocal()
     if bound != 1.0:
         factors.mul_(bound)
@@ -191,10 +249,6 @@ def _check_dim(dim: int) -> int:
     return dim
 
 
-def _clipped_fraction(norms: Tensor, bound: float | Tensor) -> float:
-    return float((norms > bound).float().mean()) if norms.numel() else 0.0
-
-
 class FixedClip(ClipRule):
     """DP-SGD with a fixed clip norm ``C`` (Abadi et al. 2016, Algorithm 1).
 
@@ -205,19 +259,6 @@ class FixedClip(ClipRule):
         self.clip_norm = _require_positive("clip_norm", clip_norm)
         self.noise_multiplier = _require_in_range("noise_multiplier", noise_multiplier, 0.0, math.inf)
         self.expected_batch_size = _require_positive("expected_batch_size", expected_batch_size)
-
-    def step(self, per_example_grads: Tensor, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
-        dim = self._check_step_inputs(per_example_grads, noise)
-        clipped, norms = clip_rows(per_example_grads, self.clip_norm)
-        noise_std = self.noise_multiplier * self.clip_norm
-        noisy_mean = (clipped.sum(0) + noise_std * noise) / self.expected_batch_size
-        stats = {
-            "clipped_fraction": _clipped_fraction(norms, self.clip_norm),
-            "noise_power": dim * (noise_std / self.expected_batch_size) ** 2,
-            "clip_norm": self.clip_norm,
-            "batch_size": float(per_example_grads.shape[0]),
-        }
-        return noisy_mean, state, stats
 
     def example_weights(self, norms: Tensor, state: None) -> Tensor:
         """``min(1, C / ||g_i||)``."""
@@ -236,18 +277,6 @@ class AutoClip(ClipRule):
         self.noise_multiplier = _require_in_range("noise_multiplier", noise_multiplier, 0.0, math.inf)
         self.expected_batch_size = _require_positive("expected_batch_size", expected_batch_size)
         self.r = _require_positive("r", r)
-
-    def step(self, per_example_grads: Tensor, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
-        dim = self._check_step_inputs(per_example_grads, noise)
-        norms = torch.linalg.vector_norm(per_example_grads, dim=1)
-        normalised = per_example_grads / (norms + self.r).unsqueeze(1)
-        noisy_mean = (normalised.sum(0) + self.noise_multiplier * noise) / self.expected_batch_size
-        stats = {
-            "clipped_fraction": _clipped_fraction(norms + self.r, 1.0),
-            "noise_power": dim * (self.noise_multiplier / self.expected_batch_size) ** 2,
-            "batch_size": float(per_example_grads.shape[0]),
-        }
-        return noisy_mean, state, stats
 
     def example_weights(self, norms: Tensor, state: None) -> Tensor:
         """``1 / (||g_i|| + r)``."""
@@ -323,51 +352,32 @@ class QuantileClip(ClipRule):
     def noise_size(self, dim: int) -> int:
         return _check_dim(dim) + 1
 
-    def step(
-        self, per_example_grads: Tensor, state: QuantileClipState, noise: Tensor
-    ) -> tuple[Tensor, QuantileClipState, Stats]:
-        dim = self._check_step_inputs(per_example_grads, noise)
-        clip_norm = state.clip_norm
-        clipped, norms = clip_rows(per_example_grads, clip_norm)
-        grad_noise_std = self.grad_noise_multiplier * clip_norm
-        noisy_mean = (clipped.sum(0) + grad_noise_std * noise[:dim]) / self.expected_batch_size
-
-        centred_bits = (norms <= clip_norm).to(noise.dtype) - 0.5
-        noisy_count = centred_bits.sum() + self.count_noise_std * noise[dim]
-        unclipped_estimate = float(noisy_count) / self.expected_batch_size + 0.5
-        next_clip = clip_norm * math.exp(-self.clip_lr * (unclipped_estimate - self.target_quantile))
-        stats = {
-            "clipped_fraction": _clipped_fraction(norms, clip_norm),
-            "noise_power": dim * (grad_noise_std / self.expected_batch_size) ** 2,
-            "clip_norm": clip_norm,
-            "unclipped_estimate": unclipped_estimate,
-            "batch_size": float(per_example_grads.shape[0]),
-        }
-        return noisy_mean, QuantileClipState(clip_norm=next_clip), stats
-
     def example_weights(self, norms: Tensor, state: QuantileClipState) -> Tensor:
         """``min(1, C_t / ||g_i||)``."""
         return clip_factors(norms, state.clip_norm)
 
-    def finish_step(
-        self, weighted_sum: Tensor, weights: Tensor, norms: Tensor, state: QuantileClipState, noise: Tensor
-    ) -> tuple[Tensor, QuantileClipState, Stats]:
-        """:meth:`step` from ``sum_i min(1, C_t / ||g_i||) g_i`` and the norms (the bits need only ``||g_i||``)."""
-        dim = self._check_finish_inputs(weighted_sum, weights, norms, noise)
-        clip_norm = state.clip_norm
-        grad_noise_std = self.grad_noise_multiplier * clip_norm
-        noisy_mean = torch.add(weighted_sum, noise[:dim], alpha=grad_noise_std).div_(self.expected_batch_size)
+    def release(self, clipped: ClippedSum, state: QuantileClipState, noise: Tensor) -> tuple[Tensor, QuantileClipState, Stats]:
+        """DP-SGD with clip ``C_t`` and ``sigma_delta``, and the noisy count that sets ``C_t+1``.
 
-        centred_bits = (norms <= clip_norm).to(noise.dtype) - 0.5
-        noisy_count = centred_bits.sum() + self.count_noise_std * noise[dim]
-        unclipped_estimate = float(noisy_count) / self.expected_batch_size + 0.5
+        The unclipped count is ``n - n_clipped`` (``||g_i|| <= C_t`` exactly when ``c_i = 1``), so
+        ``sum_i u_i = n - n_clipped - n / 2``; the last noise draw is the count's.
+        """
+        dim = self._check_release_inputs(clipped, noise)
+        clip_norm, B = state.clip_norm, self.expected_batch_size
+        grad_noise_std = self.grad_noise_multiplier * clip_norm
+        noisy_mean = torch.add(clipped.vector, noise[:dim], alpha=grad_noise_std).div_(B)
+
+        examples, clipped_count = clipped.counts.tolist()
+        centred_bits = examples - clipped_count - examples / 2
+        noisy_count = centred_bits + self.count_noise_std * float(noise[dim])
+        unclipped_estimate = noisy_count / B + 0.5
         next_clip = clip_norm * math.exp(-self.clip_lr * (unclipped_estimate - self.target_quantile))
         stats = {
-            "clipped_fraction": _clipped_fraction(norms, clip_norm),
-            "noise_power": dim * (grad_noise_std / self.expected_batch_size) ** 2,
+            "clipped_fraction": clipped.clipped_fraction,
+            "noise_power": dim * (grad_noise_std / B) ** 2,
             "clip_norm": clip_norm,
             "unclipped_estimate": unclipped_estimate,
-            "batch_size": float(norms.shape[0]),
+            "batch_size": examples,
         }
         return noisy_mean, QuantileClipState(clip_norm=next_clip), stats
 
@@ -390,6 +400,11 @@ VarianceTarget = Literal["per_example", "batch_mean"]
 ClampPosition = Literal["before_average", "after_average"]
 
 
+def _check_state_dim(state: AdaClipState, dim: int) -> None:
+    if state.scale.shape != (dim,):
+        raise ValueError(f"state was made for {state.scale.shape[0]} parameters, but the gradients have {dim}")
+
+
 def optimal_scale(std: Tensor, kappa: float = 1.0) -> Tensor:
     """AdaCliP's noise-minimising scale ``b_j = kappa sqrt(s_j) sqrt(sum_k s_k)`` (Pichapati et al. 2019, Thm. 2).
 
@@ -397,18 +412,6 @@ def optimal_scale(std: Tensor, kappa: float = 1.0) -> Tensor:
     ``sum_j s_j^2 / b_j^2 <= 1``; the minimum is ``(sum_j s_j)^2``.
     """
     return kappa * std.sqrt() * std.sum().sqrt()
-
-
-def noise_corrected_second_moment(
-    released: Tensor, mean: Tensor, scale: Tensor, noise_multiplier: float, expected_batch_size: float
-) -> Tensor:
-    """``r_t = (g~ - a_t)^2 - b_t^2 sigma^2 / B^2`` (Pichapati et al. 2019, Alg. 1).
-
-    The released gradient is ``g~ = a + b * (sum_i w_i + sigma z) / B``, so
-    ``E_z[(g~ - a)^2] = (b * sum_i w_i / B)^2 + b^2 sigma^2 / B^2``: subtracting the known injected
-    noise variance leaves an unbiased estimate of the squared clipped batch mean, centred at ``a``.
-    """
-    return (released - mean) ** 2 - (scale * noise_multiplier / expected_batch_size) ** 2
 
 
 class AdaCliP(ClipRule):
@@ -495,36 +498,10 @@ class AdaCliP(ClipRule):
             scale=torch.full((dim,), self.initial_clip, device=device, dtype=dtype),
         )
 
-    def step(self, per_example_grads: Tensor, state: AdaClipState, noise: Tensor) -> tuple[Tensor, AdaClipState, Stats]:
-        dim = self._check_step_inputs(per_example_grads, noise)
-        if state.scale.shape != (dim,):
-            raise ValueError(f"state was made for {state.scale.shape[0]} parameters, but the gradients have {dim}")
-        a, b, B = state.mean, state.scale, self.expected_batch_size
-        whitened, norms = clip_rows((per_example_grads - a) / b, 1.0)
-        noisy_whitened_mean = (whitened.sum(0) + self.noise_multiplier * noise) / B
-        released = b * noisy_whitened_mean + a
-
-        second_moment = noise_corrected_second_moment(released, a, b, self.noise_multiplier, B)
-        if self.variance_target == "per_example":
-            second_moment = second_moment * B
-        if self.clamp == "before_average":
-            variance = self.beta2 * state.variance + (1 - self.beta2) * second_moment.clamp(self.h1, self.h2)
-        else:
-            variance = (self.beta2 * state.variance + (1 - self.beta2) * second_moment).clamp(self.h1, self.h2)
-        new_state = AdaClipState(
-            mean=self.beta1 * a + (1 - self.beta1) * released,
-            variance=variance,
-            scale=optimal_scale(variance.sqrt(), self.kappa),
-        )
-        stats = {
-            "clipped_fraction": _clipped_fraction(norms, 1.0),
-            "noise_power": float((b * self.noise_multiplier / B).square().sum()),
-            "scale_mean": float(b.mean()),
-            "scale_min": float(b.min()),
-            "scale_max": float(b.max()),
-            "batch_size": float(per_example_grads.shape[0]),
-        }
-        return released, new_state, stats
+    def clipped_sum(self, per_example_grads: Tensor, state: AdaClipState) -> ClippedSum:
+        """``sum_i m_i (g_i - a)`` with ``m_i = min(1, 1 / ||(g_i - a) / b||)`` (the default, after a shape check)."""
+        _check_state_dim(state, per_example_grads.shape[1])
+        return super().clipped_sum(per_example_grads, state)
 
     def norm_transform(self, state: AdaClipState) -> tuple[Tensor, Tensor]:
         """Clipping happens on ``(g_i - a_t) / b_t``: the norms must be ``||(g_i - a_t) / b_t||``."""
@@ -534,27 +511,20 @@ class AdaCliP(ClipRule):
         """``m_i = min(1, 1 / ||(g_i - a_t) / b_t||)``."""
         return clip_factors(norms, 1.0)
 
-    def finish_step(
-        self, weighted_sum: Tensor, weights: Tensor, norms: Tensor, state: AdaClipState, noise: Tensor
-    ) -> tuple[Tensor, AdaClipState, Stats]:
-        """:meth:`step` from ``S = sum_i m_i g_i``, ``m_i = min(1, 1 / ||(g_i - a) / b||)``.
+    def release(self, clipped: ClippedSum, state: AdaClipState, noise: Tensor) -> tuple[Tensor, AdaClipState, Stats]:
+        """Noise, map back and update ``a``, ``v``, ``b`` from ``V = sum_i m_i (g_i - a)``.
 
-        The clipped transformed vectors are ``w_i = m_i (g_i - a) / b``, so their sum maps back as
-        ``sum_i w_i = (sum_i m_i g_i - a sum_i m_i) / b = (S - a sum_i m_i) / b``: the ``[n, d]``
-        matrix of ``w_i`` is never needed, only ``S`` (one reweighted product per layer) and the
-        scalar ``sum_i m_i``.  The released gradient is then
+        The clipped transformed vectors are ``w_i = m_i (g_i - a) / b`` with
+        ``m_i = min(1, 1 / ||(g_i - a) / b||)``, so ``sum_i w_i = V / b`` and the released gradient is
 
-            g~ = b ((S - a sum_i m_i) / b + sigma z) / B + a = (S + (B - sum_i m_i) a + sigma b z) / B,
+            g~ = b (V / b + sigma z) / B + a = (V + sigma b z) / B + a.
 
-        and the state update is :meth:`step`'s, written with fused in-place operations (the same
-        values up to float rounding; fewer passes over ``d``).
+        The state update is written with fused in-place operations (fewer passes over ``d``).
         """
-        dim = self._check_finish_inputs(weighted_sum, weights, norms, noise)
-        if state.scale.shape != (dim,):
-            raise ValueError(f"state was made for {state.scale.shape[0]} parameters, but the gradients have {dim}")
+        dim = self._check_release_inputs(clipped, noise)
+        _check_state_dim(state, dim)
         a, b, B = state.mean, state.scale, self.expected_batch_size
-        released = torch.add(weighted_sum, a, alpha=B - float(weights.sum()))  # S + (B - sum_i m_i) a
-        released.addcmul_(b, noise, value=self.noise_multiplier).div_(B)
+        released = torch.addcmul(clipped.vector, b, noise, value=self.noise_multiplier).div_(B).add_(a)
 
         # r_t = (g~ - a)^2 - b^2 sigma^2 / B^2, times B for the per-example variance
         factor = B if self.variance_target == "per_example" else 1.0
@@ -575,14 +545,15 @@ class AdaCliP(ClipRule):
         )
         low, high = torch.aminmax(b)
         stats = {
-            "clipped_fraction": float((norms > 1.0).sum()) / norms.numel() if norms.numel() else 0.0,
+            "clipped_fraction": clipped.clipped_fraction,
             "noise_power": float(torch.dot(b, b)) * (self.noise_multiplier / B) ** 2,
             "scale_mean": float(b.sum()) / dim,
             "scale_min": float(low),
             "scale_max": float(high),
-            "batch_size": float(norms.shape[0]),
+            "batch_size": clipped.examples,
         }
         return released, new_state, stats
+
 
 def psac_weights(norms: Tensor, clip_norm: float, r: float) -> Tensor:
     """DP-PSAC's per-example weight ``C / (||g|| + r / (||g|| + r))`` (Xia et al. 2023)."""
@@ -614,20 +585,6 @@ class PerSampleAdaptiveClip(ClipRule):
         self.expected_batch_size = _require_positive("expected_batch_size", expected_batch_size)
         self.clip_norm = _require_positive("clip_norm", clip_norm)
         self.r = _require_positive("r", r)
-
-    def step(self, per_example_grads: Tensor, state: None, noise: Tensor) -> tuple[Tensor, None, Stats]:
-        dim = self._check_step_inputs(per_example_grads, noise)
-        norms = torch.linalg.vector_norm(per_example_grads, dim=1)
-        weights = psac_weights(norms, self.clip_norm, self.r)
-        noise_std = self.noise_multiplier * self.clip_norm
-        noisy_mean = (weights @ per_example_grads + noise_std * noise) / self.expected_batch_size
-        stats = {
-            "clipped_fraction": float((weights < 1).float().mean()) if norms.numel() else 0.0,
-            "noise_power": dim * (noise_std / self.expected_batch_size) ** 2,
-            "clip_norm": self.clip_norm,
-            "batch_size": float(per_example_grads.shape[0]),
-        }
-        return noisy_mean, state, stats
 
     def example_weights(self, norms: Tensor, state: None) -> Tensor:
         """``C / (||g_i|| + r / (||g_i|| + r))`` (:func:`psac_weights`); the sum's sensitivity is ``C``."""

@@ -8,18 +8,19 @@ import math
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.data_loader import DPDataLoader
+from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from adaclip.accounting import ACCOUNTANTS, Accountant, noise_multiplier_for
+from adaclip import distributed as dist_utils
 from adaclip.clipping import AdaCliP, AutoClip, ClipRule, FixedClip, PerSampleAdaptiveClip, QuantileClip, supports_norm_path
 from adaclip.fastpath import BookkeepingGradSampleModule
 from adaclip.geoclip import GeoClip
 from adaclip.optimizer import PER_EXAMPLE_PATHS, AdaptiveClipDPOptimizer, PerExample
-from adaclip.sampling import TensorPoissonLoader
+from adaclip.sampling import PoissonBatchSampler, TensorPoissonLoader
 
 METHODS: dict[str, type[ClipRule]] = {"adaclip": AdaCliP, "quantile": QuantileClip, "fixed": FixedClip, "auto": AutoClip, "geoclip": GeoClip, "psac": PerSampleAdaptiveClip}
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {"fixed": {"clip_norm": 1.0}}
@@ -47,12 +48,18 @@ def build_rule(method: str, *, noise_multiplier: float, expected_batch_size: flo
     return METHODS[method](noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **params)
 
 
-def _seeds(seed: int | None) -> tuple[int | None, int | None]:
-    """Independent seeds for Poisson sampling and for noise, both fixed by ``seed``."""
+def _seeds(seed: int | None, rank: int = 0, world_size: int = 1) -> tuple[int | None, int | None]:
+    """Independent seeds for Poisson sampling and for noise, both fixed by ``seed``.
+
+    With several ranks the noise seed is the same on every rank (the noise enters the all-reduced
+    sum once) and each rank's sampling seed is its own (independent shares of the Poisson batch).
+    """
     if seed is None:
         return None, None
-    sampling, noise = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64)
-    return int(sampling >> np.uint64(1)), int(noise >> np.uint64(1))
+    sampling, noise = (int(s >> np.uint64(1)) for s in np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64))
+    if world_size > 1:
+        sampling = int(np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    return sampling, noise
 
 
 def _check_module(module: nn.Module) -> None:
@@ -79,8 +86,10 @@ def make_private(
     seed: int | None = None,
     loss_reduction: str = "mean",
     per_example: PerExample = "fast",
+    distributed: bool = False,
+    check_replicas: bool = False,
     **method_params: object,
-) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, DPDataLoader | TensorPoissonLoader]:
+) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, DataLoader | TensorPoissonLoader]:
     """Make training private with clipping rule ``method``, like ``opacus.PrivacyEngine.make_private``.
 
     Returns a ``GradSampleModule``, an :class:`AdaptiveClipDPOptimizer` and a Poisson-sampling
@@ -97,6 +106,14 @@ def make_private(
     Both give the same result up to float rounding.  A module that is already a ``GradSampleModule``
     is used as it is.  A ``TensorDataset`` with the default collate is sampled in memory
     (:class:`~adaclip.sampling.TensorPoissonLoader`); any other dataset by Opacus's ``DPDataLoader``.
+
+    ``distributed=True`` (inside an initialised ``torch.distributed`` process group, e.g. under
+    ``torchrun``; call it on every rank with the same arguments): ``data_loader.batch_size`` stays the
+    *global* expected batch size ``B``; rank 0's parameters and buffers are copied to every rank; each
+    rank Poisson-samples its own share of the dataset; each step's clipped sums are all-reduced and the
+    noise, drawn identically on every rank, enters the sum once (:mod:`adaclip.distributed`).  The
+    accounting is the single-process one for the same ``(sigma, q, T)``.  ``check_replicas=True``
+    asserts after every step that rule state, update and parameters agree on every rank (debugging).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -112,6 +129,13 @@ def make_private(
         raise ValueError(f"per_example must be one of {PER_EXAMPLE_PATHS}, got {per_example!r}")
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if distributed and not dist_utils.is_initialized():
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group: launch with torchrun and call "
+            "torch.distributed.init_process_group (or adaclip.distributed.init_from_environment) first"
+        )
+    if check_replicas and not distributed:
+        raise ValueError("check_replicas=True compares ranks and needs distributed=True")
     if not (isinstance(delta, (int, float)) and 0 < delta < 1):
         raise ValueError(f"delta must lie in (0, 1) (use < 1/N for N examples), got {delta!r}")
     dataset_size = len(data_loader.dataset)  # type: ignore[arg-type]
@@ -142,14 +166,31 @@ def make_private(
         else:
             module = GradSampleModule(module, loss_reduction=loss_reduction)
 
-    sampling_seed, noise_seed = _seeds(seed)
-    sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
     device = next(module.parameters()).device
+    rank, world_size = (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
+    if distributed:
+        dist_utils.broadcast_module(module)
+        seed = dist_utils.shared_seed(seed, device)
+    sampling_seed, noise_seed = _seeds(seed, rank, world_size)
+    sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
     noise_generator = None if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
 
-    private_loader: DPDataLoader | TensorPoissonLoader
+    private_loader: DataLoader | TensorPoissonLoader
     if isinstance(data_loader.dataset, TensorDataset) and data_loader.collate_fn is default_collate:
-        private_loader = TensorPoissonLoader(data_loader.dataset, sample_rate, generator=sampling_generator)
+        private_loader = TensorPoissonLoader(data_loader.dataset, sample_rate, generator=sampling_generator, rank=rank, world_size=world_size)
+    elif distributed:
+        first = data_loader.dataset[0]
+        private_loader = DataLoader(
+            data_loader.dataset,
+            batch_sampler=PoissonBatchSampler(dataset_size, sample_rate, generator=sampling_generator, rank=rank, world_size=world_size),
+            collate_fn=wrap_collate_with_empty(
+                collate_fn=data_loader.collate_fn,
+                sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+                dtypes=[dtype_safe(x) for x in first],
+            ),
+            num_workers=data_loader.num_workers,
+            pin_memory=data_loader.pin_memory,
+        )
     else:
         private_loader = DPDataLoader(
             data_loader.dataset,
@@ -168,5 +209,7 @@ def make_private(
         generator=noise_generator,
         loss_reduction=loss_reduction,
         per_example=per_example,
+        distributed=distributed,
+        check_replicas=check_replicas,
     )
     return module, private_optimizer, private_loader

@@ -37,14 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from adaclip.clipping import (
-    ClipRule,
-    Stats,
-    _check_dim,
-    _clipped_fraction,
-    _require_in_range,
-    _require_positive,
-)
+from adaclip.clipping import ClippedSum, ClipRule, Stats, _check_dim, _require_in_range, _require_positive, clip_factors
 
 VarianceTarget = Literal["per_example", "batch_mean"]
 
@@ -233,29 +226,36 @@ class GeoClip(ClipRule):
             transform_residual=residual,
         )
 
-    def step(self, per_example_grads: Tensor, state: GeoClipState, noise: Tensor) -> tuple[Tensor, GeoClipState, Stats]:
-        dim = self._check_step_inputs(per_example_grads, noise)
+    def _transform(self, state: GeoClipState, dim: int) -> _Transform:
+        """The transform ``M_t`` of ``state`` for ``dim`` parameters (checks the state fits)."""
         k = self.kept_eigenpairs(dim)
         if state.basis.shape != (dim, k):
             raise ValueError(f"state holds a basis of shape {tuple(state.basis.shape)}, but {dim} parameters need ({dim}, {k})")
-        transform = _Transform(state.basis, state.transform_eigenvalues, state.transform_residual, dim - k, self.gamma)
-        a, B = state.mean, self.expected_batch_size
-        deviations = per_example_grads - a
-        norms = transform.norms(deviations)
-        factors = norms.clamp_min(torch.finfo(norms.dtype).tiny).reciprocal().clamp(max=1.0)
-        # M^-1 sum_i clip(M (g_i - a)) = sum_i f_i (g_i - a): the clipped sum mapped back needs no M^-1
-        clipped_sum = factors @ deviations
-        released = a + (clipped_sum + transform.inverse(self.noise_multiplier * noise)) / B
+        return _Transform(state.basis, state.transform_eigenvalues, state.transform_residual, dim - k, self.gamma)
+
+    def clipped_sum(self, per_example_grads: Tensor, state: GeoClipState) -> ClippedSum:
+        """``M^-1 sum_i clip(M (g_i - a)) = sum_i f_i (g_i - a)``, ``f_i = min(1, 1 / ||M (g_i - a)||)``: no ``M^-1`` needed."""
+        transform = self._transform(state, per_example_grads.shape[1])
+        deviations = per_example_grads - state.mean
+        factors = clip_factors(transform.norms(deviations))
+        return ClippedSum.of(factors @ deviations, factors)
+
+    def release(self, clipped: ClippedSum, state: GeoClipState, noise: Tensor) -> tuple[Tensor, GeoClipState, Stats]:
+        """``g~ = a + (sum_i f_i (g_i - a) + M^-1 sigma z) / B``, then ``a`` and ``Sigma`` from ``g~``."""
+        dim = self._check_release_inputs(clipped, noise)
+        transform = self._transform(state, dim)
+        B = self.expected_batch_size
+        released = state.mean + (clipped.vector + transform.inverse(self.noise_multiplier * noise)) / B
 
         new_state = self._update(state, transform, released)
         trace_sqrt = float(transform.trace_sqrt)
-        spectrum = transform.eigenvalues if k == dim else torch.cat([transform.eigenvalues, transform.residual.reshape(1)])
+        spectrum = transform.eigenvalues if transform.rest_dim == 0 else torch.cat([transform.eigenvalues, transform.residual.reshape(1)])
         stats = {
-            "clipped_fraction": _clipped_fraction(norms, 1.0),
+            "clipped_fraction": clipped.clipped_fraction,
             "noise_power": (self.noise_multiplier / B) ** 2 * trace_sqrt**2 / self.gamma,
             "eigenvalue_min": float(spectrum.min()),
             "eigenvalue_max": float(spectrum.max()),
-            "batch_size": float(per_example_grads.shape[0]),
+            "batch_size": clipped.examples,
         }
         return released, new_state, stats
 

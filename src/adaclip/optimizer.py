@@ -8,13 +8,15 @@ optimizer draws the step's standard-normal noise in one call from its seeded gen
 * ``per_example="fast"`` (default), for rules with the norm interface
   (:func:`adaclip.clipping.supports_norm_path`): computes the per-example (transformed) norms and
   the rule's weighted sum ``sum_i c_i g_i`` part by part (:mod:`adaclip.per_example`), never the
-  ``[n, d]`` matrix, and lets the rule finish the step; or
+  ``[n, d]`` matrix; or
 * ``per_example="materialise"`` (and for every rule without the norm interface): flattens the
-  per-example gradients into one ``[n, d]`` matrix and hands it to ``rule.step``.
+  per-example gradients into one ``[n, d]`` matrix and hands it to ``rule.clipped_sum``.
 
-Both give the same result up to float rounding.  It writes the released noisy mean gradient into
-``p.grad`` and lets the wrapped optimizer update the parameters; it counts the steps it has taken
-and reports the accountant's epsilon for them.
+Both give the rule's :class:`~adaclip.clipping.ClippedSum` (the same up to float rounding).  With
+``distributed=True`` it is all-reduced over the ranks (:mod:`adaclip.distributed`).  The rule's
+``release`` then adds the noise once and updates its state; the optimizer writes the released
+noisy mean gradient into ``p.grad`` and lets the wrapped optimizer update the parameters; it counts
+the steps it has taken and reports the accountant's epsilon for them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from opacus.optimizers import DPOptimizer
 from torch.optim import Optimizer
 
 from adaclip.accounting import Accountant, epsilon
-from adaclip.clipping import ClipRule, Stats, supports_norm_path
+from adaclip.clipping import ClippedSum, ClipRule, Stats, supports_norm_path
+from adaclip.distributed import all_reduce_clipped_sum, check_replicas, state_tensors
 from adaclip.per_example import Part, Transform, collect_parts, materialise, per_example_norms, weighted_sum
 
 PerExample = Literal["fast", "materialise"]
@@ -45,7 +48,13 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         generator: ``torch.Generator`` on the parameters' device for the noise (``None``: torch's global RNG).
         loss_reduction: ``"mean"`` (``p.grad`` is the noisy mean gradient) or ``"sum"`` (``B`` times it).
         per_example: ``"fast"`` (norms and weighted sums, where the rule allows) or ``"materialise"``
-            (the ``[n, d]`` matrix and ``rule.step``); see the module docstring.
+            (the ``[n, d]`` matrix and ``rule.clipped_sum``); see the module docstring.
+        distributed: all-reduce each step's clipped sum over the default ``torch.distributed`` process
+            group before the release; every rank must then pass a ``generator`` seeded identically
+            (``make_private(..., distributed=True)`` arranges this and the sharded sampling).
+        check_replicas: debug mode for ``distributed``: after every release, assert that the rule
+            state, the released gradient and the parameters are bitwise equal on every rank
+            (:class:`adaclip.distributed.ReplicaDivergence` otherwise); one broadcast per tensor.
 
     ``noise_multiplier`` and ``max_grad_norm`` are the rule's at construction (for adaptive rules,
     ``max_grad_norm`` is only the initial bound): changing them later (e.g. with an Opacus noise
@@ -64,9 +73,18 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         generator: torch.Generator | None = None,
         loss_reduction: str = "mean",
         per_example: PerExample = "fast",
+        distributed: bool = False,
+        check_replicas: bool = False,
     ) -> None:
         if per_example not in PER_EXAMPLE_PATHS:
             raise ValueError(f"per_example must be one of {PER_EXAMPLE_PATHS}, got {per_example!r}")
+        if distributed and generator is None:
+            raise ValueError(
+                "distributed=True needs a noise generator seeded identically on every rank (generator=...), so that "
+                "the noise enters the global sum once; make_private(..., distributed=True) sets one up"
+            )
+        if check_replicas and not distributed:
+            raise ValueError("check_replicas=True compares ranks and needs distributed=True")
         bound = getattr(rule, "clip_norm", getattr(rule, "initial_clip", 1.0))
         super().__init__(
             optimizer,
@@ -78,6 +96,8 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         )
         self.rule = rule
         self.per_example: PerExample = per_example
+        self.distributed = distributed
+        self.check_replicas = check_replicas
         self.uses_norm_path = per_example == "fast" and supports_norm_path(rule)
         self.sample_rate = sample_rate
         self.accountant = accountant
@@ -101,9 +121,15 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             self.rule_state = self.rule.init_state(dim, device=reference.device, dtype=reference.dtype)
         noise = torch.randn(self.rule.noise_size(dim), generator=self.generator, device=reference.device, dtype=reference.dtype)
         if self.uses_norm_path:
-            noisy_mean, self.rule_state, self.last_stats = self._norm_path_step(parts, dim, noise)
+            clipped = self._norm_path_sum(parts, dim)
         else:
-            noisy_mean, self.rule_state, self.last_stats = self.rule.step(materialise(parts), self.rule_state, noise)
+            clipped = self.rule.clipped_sum(materialise(parts), self.rule_state)
+        if self.distributed:
+            clipped = all_reduce_clipped_sum(clipped)
+        noisy_mean, self.rule_state, self.last_stats = self.rule.release(clipped, self.rule_state, noise)
+        if self.check_replicas:
+            parameters = {f"parameter {i}": p for i, p in enumerate(params)}
+            check_replicas({"released gradient": noisy_mean, **state_tensors(self.rule_state), **parameters}, reference.device)
         if self.loss_reduction == "sum":
             noisy_mean = noisy_mean * self.expected_batch_size
         offset = 0
@@ -115,14 +141,13 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             self.step_hook(self)
         return True
 
-    def _norm_path_step(self, parts: list[Part], dim: int, noise: torch.Tensor) -> tuple[torch.Tensor, Any, Stats]:
-        """The rule's step from per-example (transformed) norms and ``sum_i c_i g_i``, without ``[n, d]``."""
+    def _norm_path_sum(self, parts: list[Part], dim: int) -> ClippedSum:
+        """The rule's clipped sum from per-example (transformed) norms and ``sum_i c_i g_i``, without ``[n, d]``."""
         shift_scale = self.rule.norm_transform(self.rule_state)
         transform = None if shift_scale is None else Transform.of(*shift_scale)
         norms = per_example_norms(parts, transform)
         weights = self.rule.example_weights(norms, self.rule_state)
-        summed = weighted_sum(parts, weights, dim)
-        return self.rule.finish_step(summed, weights, norms, self.rule_state, noise)
+        return self.rule.clipped_sum_from_weights(weighted_sum(parts, weights, dim), weights, self.rule_state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad`` (to ``None`` by default, as ``torch.optim`` does), ``p.grad_sample``,

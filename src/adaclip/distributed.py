@@ -1,0 +1,146 @@
+"""Data-parallel private training over ``torch.distributed`` (one process per device, e.g. ``torchrun``).
+
+How one private step is split across ``W`` ranks (DESIGN.md §2 rules hold for the global batch):
+
+* Poisson sampling is sharded: rank ``r`` owns the examples ``r, r + W, r + 2W, ...`` and puts each
+  into each step's batch independently with probability ``q`` (:class:`adaclip.sampling.PoissonBatchSampler`,
+  one generator per rank), so the union over ranks is one Poisson batch of the whole dataset at rate ``q``.
+* Each rank clips its own examples with the *same* rule state (:meth:`adaclip.clipping.ClipRule.clipped_sum`);
+  the clipped sums and counts are additive, so one ``all_reduce(SUM)`` (:func:`all_reduce_clipped_sum`)
+  gives every rank the global sum.
+* Every rank then draws the *same* standard-normal noise (one generator, seeded identically on every
+  rank: :func:`shared_seed`) and runs the rule's ``release``: the noise enters the global sum exactly
+  once, with the single-process variance, the normaliser is the global expected batch size ``B``,
+  and the adaptive state (AdaCliP's ``a, v, b``; the quantile rule's ``C`` from its noisy count;
+  GeoClip's ``a, Sigma``) is computed from identical released values, so it is identical on every rank.
+  :func:`check_replicas` asserts this in debug mode.
+
+The privacy accounting is the single-process one for the same global ``(sigma, q, T)``: the released
+values are exactly those of one process sampling at rate ``q`` from all ``N`` examples.
+
+Opacus's own ``DistributedDPOptimizer`` adds noise on rank 0 and all-reduces each parameter's
+gradient; it has no place for the counts and state of adaptive rules, and Opacus's
+``DistributedUniformWithReplacementSampler`` skips empty local batches (the ranks would then take
+different numbers of steps), hence this module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from adaclip.clipping import ClippedSum
+
+
+class ReplicaDivergence(RuntimeError):
+    """Ranks that should hold identical values (adaptive state, update, parameters) do not."""
+
+
+def is_initialized() -> bool:
+    """Whether this process is in an initialised default ``torch.distributed`` process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of ranks in the default process group (1 when torch.distributed is not initialised)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 when torch.distributed is not initialised)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def launched_with_several_processes() -> bool:
+    """Whether a launcher such as ``torchrun`` started this process as one of several (``WORLD_SIZE > 1``)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_environment(device: str) -> str:
+    """Join the process group that ``torchrun`` describes in the environment; return this rank's device.
+
+    The backend is NCCL for CUDA and gloo for CPU.  With ``device="cuda"`` each rank uses
+    ``cuda:LOCAL_RANK``; an explicit ``cuda:i`` is refused (every rank would share one GPU).
+    """
+    if device.startswith("cuda:"):
+        raise ValueError(f"device={device!r} pins every rank to one GPU; pass device='cuda' under torchrun (each rank takes cuda:LOCAL_RANK)")
+    if device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    if not is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def all_reduce_clipped_sum(clipped: ClippedSum) -> ClippedSum:
+    """The global :class:`~adaclip.clipping.ClippedSum`: one ``all_reduce(SUM)`` of the vector and counts together."""
+    dim = clipped.vector.shape[0]
+    flat = torch.cat([clipped.vector, clipped.counts])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    return ClippedSum(vector=flat[:dim], counts=flat[dim:])
+
+
+def all_reduce_sums(values: list[float], device: torch.device | str) -> list[float]:
+    """Sum a few Python numbers over ranks (evaluation totals, loss sums); float64 on ``device``."""
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return totals.tolist()
+
+
+def shared_seed(seed: int | None, device: torch.device | str) -> int:
+    """``seed`` if given (the caller passes the same one on every rank); else a fresh random seed from rank 0, broadcast."""
+    if seed is not None:
+        return seed
+    drawn = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    value = torch.tensor([drawn if rank() == 0 else 0], dtype=torch.int64, device=device)
+    dist.broadcast(value, src=0)
+    return int(value.item())
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank, so that all replicas start identical."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor, src=0)
+
+
+def state_tensors(state: Any) -> dict[str, Tensor]:
+    """The tensors (and numbers, as float64 tensors) of a rule state dataclass, by field name."""
+    if state is None:
+        return {}
+    tensors = {}
+    for field in dataclasses.fields(state):
+        value = getattr(state, field.name)
+        tensors[field.name] = value if isinstance(value, Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    return tensors
+
+
+def check_replicas(named: dict[str, Tensor], device: torch.device | str) -> None:
+    """Raise :class:`ReplicaDivergence` on every rank unless every tensor equals rank 0's bit for bit.
+
+    Costs one broadcast per tensor: for debugging (``make_private(..., check_replicas=True)``).
+    """
+    differing = []
+    for name, tensor in named.items():
+        local = tensor.detach().to(device)
+        reference = local.clone()
+        dist.broadcast(reference, src=0)
+        if not torch.equal(reference, local):
+            differing.append(name)
+    flags = torch.zeros(world_size(), dtype=torch.int64, device=device)
+    flags[rank()] = len(differing)
+    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+    if int(flags.sum()):
+        ranks = [r for r, count in enumerate(flags.tolist()) if count]
+        mine = f"; here (rank {rank()}): {differing}" if differing else ""
+        raise ReplicaDivergence(
+            f"replicas diverged from rank 0 on rank(s) {ranks}{mine}. Every rank must use the same seed, rule "
+            "parameters and model, and draw its noise from the optimizer's own generator."
+        )
