@@ -4,7 +4,12 @@ The workers run in processes started by ``torch.multiprocessing.spawn``; an asse
 worker fails the test with the worker's traceback.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +26,7 @@ from adaclip.engine import METHODS, build_rule, make_private
 from adaclip.fastpath import BookkeepingGradSampleModule
 from adaclip.optimizer import AdaptiveClipDPOptimizer
 from adaclip.sampling import PoissonBatchSampler
+from adaclip.train import TrainConfig, run
 
 WORLD = 2
 BATCH = 8.0  # the global expected batch size B
@@ -254,3 +260,42 @@ def test_distributed_misuse_is_named():
         PoissonBatchSampler(1, 0.5, rank=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         PoissonBatchSampler(10, 0.5, rank=2, world_size=2)
+
+
+# --- the command line under torchrun -------------------------------------------------------------
+
+
+def _torchrun(tmp_path, *args):
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "-m", "adaclip", "train", *args]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.mark.parametrize("method", ["adaclip", "nonprivate"])
+def test_train_command_runs_unchanged_under_torchrun(tmp_path, method):
+    """``torchrun --nproc_per_node 2 -m adaclip train`` with the single-process arguments: one record, from
+    rank 0, with the single-process epsilon and step count and a sane accuracy (the runs differ in their
+    sampling, so accuracies agree only within noise: the note reports a multi-seed comparison)."""
+    args = ["--dataset", "breast-cancer", "--method", method, "--epochs", "3", "--seed", "1"]
+    printed = _torchrun(tmp_path, *args, "--out", "parallel.json", *(["--check-replicas"] if method != "nonprivate" else []))
+    assert printed.count(f"{method} on breast-cancer") == 1 and "on 2 ranks" in printed  # rank 0 prints
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel.json"]  # rank 0 writes, nothing else is left
+    parallel = json.loads((tmp_path / "parallel.json").read_text())
+    single = run(TrainConfig(dataset="breast-cancer", method=method, epochs=3, seed=1, progress=False))
+    assert parallel["world_size"] == 2 and single["world_size"] == 1
+    for key in ("epsilon", "noise_multiplier", "sample_rate", "delta"):
+        assert parallel[key] == single[key], key
+    assert parallel["test_accuracy"] > 0.85 and single["test_accuracy"] > 0.85
+    if method != "nonprivate":
+        assert parallel["steps"] == single["steps"] == 3 * int(1 / single["sample_rate"])
+        assert parallel["step_stats_mean"]["batch_size"] == pytest.approx(32, rel=0.2)  # global realised batches, not per rank
+
+
+def test_train_refuses_what_several_ranks_cannot_do():
+    with pytest.raises(ValueError, match="check_replicas compares the ranks"):
+        run(TrainConfig(dataset="breast-cancer", method="fixed", epochs=1, check_replicas=True, progress=False))

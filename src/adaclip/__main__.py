@@ -1,8 +1,9 @@
 """Command line: ``python -m adaclip train|prepare|sweep|aggregate``.
 
 ``train`` runs one model (``python -m adaclip train --dataset fashion-mnist --method adaclip --epsilon 3
---out runs/x.json``); ``prepare``, ``sweep`` and ``aggregate`` are the report pipeline's data, run and
-aggregation stages.
+--out runs/x.json``); the same command under ``torchrun --nproc_per_node N -m adaclip train ...`` trains
+data-parallel on N processes (gloo on CPU, NCCL with ``--device cuda``; see :mod:`adaclip.distributed`).
+``prepare``, ``sweep`` and ``aggregate`` are the report pipeline's data, run and aggregation stages.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from adaclip import distributed as dist_utils
 from adaclip.accounting import ACCOUNTANTS
 from adaclip.data import DATASETS, prepare
 from adaclip.experiments import SWEEPS, read_records, run_sweep, select_learning_rates, sweep_configs
@@ -54,6 +56,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cpu (default) or cuda")
     train.add_argument("--param", type=_method_param, action="append", default=[], metavar="KEY=VALUE", help="method parameter, e.g. --param initial_clip=0.5 (repeatable)")
     train.add_argument("--diagnostics", action="store_true", help="also record each step's cosine to the clean (non-private) gradient; a report diagnostic")
+    train.add_argument("--check-replicas", action="store_true", help="under torchrun: assert every step that all ranks hold the same state and parameters (debugging; one broadcast per tensor)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (or set TQDM_DISABLE=1)")
     train.add_argument("--out", type=Path, help="write the JSON record here (atomically)")
     prepare = commands.add_parser("prepare", help="the data stage: verified copies of the datasets in params.yaml", description="Copy every image dataset listed in the params file's data.datasets, checksum-verified, into --out.")
@@ -123,6 +126,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         values["method_params"] = {**values.get("method_params", {}), **dict(args.param)}
     if args.diagnostics:
         values["diagnostics"] = True
+    if args.check_replicas:
+        values["check_replicas"] = True
     if args.no_progress:
         values["progress"] = False
     return values
@@ -138,13 +143,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     try:
-        record = run(TrainConfig.from_dict(config_from_args(args)), out=args.out)
+        values = config_from_args(args)
+        if dist_utils.launched_with_several_processes():
+            dist_utils.init_from_environment(values.get("device", "cpu"))
+        record = run(TrainConfig.from_dict(values), out=args.out)
     except (ValueError, FileNotFoundError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        where = f" (rank {dist_utils.rank()})" if dist_utils.world_size() > 1 else ""
+        print(f"error{where}: {error}", file=sys.stderr)
         return 2
+    finally:
+        if dist_utils.is_initialized():
+            dist_utils.destroy()
+    if dist_utils.rank_from_environment() != 0:
+        return 0
     metric = "test_accuracy" if "test_accuracy" in record else "test_mse"
     privacy = "non-private" if record["epsilon"] is None else f"epsilon={record['epsilon']:.3f} delta={record['delta']:.2g} ({record['accountant']})"
-    print(f"{record['method']} on {record['dataset']}: {metric}={record[metric]:.4f}, {privacy}, {record['wall_time_s']:.1f} s")
+    ranks = f" on {record['world_size']} ranks" if record["world_size"] > 1 else ""
+    print(f"{record['method']} on {record['dataset']}: {metric}={record[metric]:.4f}, {privacy}, {record['wall_time_s']:.1f} s{ranks}")
     return 0
 
 

@@ -62,6 +62,11 @@ def launched_with_several_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def rank_from_environment() -> int:
+    """The rank a launcher such as ``torchrun`` gave this process (``RANK``; 0 when not launched by one)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_from_environment(device: str) -> str:
     """Join the process group that ``torchrun`` describes in the environment; return this rank's device.
 
@@ -77,6 +82,11 @@ def init_from_environment(device: str) -> str:
     if not is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return device
+
+
+def destroy() -> None:
+    """Leave the default process group (after :func:`init_from_environment`)."""
+    dist.destroy_process_group()
 
 
 def all_reduce_clipped_sum(clipped: ClippedSum) -> ClippedSum:

@@ -5,6 +5,12 @@ the chosen accountant (or takes sigma), trains with :func:`adaclip.make_private`
 privacy for ``method="nonprivate"``), evaluates on the validation and test splits every epoch and
 returns a record; with ``out`` set it also writes the record atomically as JSON.  One ``seed``
 fixes the split, the initialisation, the Poisson sampling and the noise.
+
+Inside a ``torch.distributed`` process group of several ranks (``torchrun``; see
+:mod:`adaclip.distributed`) the same call trains data-parallel: private methods through
+``make_private(..., distributed=True)`` (the batch size stays the global expected batch size),
+the non-private baseline with ``DistributedDataParallel`` (each rank a ``1 / W`` share of the batch);
+evaluation is sharded and summed over ranks; only rank 0 writes ``out``.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 from tqdm.auto import tqdm
 
+from adaclip import distributed as dist_utils
 from adaclip.accounting import ACCOUNTANTS, epsilon, noise_multiplier_for
 from adaclip.data import DATASETS, Splits, load_dataset
 from adaclip.engine import METHODS, build_rule, make_private
@@ -70,6 +78,7 @@ class TrainConfig:
     data_dir: str | None = None
     device: str = "cpu"
     diagnostics: bool = False
+    check_replicas: bool = False
     progress: bool = True
 
     @classmethod
@@ -119,6 +128,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check(resolved.train_size is None or (_is_int(resolved.train_size) and resolved.train_size >= 1), f"train_size must be an int >= 1, got {resolved.train_size!r}")
     _check(resolved.device == "cpu" or resolved.device.startswith("cuda"), f"device must be 'cpu' or 'cuda[:i]', got {resolved.device!r}")
     _check(isinstance(resolved.diagnostics, bool), f"diagnostics must be true or false, got {resolved.diagnostics!r}")
+    _check(isinstance(resolved.check_replicas, bool), f"check_replicas must be true or false, got {resolved.check_replicas!r}")
     if resolved.method == "nonprivate":
         return dataclasses.replace(resolved, epsilon=None, noise_multiplier=None, delta=None)
     _check(
@@ -140,12 +150,24 @@ def default_delta(dataset_size: int) -> float:
     return 1e-5 if 1e-5 < 1 / dataset_size else dataset_size**-1.1
 
 
+def _check_parallel(config: TrainConfig, world_size: int) -> None:
+    """What a run under several ranks cannot do, named before any data is loaded."""
+    if world_size == 1:
+        _check(not config.check_replicas, "check_replicas compares the ranks of a torchrun launch; with one process set it false")
+        return
+    _check(not config.diagnostics, "diagnostics read the clean per-rank gradient and run in one process only; drop --diagnostics or torchrun")
+    _check(config.method != "nonprivate" or config.batch_size >= world_size, f"batch_size={config.batch_size} must be >= the {world_size} ranks")
+    _check(not config.device.startswith("cuda:"), f"device={config.device!r} pins every rank to one GPU; use device 'cuda' (each rank takes cuda:LOCAL_RANK)")
+
+
 def _evaluate(model: nn.Module, dataset: TensorDataset, task: str, device: str) -> float:
-    """Accuracy (classification) or mean squared error (regression) on ``dataset``."""
+    """Accuracy (classification) or mean squared error (regression) on ``dataset`` (each rank a share, summed)."""
     model.eval()
     total, count = 0.0, 0
+    world_size = dist_utils.world_size()
+    shard = dataset if world_size == 1 else Subset(dataset, range(dist_utils.rank(), len(dataset), world_size))
     with torch.no_grad():
-        for features, targets in DataLoader(dataset, batch_size=1024):
+        for features, targets in DataLoader(shard, batch_size=1024):
             outputs = model(features.to(device))
             targets = targets.to(device)
             if task == "classification":
@@ -154,6 +176,8 @@ def _evaluate(model: nn.Module, dataset: TensorDataset, task: str, device: str) 
                 total += (outputs - targets).square().sum().item()
             count += len(targets)
     model.train()
+    if world_size > 1:
+        total, count = dist_utils.all_reduce_sums([total, count], device)
     return total / count
 
 
@@ -183,6 +207,9 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     config = resolve(config)
+    world_size = dist_utils.world_size()
+    _check_parallel(config, world_size)
+    device = f"cuda:{torch.cuda.current_device()}" if world_size > 1 and config.device == "cuda" else config.device
     splits: Splits = load_dataset(config.dataset, seed=config.seed, train_size=config.train_size, data_dir=config.data_dir)
     n_train = len(splits.train)
     _check(config.batch_size <= n_train, f"batch_size={config.batch_size} exceeds the {n_train} training examples; lower it")
@@ -193,10 +220,16 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
 
     torch.manual_seed(config.seed)
     task = splits.task
-    model = build_model(config.model, splits.input_shape, splits.num_classes or 1).to(config.device)
+    model = build_model(config.model, splits.input_shape, splits.num_classes or 1).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     loss_fn = nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
-    if config.method == "nonprivate":
+    loader: Any
+    if config.method == "nonprivate" and world_size > 1:
+        sampler = DistributedSampler(splits.train, shuffle=True, seed=config.seed)
+        loader = DataLoader(splits.train, batch_size=config.batch_size // world_size, sampler=sampler)
+        model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+        noise_multiplier, sample_rate, method_params = None, None, {}
+    elif config.method == "nonprivate":
         loader = DataLoader(splits.train, batch_size=config.batch_size, shuffle=True, generator=torch.Generator().manual_seed(config.seed))
         noise_multiplier, sample_rate, method_params = None, None, {}
     else:
@@ -214,7 +247,8 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
         model, optimizer, loader = make_private(
             module=model, optimizer=optimizer, data_loader=DataLoader(splits.train, batch_size=config.batch_size),
             method=config.method, noise_multiplier=noise_multiplier, delta=delta, accountant=config.accountant,
-            seed=config.seed, per_example="materialise" if config.diagnostics else "fast", **method_params,
+            seed=config.seed, per_example="materialise" if config.diagnostics else "fast",
+            distributed=world_size > 1, check_replicas=config.check_replicas, **method_params,
         )
 
     metric = "accuracy" if task == "classification" else "mse"
@@ -226,9 +260,11 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
         # torch warns about Opacus's hooks when the inputs do not require grad; harmless here
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for epoch in range(1, config.epochs + 1):
+            if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+                loader.sampler.set_epoch(epoch)
             loss_sum, loss_count = 0.0, 0
             for features, targets in tqdm(loader, desc=f"{config.method} epoch {epoch}/{config.epochs}", disable=not show, leave=False):
-                features, targets = features.to(config.device), targets.to(config.device)
+                features, targets = features.to(device), targets.to(device)
                 optimizer.zero_grad()
                 loss = loss_fn(model(features), targets)
                 loss.backward()
@@ -243,11 +279,13 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
                     stats.update(_alignment(clean, _flat_grad(model)))
                 for key, value in stats.items():
                     step_stats.setdefault(key, []).append(value)
+            if world_size > 1:
+                loss_sum, loss_count = dist_utils.all_reduce_sums([loss_sum, loss_count], device)
             per_epoch.append({
                 "epoch": epoch,
                 "train_loss": loss_sum / max(loss_count, 1),
-                f"val_{metric}": _evaluate(model, splits.validation, task, config.device),
-                f"test_{metric}": _evaluate(model, splits.test, task, config.device),
+                f"val_{metric}": _evaluate(model, splits.validation, task, device),
+                f"test_{metric}": _evaluate(model, splits.test, task, device),
             })
     wall_time = time.perf_counter() - start
 
@@ -269,6 +307,7 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
         "sample_rate": sample_rate,
         "steps": steps,
         "train_size": n_train,
+        "world_size": world_size,
         f"val_{metric}": per_epoch[-1][f"val_{metric}"],
         f"test_{metric}": per_epoch[-1][f"test_{metric}"],
         "per_epoch": per_epoch,
@@ -278,6 +317,6 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
         "examples_per_s": config.epochs * n_train / wall_time,
         "versions": _versions(),
     }
-    if out is not None:
+    if out is not None and dist_utils.rank() == 0:
         write_text_atomic(out, json.dumps(record, indent=1) + "\n")
     return record
