@@ -104,7 +104,7 @@ TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize(("method", "method_params", "per_example"), PATH_CASES)
 def test_update_equals_the_rule_on_independent_per_example_gradients(method, method_params, per_example, dtype, device):
-    """Each step's released gradient is ``rule.step`` on loop-computed per-example gradients with the same noise.
+    """Each step's released gradient is ``rule.step`` on per-example gradients from torch.func with the same noise.
 
     The optimizer's noise generator is replaced by one seeded here, and a twin generator draws the
     same standard normals for the reference, on the device and in the parameters' dtype.
