@@ -394,7 +394,7 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         "runs": isinstance(options["runs"], int) and options["runs"] >= 1,
         "warmup": isinstance(options["warmup"], int) and options["warmup"] >= 0,
         "threads": isinstance(options["threads"], int) and options["threads"] >= 1,
-        "device": isinstance(options["device"], str) and (options["device"] == "cpu" or options["device"].startswith("cuda")),
+        "device": _device_type(options["device"]) in ("cpu", "cuda"),
         "max_per_example_gib": isinstance(options["max_per_example_gib"], (int, float)) and options["max_per_example_gib"] > 0,
     }
     bad = [key for key, ok in checks.items() if not ok]
@@ -404,9 +404,19 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
             f"runs and threads >= 1, warmup >= 0, methods from {list(OUR_METHODS)}, paths from {list(PATHS)}, baselines from "
             f"{list(BASELINES)}, device cpu or cuda[:i], max_per_example_gib > 0"
         )
-    if options["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"error: device {options['device']} but CUDA is not available")
+    if _device_type(options["device"]) == "cuda":
+        index = torch.device(options["device"]).index or 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise SystemExit(f"error: device {options['device']} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return options
+
+
+def _device_type(device: Any) -> str | None:
+    """``"cpu"``, ``"cuda"`` (for ``cuda`` or ``cuda:i``) or another torch device type; ``None`` if not a device name."""
+    try:
+        return torch.device(device).type if isinstance(device, str) else None
+    except RuntimeError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,11 +431,14 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.quiet,
         )
     device = _device_label(options["device"])
+    on_cuda = options["device"].startswith("cuda")
+    # on CUDA the host thread launches kernels and waits in torch.cuda.synchronize, which may spin
+    cpu_time_note = " (on CUDA: launching and waiting on the host, not GPU work)" if on_cuda else ""
     note = (
         f"Step time relative to non-private training, same process ({device}; torch {torch.__version__}; "
         f"sigma = {NOISE_MULTIPLIER}, timing only, no privacy claim). Median of {options['repeats']} round-robin samples per run; "
-        f"'x CPU time' uses this thread's CPU time. Peak memory: torch allocations during a step above those before it "
-        f"({'CUDA max_memory_allocated' if options['device'].startswith('cuda') else 'profiler allocation events'}); "
+        f"'x CPU time' uses this thread's CPU time{cpu_time_note}. Peak memory: torch allocations during a step above those before it "
+        f"({'CUDA max_memory_allocated' if on_cuda else 'profiler allocation events'}); "
         f"largest tensor: the largest tensor any operation of a step returns; [B, d]: size of the per-example gradient matrix (float32)."
     )
     for record in records:

@@ -62,10 +62,15 @@ class LayerCapture:
 
 
 def _input_gradient(layer: nn.Linear | nn.Conv2d, x: Tensor, grad_output: Tensor) -> Tensor:
-    """The gradient with respect to the layer input (what autograd would pass on)."""
+    """The gradient with respect to the layer input (what autograd would pass on).
+
+    Computed in ``grad_output``'s dtype, as autograd would under ``torch.autocast`` (whose forward
+    ran the layer with the weight cast to that dtype); autograd casts the result to ``x``'s dtype.
+    """
+    weight = layer.weight.to(grad_output.dtype)
     if type(layer) is nn.Linear:
-        return grad_output.matmul(layer.weight)
-    return torch.nn.grad.conv2d_input(x.shape, layer.weight, grad_output, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return grad_output.matmul(weight)
+    return torch.nn.grad.conv2d_input(x.shape, weight, grad_output, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 class _Tap(torch.autograd.Function):
@@ -86,7 +91,11 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[None, Tensor | None, None, None, None, None]:
-        ctx.capture.record(ctx.x, grad_output * ctx.scale if ctx.scale != 1 else grad_output)
+        # Under torch.autocast the input, the output gradient and the parameters may differ in dtype:
+        # per-example gradients are recorded in the parameters' dtype (no-op casts otherwise).
+        dtype = ctx.capture.layer.weight.dtype
+        delta = grad_output.to(dtype)
+        ctx.capture.record(ctx.x.to(dtype), delta * ctx.scale if ctx.scale != 1 else delta)
         grad_x = _input_gradient(ctx.capture.layer, ctx.x, grad_output) if ctx.needs_input_grad[1] else None
         return None, grad_x, None, None, None, None
 

@@ -25,8 +25,9 @@ Norms of a linear weight (one position, ``g_i = delta_i x_i^T``):
 
   two products of the size of the forward pass (contracting over the wider side).  In floating
   point the three terms can cancel: the sum is clamped at 0, and where the estimated rounding error
-  (:func:`_needs_float64`) exceeds ``NORM_ERROR_TOLERANCE`` against the clipping threshold the layer
-  is recomputed in float64, so clipping, and with it the sensitivity, stays exact to about 0.05 %.
+  (:func:`_needs_float64`, with TF32's precision where CUDA products use it) exceeds
+  ``NORM_ERROR_TOLERANCE`` against the clipping threshold the layer is recomputed in float64, so
+  clipping, and with it the sensitivity, stays exact to about 0.05 %.
   For ``P > 1`` the transformed norm has no cheap form and the layer's ``g_i`` are materialised.
 
 Weighted sum of a linear weight: ``sum_i c_i g_i = sum_ip (c_i delta_ip) x_ip^T``, one product.
@@ -89,11 +90,14 @@ class Part(ABC):
 
 
 class MaterialisedPart(Part):
-    """Per-example gradients held explicitly, ``[n, *param.shape]``."""
+    """Per-example gradients held explicitly, ``[n, *param.shape]``, in the parameter's dtype.
+
+    (Under ``torch.autocast`` Opacus's hooks may give them in the compute dtype, e.g. bfloat16.)
+    """
 
     def __init__(self, param: nn.Parameter, offset: int, grad_sample: Tensor) -> None:
         super().__init__(param, offset)
-        self.grads = grad_sample.reshape(grad_sample.shape[0], param.numel())
+        self.grads = grad_sample.reshape(grad_sample.shape[0], param.numel()).to(param.dtype)
 
     @property
     def num_examples(self) -> int:
@@ -261,8 +265,27 @@ def _needs_float64(value: Tensor, magnitude: Tensor, terms: int, floor: float) -
     """
     if value.dtype == torch.float64 or value.numel() == 0:
         return False
-    estimate = terms**0.5 * torch.finfo(value.dtype).eps * magnitude
+    estimate = terms**0.5 * product_epsilon(value.dtype, value.device) * magnitude
     return bool((estimate > NORM_ERROR_TOLERANCE * value.abs().clamp_min(floor)).any())
+
+
+def product_epsilon(dtype: torch.dtype, device: torch.device) -> float:
+    """Machine epsilon of matrix products in ``dtype`` on ``device``.
+
+    float32 products on CUDA run in TF32 (10 mantissa bits: ``2^-10``) when the user enabled it
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or ``torch.set_float32_matmul_precision``
+    below ``"highest"``); torch's default is full float32.
+    """
+    if dtype == torch.float32 and device.type == "cuda" and _cuda_matmul_uses_tf32():
+        return 2.0**-10
+    return torch.finfo(dtype).eps
+
+
+def _cuda_matmul_uses_tf32() -> bool:
+    try:
+        return torch.backends.cuda.matmul.fp32_precision == "tf32"
+    except AttributeError:  # torch before 2.9: only the legacy flag
+        return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 class LinearBiasPart(MaterialisedPart):

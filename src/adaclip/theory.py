@@ -12,6 +12,8 @@ Cauchy–Schwarz the ratio ``(sum s)^2 / (d sum s^2)`` is at most 1, with equali
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,7 @@ def log_spaced_std(dim: int, spread: float) -> Tensor:
     """Per-coordinate standard deviations log-spaced from 1 down to ``1 / spread`` (float64)."""
     if spread < 1:
         raise ValueError(f"spread must be >= 1 (largest / smallest std), got {spread}")
-    return torch.logspace(0, -torch.log10(torch.tensor(float(spread))).item(), dim, dtype=torch.float64)
+    return torch.logspace(0, -math.log10(spread), dim, dtype=torch.float64)
 
 
 def optimal_noise_power(std: Tensor) -> float:
