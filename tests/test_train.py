@@ -140,3 +140,11 @@ def test_diagnostics_compare_the_released_step_with_the_clean_gradient():
     noisy = run({**base, "noise_multiplier": 1.0, "method_params": {"clip_norm": 0.01}})["step_stats"]
     assert max(noisy["cosine_to_clean"]) < 0.99
     assert len(noisy["cosine_to_clean"]) == len(noisy["noise_power"])
+
+
+def test_device_names_are_parsed_and_a_missing_gpu_is_named():
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:i', got 'cudafoo'"):
+        run(TrainConfig(dataset="diabetes", method="fixed", epochs=1, device="cudafoo", progress=False))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="torch sees no CUDA device"):
+            run(TrainConfig(dataset="diabetes", method="fixed", epochs=1, device="cuda", progress=False))

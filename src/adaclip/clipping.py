@@ -200,7 +200,7 @@ class ClipRule(ABC):
         if not isinstance(weights, Tensor) or weights.dim() != 1:
             raise ValueError(f"weights must be a 1-D tensor [n_examples], got {getattr(weights, 'shape', type(weights))}")
         shift_scale = self.norm_transform(state)
-        vector = weighted_sum if shift_scale is None else torch.add(weighted_sum, shift_scale[0], alpha=-float(weights.sum()))
+        vector = weighted_sum if shift_scale is None else weighted_sum - shift_scale[0] * weights.sum()  # no host sync
         return ClippedSum.of(vector, weights)
 
     def _check_release_inputs(self, clipped: ClippedSum, noise: Tensor) -> int:

@@ -46,6 +46,14 @@ FULL_MATRIX_MAX_DIM = 4096
 ``O(d^3)`` eigen-decomposition per step (about 1 s at ``d = 2000`` on one CPU core); set ``rank`` above."""
 
 
+def _symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs (ascending) of the symmetric part of ``matrix``, in its dtype; computed in at least float32
+    (``torch.linalg.eigh`` has no half-precision kernels)."""
+    work = torch.promote_types(matrix.dtype, torch.float32)
+    eigenvalues, vectors = torch.linalg.eigh(((matrix + matrix.T) / 2).to(work))
+    return eigenvalues.to(matrix.dtype), vectors.to(matrix.dtype)
+
+
 @dataclass(frozen=True)
 class GeoClipState:
     """GeoClip's running statistics.
@@ -285,7 +293,7 @@ class GeoClip(ClipRule):
         covariance = (U * state.eigenvalues) @ U.T
         estimate = torch.outer(x, x) - (U * noise_basis) @ U.T
         covariance = self.beta2 * covariance + weight * estimate
-        eigenvalues, basis = torch.linalg.eigh((covariance + covariance.T) / 2)
+        eigenvalues, basis = _symmetric_eigh(covariance)
         return basis, eigenvalues, state.residual
 
     def _low_rank_update(
@@ -313,7 +321,7 @@ class GeoClip(ClipRule):
         else:
             frame, along, previous, noise = U, coords, state.eigenvalues, noise_basis
         small = torch.diag(self.beta2 * previous - weight * noise) + weight * torch.outer(along, along)
-        eigenvalues, rotation = torch.linalg.eigh((small + small.T) / 2)  # ascending
+        eigenvalues, rotation = _symmetric_eigh(small)  # ascending
         if not extend:
             return frame @ rotation, eigenvalues, rest_value
         dropped = eigenvalues[0]

@@ -108,15 +108,29 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self._last_epsilon: tuple[tuple[int, float] | None, float] = (None, 0.0)
 
     def pre_step(self, closure: Any = None) -> bool:
-        """Clip, noise and average the per-example gradients with the rule; write them into ``p.grad``."""
+        """Clip, noise and average the per-example gradients with the rule; write them into ``p.grad``.
+
+        Runs with autocast disabled: called inside a ``torch.autocast`` block, the norms and sums that
+        the sensitivity bound rests on would otherwise be computed in reduced precision.
+        """
         params = self.params
         if len(params) == 0:
             return True
         if self._check_skip_next_step():
             raise RuntimeError("virtual steps (signal_skip_step / BatchMemoryManager) are not supported by adaclip's optimizer")
+        reference = params[0]
+        if self.generator is not None and self.generator.device.type != reference.device.type:
+            raise ValueError(
+                f"the noise generator is on {self.generator.device} but the parameters are on {reference.device}: "
+                "move the model to its device before make_private"
+            )
+        with torch.autocast(reference.device.type, enabled=False):
+            self._private_step(params, reference)
+        return True
+
+    def _private_step(self, params: list[torch.Tensor], reference: torch.Tensor) -> None:
         parts = collect_parts(params)
         dim = sum(p.numel() for p in params)
-        reference = params[0]
         if self.rule_state is None:
             self.rule_state = self.rule.init_state(dim, device=reference.device, dtype=reference.dtype)
         noise = torch.randn(self.rule.noise_size(dim), generator=self.generator, device=reference.device, dtype=reference.dtype)
@@ -139,7 +153,6 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self.steps_taken += 1
         if self.step_hook:
             self.step_hook(self)
-        return True
 
     def _norm_path_sum(self, parts: list[Part], dim: int) -> ClippedSum:
         """The rule's clipped sum from per-example (transformed) norms and ``sum_i c_i g_i``, without ``[n, d]``."""

@@ -21,6 +21,7 @@ from adaclip.audit import audit_config
 from adaclip.data import DATASETS
 from adaclip.engine import METHODS, check_method
 from adaclip.models import MODELS
+from adaclip.train import is_device_name
 
 # section -> key -> (checker, description); a key whose checker accepts None is optional
 Checker = Callable[[Any], bool]
@@ -73,7 +74,7 @@ _SEEDS = (_list_of(_non_negative_int), "a non-empty list of ints >= 0")
 
 SCHEMA: dict[str, dict[str, tuple[Checker, str]]] = {
     "runtime": {
-        "device": (lambda v: v == "cpu" or (isinstance(v, str) and v.startswith("cuda")), "'cpu' or 'cuda[:i]'"),
+        "device": (is_device_name, "'cpu', 'cuda' or 'cuda:i'"),
         "workers": (_positive_int, "an int >= 1 (runs in parallel, one process each)"),
     },
     "data": {"datasets": (_list_of(_one_of(DATASETS)), f"a non-empty list of {list(DATASETS)}")},

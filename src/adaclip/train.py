@@ -105,6 +105,23 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_device_name(value: Any) -> bool:
+    """Whether ``value`` names a CPU or CUDA device as torch parses it (``cpu``, ``cuda``, ``cuda:i``)."""
+    try:
+        return isinstance(value, str) and torch.device(value).type in ("cpu", "cuda")
+    except RuntimeError:
+        return False
+
+
+def _check_device_present(device: str) -> None:
+    """A CUDA device must exist here (checked when a run starts, not when configs are validated)."""
+    parsed = torch.device(device)
+    if parsed.type == "cuda":
+        _check(torch.cuda.is_available(), f"device={device!r} but torch sees no CUDA device (torch {torch.__version__}); use device 'cpu'")
+        count = torch.cuda.device_count()
+        _check((parsed.index or 0) < count, f"device={device!r} but this machine has {count} CUDA device(s): use cuda:0 ... cuda:{count - 1}")
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill dataset defaults and validate every field before any data is loaded."""
     _check(config.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {config.dataset!r}")
@@ -126,7 +143,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check(_is_int(resolved.seed) and resolved.seed >= 0, f"seed must be an int >= 0, got {resolved.seed!r}")
     _check(resolved.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}, got {resolved.accountant!r}")
     _check(resolved.train_size is None or (_is_int(resolved.train_size) and resolved.train_size >= 1), f"train_size must be an int >= 1, got {resolved.train_size!r}")
-    _check(resolved.device == "cpu" or resolved.device.startswith("cuda"), f"device must be 'cpu' or 'cuda[:i]', got {resolved.device!r}")
+    _check(is_device_name(resolved.device), f"device must be 'cpu', 'cuda' or 'cuda:i', got {resolved.device!r}")
     _check(isinstance(resolved.diagnostics, bool), f"diagnostics must be true or false, got {resolved.diagnostics!r}")
     _check(isinstance(resolved.check_replicas, bool), f"check_replicas must be true or false, got {resolved.check_replicas!r}")
     if resolved.method == "nonprivate":
@@ -209,8 +226,10 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
     config = resolve(config)
     world_size = dist_utils.world_size()
     _check_parallel(config, world_size)
+    _check_device_present(config.device)
     device = f"cuda:{torch.cuda.current_device()}" if world_size > 1 and config.device == "cuda" else config.device
-    splits: Splits = load_dataset(config.dataset, seed=config.seed, train_size=config.train_size, data_dir=config.data_dir)
+    # moved to the device once (not per batch); sampling and evaluation gather batches there
+    splits: Splits = load_dataset(config.dataset, seed=config.seed, train_size=config.train_size, data_dir=config.data_dir).to(device)
     n_train = len(splits.train)
     _check(config.batch_size <= n_train, f"batch_size={config.batch_size} exceeds the {n_train} training examples; lower it")
     delta = None
