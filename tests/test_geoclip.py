@@ -397,18 +397,15 @@ def test_covariance_converges_to_the_per_example_covariance():
 # --- end to end ------------------------------------------------------------------------------------
 
 
-def test_make_private_refuses_full_matrix_for_a_large_model_at_the_first_step():
+def test_make_private_refuses_full_matrix_for_a_large_model_up_front():
     torch.set_default_dtype(torch.float32)  # a model as users build it (the fixture restores double afterwards)
     dataset = TensorDataset(torch.randn(100, 2500), torch.zeros(100, dtype=torch.long))
     model = nn.Linear(2500, 2)  # 5002 parameters
-    model, optimizer, loader = make_private(
-        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(dataset, batch_size=10),
-        method="geoclip", noise_multiplier=1.0, delta=1e-5, seed=0,
-    )
-    features, labels = next(iter(loader))
-    nn.functional.cross_entropy(model(features), labels).backward()
-    with pytest.raises(ValueError, match="rank=k"):
-        optimizer.step()
+    with pytest.raises(ValueError, match="5002 parameters .* rank=k"):
+        make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(dataset, batch_size=10),
+            method="geoclip", noise_multiplier=1.0, delta=1e-5, seed=0,
+        )
 
 
 def test_cli_trains_with_geoclip_and_reports_the_accountants_epsilon(tmp_path):

@@ -159,6 +159,10 @@ def make_private(
         raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
 
     rule = build_rule(method, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **method_params)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError("module has no trainable parameters (requires_grad=True): nothing to train privately")
+    rule.init_state(trainable, device="meta")  # the rule fits this model (e.g. GeoClip's full matrix), before any step
     if not isinstance(module, GradSampleModule):
         _check_module(module)
         if per_example == "fast" and supports_norm_path(rule):
