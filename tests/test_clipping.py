@@ -11,9 +11,11 @@ from adaclip.clipping import (
     AdaCliP,
     AdaClipState,
     AutoClip,
+    ClippedSum,
     FixedClip,
     QuantileClip,
     QuantileClipState,
+    clip_factors,
     optimal_scale,
 )
 
@@ -189,16 +191,34 @@ def test_adaclip_with_zero_shift_and_constant_scale_equals_fixed_clip():
     torch.testing.assert_close(adaclip.init_state(10).scale, torch.full((10,), clip))
 
 
-def test_clip_rows_bounds_every_norm():
+def test_clip_factors_bound_every_norm_and_leave_short_rows_alone():
+    """The library's clipping (``clip_factors``, and FixedClip's clipped sum row by row) against ``min(1, C / ||g||)``."""
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(200, 7, generator=gen) * torch.logspace(-3, 2, 200).unsqueeze(1)
     rows[0] = 0.0
+    norms = torch.linalg.vector_norm(rows, dim=1)
     for bound in (0.01, 1.0, 30.0):
-        clipped, norms = clip_rows(rows, bound)
+        clipped = rows * clip_factors(norms, bound).unsqueeze(1)
         assert (torch.linalg.vector_norm(clipped, dim=1) <= bound * (1 + 1e-12)).all()
         small = norms <= bound
         torch.testing.assert_close(clipped[small], rows[small])  # short rows untouched
-    assert torch.equal(clip_rows(rows, 1.0)[0][0], torch.zeros(7))
+        torch.testing.assert_close(clipped, clip_rows(rows, bound)[0])
+        rule = FixedClip(clip_norm=bound, noise_multiplier=1.0, expected_batch_size=4.0)
+        one_by_one = torch.stack([rule.clipped_sum(row[None], None).vector for row in rows])
+        torch.testing.assert_close(one_by_one, clip_rows(rows, bound)[0])
+        assert rule.clipped_sum(rows, None).counts.tolist() == [200.0, float((norms > bound).sum())]
+    assert torch.equal(clipped[0], torch.zeros(7))
+
+
+def test_counts_stay_exact_with_bfloat16_parameters():
+    """Counts are float64 whatever the parameters' dtype: in bfloat16 257 would round to 256, and the
+    quantile rule's count would then move by 0 or 1 per added example instead of 1/2."""
+    weights = torch.ones(257, dtype=torch.bfloat16)
+    clipped = ClippedSum.of(torch.zeros(3, dtype=torch.bfloat16), weights)
+    assert clipped.counts.dtype == torch.float64 and clipped.counts.tolist() == [257.0, 0.0]
+    rule = QuantileClip(noise_multiplier=1.0, expected_batch_size=256.0, initial_clip=1.0)
+    stats = rule.release(clipped, rule.init_state(3), torch.zeros(4, dtype=torch.bfloat16))[2]
+    assert stats["unclipped_estimate"] == 128.5 / 256 + 0.5  # sum of centred bits 257 - 257 / 2, no noise
 
 
 def _sum_in_clip_space(name, rule, grads, state):

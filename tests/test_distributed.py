@@ -4,6 +4,7 @@ The workers run in processes started by ``torch.multiprocessing.spawn``; an asse
 worker fails the test with the worker's traceback.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -61,8 +62,11 @@ def _data():
     return torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
 
 
-def _steps(method, per_example, sigma, *, rank=None, noise_seed=7):
-    """Three steps on STEPS; ``rank=None``: one process on whole batches, else this rank's share, all-reduced."""
+def _steps(method, per_example, sigma, *, rank=None, noise_seed=7, drift=False):
+    """Three steps on STEPS; ``rank=None``: one process on whole batches, else this rank's share, all-reduced.
+
+    ``drift``: nudge this rank's rule state after the first step (a bug that updates state from local values).
+    """
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     rule = build_rule(method, noise_multiplier=sigma, expected_batch_size=BATCH, **METHOD_PARAMS[method])
@@ -83,6 +87,8 @@ def _steps(method, per_example, sigma, *, rank=None, noise_seed=7):
         optimizer.step()
         params.append(torch.cat([p.detach().reshape(-1) for p in module.parameters()]))
         stats.append(dict(optimizer.last_stats))
+        if drift:
+            optimizer.rule_state = dataclasses.replace(optimizer.rule_state, mean=optimizer.rule_state.mean + 1e-6)
     return params, stats, optimizer.rule_state
 
 
@@ -98,16 +104,19 @@ def _equivalence_worker(rank):
                 for expected, actual in zip(single[1], split[1]):  # global statistics: realised n, clipped share, C_t
                     assert actual == pytest.approx(expected, rel=1e-10, abs=1e-12), label
                 assert split[1][2]["batch_size"] == len(STEPS[2]), label
-    # debug mode can fail: a rank with its own noise seed (noise added per rank) is reported on every rank
-    with pytest.raises(dist_utils.ReplicaDivergence, match=r"rank\(s\) \[1\]"):
+    # ranks whose generators would add their own noise are refused at construction, on every rank
+    with pytest.raises(ValueError, match="draw different noise"):
         _steps("adaclip", "fast", 1.0, rank=rank, noise_seed=7 + rank)
+    # debug mode can fail: rank 1's state drifts from rank 0's, and every rank reports it
+    with pytest.raises(dist_utils.ReplicaDivergence, match=r"rank\(s\) \[1\]"):
+        _steps("adaclip", "fast", 1.0, rank=rank, drift=rank == 1)
 
 
 def test_one_distributed_step_equals_the_single_process_step_for_every_method(tmp_path):
     """Zero noise (the issue's test) and equal noise seeds: 2 ranks with half the examples each give the
     single-process parameters and statistics after each of 3 steps, for every method and both per-example
-    paths; the third step leaves rank 1 with an empty share.  ``check_replicas`` is on throughout, and
-    catches ranks that draw different noise."""
+    paths; the third step leaves rank 1 with an empty share.  ``check_replicas`` is on throughout and
+    catches a drifting rank; ranks with different noise seeds are refused."""
     _spawn(_equivalence_worker, tmp_path)
 
 
@@ -174,6 +183,10 @@ class _ListDataset(Dataset):
 def _make_private_worker(rank):
     for tensor_dataset in (True, False):
         _train_with_make_private(rank, tensor_dataset)
+    model = nn.Linear(5, 3)
+    with pytest.raises(ValueError, match="seed differs across ranks"):
+        make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(TensorDataset(*_data()), batch_size=4),
+                     noise_multiplier=1.0, delta=1e-3, seed=rank, distributed=True)
 
 
 def _train_with_make_private(rank, tensor_dataset):
@@ -204,7 +217,7 @@ def _train_with_make_private(rank, tensor_dataset):
 def test_make_private_shards_sampling_broadcasts_the_model_and_accounts_as_one_process(tmp_path):
     """Without a seed, for a TensorDataset and another Dataset: replicas agree every step (a shared noise
     seed is broadcast), each rank draws only from its share, and epsilon is the single-process value for
-    the global (sigma, q, T)."""
+    the global (sigma, q, T).  Different seeds on different ranks are refused on every rank."""
     _spawn(_make_private_worker, tmp_path)
 
 
@@ -256,6 +269,9 @@ def test_distributed_misuse_is_named():
     rule = build_rule("fixed", noise_multiplier=1.0, expected_batch_size=4)
     with pytest.raises(ValueError, match="generator"):
         AdaptiveClipDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), rule=rule, sample_rate=0.25, distributed=True)
+    with pytest.raises(ValueError, match="initialised torch.distributed process group"):
+        AdaptiveClipDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), rule=rule, sample_rate=0.25, distributed=True,
+                                generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="world_size"):
         PoissonBatchSampler(1, 0.5, rank=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):

@@ -85,9 +85,11 @@ class ClippedSum:
 
     ``vector`` is ``sum_i c_i (g_i - a)``, the clipped contributions in gradient space (``a`` is the
     rule's shift, 0 for rules without one); ``counts`` is ``[n, n_clipped]``, the realised batch size
-    and how many examples were shrunk (weight ``c_i < 1``), in ``vector``'s dtype and device.  Both
-    are sums over examples: the ``ClippedSum`` of a batch is the field-wise sum of those of any split
-    of it, which is what a data-parallel all-reduce relies on.
+    and how many examples were shrunk (weight ``c_i < 1``), in float64 on ``vector``'s device whatever
+    the parameters' dtype (in bfloat16, counts above 256 would round to even numbers and the quantile
+    rule's count would move by 0 or 1 per example instead of 1/2).  Both are sums over examples: the
+    ``ClippedSum`` of a batch is the field-wise sum of those of any split of it, which is what a
+    data-parallel all-reduce relies on.
     """
 
     vector: Tensor
@@ -96,8 +98,8 @@ class ClippedSum:
     @classmethod
     def of(cls, vector: Tensor, weights: Tensor) -> ClippedSum:
         """From the summed vector and the per-example weights ``c_i`` (which give the counts)."""
-        clipped = (weights < 1).sum().to(device=vector.device, dtype=vector.dtype)
-        return cls(vector=vector, counts=torch.stack([clipped.new_tensor(float(weights.numel())), clipped]))
+        counts = torch.stack([torch.tensor(weights.numel(), device=weights.device), (weights < 1).sum()])
+        return cls(vector=vector, counts=counts.to(device=vector.device, dtype=torch.float64))
 
     @property
     def examples(self) -> float:
@@ -181,7 +183,7 @@ class ClipRule(ABC):
 
         Overriding this enables the fast path for the rule (:func:`supports_norm_path`).
         """
-        raise NotImplementedError(f"{type(self).__name__} has no norm interface; use step() on per-example gradients")
+        raise NotImplementedError(f"{type(self).__name__} has no norm interface; use clipped_sum() or step() on per-example gradients")
 
     def weight_bound(self, state: Any) -> float:
         """The largest norm of any weighted vector ``c_i g_i`` (the sensitivity of their sum); default ``clip_norm``."""
@@ -205,7 +207,8 @@ class ClipRule(ABC):
 
     def _check_release_inputs(self, clipped: ClippedSum, noise: Tensor) -> int:
         if not isinstance(clipped, ClippedSum) or clipped.vector.dim() != 1 or clipped.counts.shape != (2,):
-            raise ValueError("clipped must be a ClippedSum with a 1-D vector [n_params] and counts [n, n_clipped] (from clipped_sum)")
+            got = f"vector {tuple(clipped.vector.shape)}, counts {tuple(clipped.counts.shape)}" if isinstance(clipped, ClippedSum) else type(clipped).__name__
+            raise ValueError(f"clipped must be a ClippedSum with a 1-D vector [n_params] and counts [n, n_clipped] (from clipped_sum); got {got}")
         dim = clipped.vector.shape[0]
         if not isinstance(noise, Tensor) or noise.shape != (self.noise_size(dim),):
             raise ValueError(

@@ -90,11 +90,32 @@ def destroy() -> None:
 
 
 def all_reduce_clipped_sum(clipped: ClippedSum) -> ClippedSum:
-    """The global :class:`~adaclip.clipping.ClippedSum`: one ``all_reduce(SUM)`` of the vector and counts together."""
-    dim = clipped.vector.shape[0]
-    flat = torch.cat([clipped.vector, clipped.counts])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    return ClippedSum(vector=flat[:dim], counts=flat[dim:])
+    """The global :class:`~adaclip.clipping.ClippedSum`: ``all_reduce(SUM)`` of the vector and of the (float64) counts."""
+    vector, counts = clipped.vector.clone(), clipped.counts.clone()
+    dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return ClippedSum(vector=vector, counts=counts)
+
+
+def check_same_noise(generator: torch.Generator, size: int, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Raise ``ValueError`` on every rank unless every rank's ``generator`` draws the same ``size`` normals next.
+
+    The noise must enter the all-reduced sum once, which needs identical draws on every rank: ranks
+    given different seeds, or GPUs of different models (CUDA's ``randn`` depends on the device's
+    multiprocessor count), would each add their own.  Draws one probe and restores the generator.
+    """
+    state = generator.get_state()
+    probe = torch.randn(size, generator=generator, dtype=dtype, device=device).double()
+    generator.set_state(state)
+    checksum = torch.stack([probe.sum(), probe.square().sum()])
+    low, high = checksum.clone(), checksum.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise ValueError(
+            "the ranks' noise generators draw different noise: pass the same seed on every rank (or none, and rank 0's "
+            "is broadcast) and run every rank on the same kind of device (CUDA's randn differs between GPU models)"
+        )
 
 
 def all_reduce_sums(values: list[float], device: torch.device | str) -> list[float]:
@@ -105,7 +126,15 @@ def all_reduce_sums(values: list[float], device: torch.device | str) -> list[flo
 
 
 def shared_seed(seed: int | None, device: torch.device | str) -> int:
-    """``seed`` if given (the caller passes the same one on every rank); else a fresh random seed from rank 0, broadcast."""
+    """The seed every rank uses: ``seed`` if every rank passed the same one; a fresh random seed from rank 0,
+    broadcast, if none did; ``ValueError`` on every rank otherwise."""
+    local = -1 if seed is None else seed
+    low = torch.tensor([local], dtype=torch.int64, device=device)
+    high = low.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if int(low.item()) != int(high.item()):
+        raise ValueError(f"seed differs across ranks (here rank {rank()}: {seed}); pass the same seed on every rank, or none")
     if seed is not None:
         return seed
     drawn = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
@@ -132,8 +161,8 @@ def state_tensors(state: Any) -> dict[str, Tensor]:
     return tensors
 
 
-def check_replicas(named: dict[str, Tensor], device: torch.device | str) -> None:
-    """Raise :class:`ReplicaDivergence` on every rank unless every tensor equals rank 0's bit for bit.
+def assert_replicas_equal(named: dict[str, Tensor], device: torch.device | str) -> None:
+    """Raise :class:`ReplicaDivergence` on every rank unless every tensor equals rank 0's bit for bit (a collective).
 
     Costs one broadcast per tensor: for debugging (``make_private(..., check_replicas=True)``).
     """

@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 
 from adaclip.accounting import Accountant, epsilon
 from adaclip.clipping import ClippedSum, ClipRule, Stats, supports_norm_path
-from adaclip.distributed import all_reduce_clipped_sum, check_replicas, state_tensors
+from adaclip.distributed import all_reduce_clipped_sum, assert_replicas_equal, check_same_noise, is_initialized, state_tensors
 from adaclip.per_example import Part, Transform, collect_parts, materialise, per_example_norms, weighted_sum
 
 PerExample = Literal["fast", "materialise"]
@@ -52,9 +52,10 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         distributed: all-reduce each step's clipped sum over the default ``torch.distributed`` process
             group before the release; every rank must then pass a ``generator`` seeded identically
             (``make_private(..., distributed=True)`` arranges this and the sharded sampling).
-        check_replicas: debug mode for ``distributed``: after every release, assert that the rule
-            state, the released gradient and the parameters are bitwise equal on every rank
-            (:class:`adaclip.distributed.ReplicaDivergence` otherwise); one broadcast per tensor.
+        check_replicas: debug mode for ``distributed``: after every release, assert that the new rule
+            state, the released gradient and the parameters the step started from are bitwise equal
+            on every rank (:class:`adaclip.distributed.ReplicaDivergence` otherwise); one broadcast
+            per tensor.  Whether the ranks draw the same noise is checked once, always, at construction.
 
     ``noise_multiplier`` and ``max_grad_norm`` are the rule's at construction (for adaptive rules,
     ``max_grad_norm`` is only the initial bound): changing them later (e.g. with an Opacus noise
@@ -83,6 +84,8 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
                 "distributed=True needs a noise generator seeded identically on every rank (generator=...), so that "
                 "the noise enters the global sum once; make_private(..., distributed=True) sets one up"
             )
+        if distributed and not is_initialized():
+            raise ValueError("distributed=True needs an initialised torch.distributed process group (torchrun + init_process_group)")
         if check_replicas and not distributed:
             raise ValueError("check_replicas=True compares ranks and needs distributed=True")
         bound = getattr(rule, "clip_norm", getattr(rule, "initial_clip", 1.0))
@@ -98,6 +101,10 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self.per_example: PerExample = per_example
         self.distributed = distributed
         self.check_replicas = check_replicas
+        if distributed and self.params:
+            reference = self.params[0]
+            dim = sum(p.numel() for p in self.params)
+            check_same_noise(generator, rule.noise_size(dim), reference.dtype, reference.device)  # type: ignore[arg-type]
         self.uses_norm_path = per_example == "fast" and supports_norm_path(rule)
         self.sample_rate = sample_rate
         self.accountant = accountant
@@ -143,7 +150,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         noisy_mean, self.rule_state, self.last_stats = self.rule.release(clipped, self.rule_state, noise)
         if self.check_replicas:
             parameters = {f"parameter {i}": p for i, p in enumerate(params)}
-            check_replicas({"released gradient": noisy_mean, **state_tensors(self.rule_state), **parameters}, reference.device)
+            assert_replicas_equal({"released gradient": noisy_mean, **state_tensors(self.rule_state), **parameters}, reference.device)
         if self.loss_reduction == "sum":
             noisy_mean = noisy_mean * self.expected_batch_size
         offset = 0

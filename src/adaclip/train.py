@@ -6,6 +6,12 @@ privacy for ``method="nonprivate"``), evaluates on the validation and test split
 returns a record; with ``out`` set it also writes the record atomically as JSON.  One ``seed``
 fixes the split, the initialisation, the Poisson sampling and the noise.
 
+What the record may be shared as: the trained model's test and validation metrics and epsilon.
+``step_stats`` (clipped fraction, realised batch size, clip norms, ...) and ``train_loss`` are
+computed from the raw training batches without noise: diagnostics for the researcher, not private
+releases (the quantile rule's noisy ``unclipped_estimate`` and AdaCliP's scales are derived from
+released values and are the exceptions).
+
 Inside a ``torch.distributed`` process group of several ranks (``torchrun``; see
 :mod:`adaclip.distributed`) the same call trains data-parallel: private methods through
 ``make_private(..., distributed=True)`` (the batch size stays the global expected batch size),
@@ -173,7 +179,10 @@ def _check_parallel(config: TrainConfig, world_size: int) -> None:
         _check(not config.check_replicas, "check_replicas compares the ranks of a torchrun launch; with one process set it false")
         return
     _check(not config.diagnostics, "diagnostics read the clean per-rank gradient and run in one process only; drop --diagnostics or torchrun")
-    _check(config.method != "nonprivate" or config.batch_size >= world_size, f"batch_size={config.batch_size} must be >= the {world_size} ranks")
+    _check(
+        config.method != "nonprivate" or config.batch_size % world_size == 0,
+        f"the non-private baseline splits batch_size={config.batch_size} evenly over {world_size} ranks: use a batch size divisible by --nproc_per_node",
+    )
     _check(not config.device.startswith("cuda:"), f"device={config.device!r} pins every rank to one GPU; use device 'cuda' (each rank takes cuda:LOCAL_RANK)")
 
 
@@ -274,7 +283,7 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
     per_epoch: list[dict[str, Any]] = []
     step_stats: dict[str, list[float]] = {}
     steps, start = 0, time.perf_counter()
-    show = config.progress and not os.environ.get("TQDM_DISABLE")
+    show = config.progress and not os.environ.get("TQDM_DISABLE") and dist_utils.rank() == 0
     with warnings.catch_warnings():
         # torch warns about Opacus's hooks when the inputs do not require grad; harmless here
         warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
