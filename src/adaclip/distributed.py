@@ -67,21 +67,16 @@ def rank_from_environment() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init_from_environment(device: str) -> str:
-    """Join the process group that ``torchrun`` describes in the environment; return this rank's device.
+def init_from_environment(device: str) -> None:
+    """Join the process group that ``torchrun`` describes in the environment.
 
-    The backend is NCCL for CUDA and gloo for CPU.  With ``device="cuda"`` each rank uses
-    ``cuda:LOCAL_RANK``; an explicit ``cuda:i`` is refused (every rank would share one GPU).
+    The backend is NCCL for CUDA and gloo for CPU.  With ``device="cuda"`` each rank makes
+    ``cuda:LOCAL_RANK`` its current device (the trainer then runs there; it refuses ``cuda:i``).
     """
-    if device.startswith("cuda:"):
-        raise ValueError(f"device={device!r} pins every rank to one GPU; pass device='cuda' under torchrun (each rank takes cuda:LOCAL_RANK)")
     if device == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return device
 
 
 def destroy() -> None:

@@ -121,11 +121,14 @@ class TensorPoissonLoader:
             raise TypeError(f"dataset must be a torch TensorDataset, got {type(dataset).__name__}")
         self.dataset = dataset
         self.batch_sampler = PoissonBatchSampler(len(dataset), sample_rate, generator=generator, rank=rank, world_size=world_size)
-        self.sample_rate = self.batch_sampler.sample_rate
-        self.steps_per_epoch = self.batch_sampler.steps_per_epoch
+
+    @property
+    def sample_rate(self) -> float:
+        """The Poisson rate ``q`` (as Opacus's ``DPDataLoader.sample_rate``)."""
+        return self.batch_sampler.sample_rate
 
     def __len__(self) -> int:
-        return self.steps_per_epoch
+        return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         tensors = self.dataset.tensors
