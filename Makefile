@@ -14,8 +14,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# lint, format check and type check first (seconds), then the tests in two processes
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/ruff check src tests benchmarks probes
+	$(BIN)/ruff format --check src tests benchmarks probes
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -n 2
 
 # Debian's dataset-fashion-mnist package, where apt-get exists; otherwise the loader downloads it.
 fashion-mnist:

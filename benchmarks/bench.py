@@ -52,17 +52,28 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip.engine import make_private
-from adaclip.models import build_model
-from adaclip.reporting import apply_style, markdown_table, save_figure, write_text_atomic
+from adaclip.research.models import build_model
+from adaclip.research.reporting import apply_style, markdown_table, save_figure, write_text_atomic
 
-MODELS = {"logistic": ("logistic", {}), "mlp": ("mlp", {"hidden": 100}), "mlp1000": ("mlp", {"hidden": 1000}), "cnn": ("cnn", {})}
+MODELS = {
+    "logistic": ("logistic", {}),
+    "mlp": ("mlp", {"hidden": 100}),
+    "mlp1000": ("mlp", {"hidden": 1000}),
+    "cnn": ("cnn", {}),
+}
 MODEL_LABELS = {"logistic": "logistic 784-10", "mlp": "MLP 784-100-10", "mlp1000": "MLP 784-1000-10", "cnn": "tanh CNN"}
 OUR_METHODS = ("fixed", "quantile", "auto", "adaclip", "psac")
 PATHS = ("fast", "materialise")
 BASELINES = ("opacus/hooks", "opacus/ghost")
 NOISE_MULTIPLIER = 1.0
 QUICK = {"models": ["logistic", "mlp", "cnn"], "batch_sizes": [64, 600], "repeats": 6, "warmup": 1, "runs": 2}
-FULL = {"models": ["logistic", "mlp", "mlp1000", "cnn"], "batch_sizes": [64, 256, 600], "repeats": 21, "warmup": 3, "runs": 2}
+FULL = {
+    "models": ["logistic", "mlp", "mlp1000", "cnn"],
+    "batch_sizes": [64, 256, 600],
+    "repeats": 21,
+    "warmup": 3,
+    "runs": 2,
+}
 
 
 @dataclass
@@ -80,7 +91,9 @@ def _model(name: str, seed: int) -> nn.Module:
     return build_model(kind, (1, 28, 28), 10, **options)
 
 
-def _step_with(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable) -> Callable[[], None]:
+def _step_with(
+    model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor], loss_fn: Callable
+) -> Callable[[], None]:
     features, labels = batch
 
     def step() -> None:
@@ -96,7 +109,15 @@ def per_example_bytes(model_name: str, batch_size: int) -> int:
     return batch_size * sum(p.numel() for p in _model(model_name, 0).parameters()) * 4
 
 
-def build_setups(model_name: str, batch_size: int, methods: list[str], paths: list[str], baselines: list[str], device: str, seed: int = 0) -> list[Setup]:
+def build_setups(
+    model_name: str,
+    batch_size: int,
+    methods: list[str],
+    paths: list[str],
+    baselines: list[str],
+    device: str,
+    seed: int = 0,
+) -> list[Setup]:
     """Every requested variant for one model and batch size, each with its own copy of the same initial model."""
     from opacus import PrivacyEngine
 
@@ -111,13 +132,21 @@ def build_setups(model_name: str, batch_size: int, methods: list[str], paths: li
     setups = []
 
     model = copy.deepcopy(initial)
-    setups.append(Setup("nonprivate", "-", _step_with(model, torch.optim.SGD(model.parameters(), lr=0.01), batch, cross_entropy)))
+    setups.append(
+        Setup("nonprivate", "-", _step_with(model, torch.optim.SGD(model.parameters(), lr=0.01), batch, cross_entropy))
+    )
     for baseline in baselines:
         model = copy.deepcopy(initial)
         mode = baseline.split("/")[1]
         private = PrivacyEngine().make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), data_loader=loader, criterion=nn.CrossEntropyLoss(),
-            noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+            data_loader=loader,
+            criterion=nn.CrossEntropyLoss(),
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=1.0,
+            poisson_sampling=False,
+            grad_sample_mode=mode,
         )
         if mode == "ghost":
             module, optimizer, criterion, _ = private
@@ -130,8 +159,15 @@ def build_setups(model_name: str, batch_size: int, methods: list[str], paths: li
         for path in paths:
             model = copy.deepcopy(initial)
             module, optimizer, _ = make_private(
-                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.01), data_loader=loader, method=method,
-                noise_multiplier=NOISE_MULTIPLIER, delta=0.1 / dataset_size, seed=seed, per_example=path, **params,
+                module=model,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.01),
+                data_loader=loader,
+                method=method,
+                noise_multiplier=NOISE_MULTIPLIER,
+                delta=0.1 / dataset_size,
+                seed=seed,
+                per_example=path,
+                **params,
             )
             setups.append(Setup(method, path, _step_with(module, optimizer, batch, cross_entropy)))
     return setups
@@ -199,7 +235,9 @@ def peak_step_memory(setup: Setup, device: str, steps: int = 3) -> int:
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             setup.step()
-        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+        events = sorted(
+            (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+        )
         running = peak = 0
         for _, nbytes in events:
             running += nbytes
@@ -215,7 +253,7 @@ class _LargestTensor(TorchDispatchMode):
         super().__init__()
         self.largest = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in out if isinstance(out, (list, tuple)) else [out]:
             if isinstance(tensor, torch.Tensor):
@@ -231,8 +269,17 @@ def largest_step_tensor(setup: Setup) -> int:
 
 
 def measure(
-    models: list[str], batch_sizes: list[int], methods: list[str], paths: list[str], baselines: list[str],
-    repeats: int, warmup: int, runs: int, device: str, max_per_example_bytes: float = math.inf, progress: bool = True,
+    models: list[str],
+    batch_sizes: list[int],
+    methods: list[str],
+    paths: list[str],
+    baselines: list[str],
+    repeats: int,
+    warmup: int,
+    runs: int,
+    device: str,
+    max_per_example_bytes: float = math.inf,
+    progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Records for every model, batch size, setup and run (see the module docstring), and the setups skipped.
 
@@ -245,10 +292,16 @@ def measure(
             size = per_example_bytes(model_name, batch_size)
             too_big = size > max_per_example_bytes
             if too_big:
-                skipped.append(f"{MODEL_LABELS[model_name]}, B={batch_size}: materialise and opacus/hooks ([B, d] = {size / 2**30:.2f} GiB)")
+                skipped.append(
+                    f"{MODEL_LABELS[model_name]}, B={batch_size}: materialise and opacus/hooks ([B, d] = {size / 2**30:.2f} GiB)"
+                )
             setups = build_setups(
-                model_name, batch_size, methods, [p for p in paths if not (too_big and p == "materialise")],
-                [b for b in baselines if not (too_big and b == "opacus/hooks")], device,
+                model_name,
+                batch_size,
+                methods,
+                [p for p in paths if not (too_big and p == "materialise")],
+                [b for b in baselines if not (too_big and b == "opacus/hooks")],
+                device,
             )
             timed = [time_setups(setups, repeats, warmup if run == 1 else 1, device) for run in range(1, runs + 1)]
             memory = {i: peak_step_memory(setup, device) for i, setup in enumerate(setups)}  # warm: steady-state steps
@@ -257,15 +310,34 @@ def measure(
                 base_wall, base_cpu = times[0]
                 for index, setup in enumerate(setups):
                     wall, cpu = times[index]
-                    records.append({
-                        "model": model_name, "batch_size": batch_size, "method": setup.method, "path": setup.path, "run": run,
-                        "step_time_s": wall, "examples_per_s": batch_size / wall, "ratio_to_nonprivate": wall / base_wall,
-                        "cpu_time_s": cpu, "cpu_ratio_to_nonprivate": cpu / base_cpu if base_cpu > 0 else float("nan"),
-                        "peak_memory_bytes": memory[index], "largest_tensor_bytes": largest[index], "per_example_bytes": size, "parameters": size // (4 * batch_size), "device": device,
-                    })
+                    records.append(
+                        {
+                            "model": model_name,
+                            "batch_size": batch_size,
+                            "method": setup.method,
+                            "path": setup.path,
+                            "run": run,
+                            "step_time_s": wall,
+                            "examples_per_s": batch_size / wall,
+                            "ratio_to_nonprivate": wall / base_wall,
+                            "cpu_time_s": cpu,
+                            "cpu_ratio_to_nonprivate": cpu / base_cpu if base_cpu > 0 else float("nan"),
+                            "peak_memory_bytes": memory[index],
+                            "largest_tensor_bytes": largest[index],
+                            "per_example_bytes": size,
+                            "parameters": size // (4 * batch_size),
+                            "device": device,
+                        }
+                    )
                 if progress:
-                    summary = ", ".join(f"{s.method}/{s.path} {times[i][0] / base_wall:.2f}x" for i, s in enumerate(setups) if i)
-                    print(f"[bench] {model_name} B={batch_size} run {run}: non-private {base_wall * 1e3:.2f} ms; {summary}", file=sys.stderr, flush=True)
+                    summary = ", ".join(
+                        f"{s.method}/{s.path} {times[i][0] / base_wall:.2f}x" for i, s in enumerate(setups) if i
+                    )
+                    print(
+                        f"[bench] {model_name} B={batch_size} run {run}: non-private {base_wall * 1e3:.2f} ms; {summary}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     return records, skipped
 
 
@@ -298,7 +370,14 @@ def table(records: list[dict[str, Any]], header_note: str, skipped: list[str]) -
     for (model, batch, method, path), by_run in keyed.items():
         last = by_run[runs[-1]]
         rows.append(
-            [MODEL_LABELS.get(model, model), batch, method, path, round(last["step_time_s"] * 1e3, 3), round(last["examples_per_s"])]
+            [
+                MODEL_LABELS.get(model, model),
+                batch,
+                method,
+                path,
+                round(last["step_time_s"] * 1e3, 3),
+                round(last["examples_per_s"]),
+            ]
             + [f"{by_run[run]['ratio_to_nonprivate']:.2f}" for run in runs]
             + [f"{by_run[run]['cpu_ratio_to_nonprivate']:.2f}" for run in runs]
             + [f"{last[key] / 2**20:.2f}" for key in ("peak_memory_bytes", "largest_tensor_bytes", "per_example_bytes")]
@@ -321,9 +400,13 @@ def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
     setups = list(dict.fromkeys(f"{r['method']}/{r['path']}" for r in chosen))
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(4.5 * len(batch_sizes), 4.2), sharey=True, squeeze=False)
     width = 0.8 / max(len(models), 1)
-    for ax, batch_size in zip(axes[0], batch_sizes):
+    for ax, batch_size in zip(axes[0], batch_sizes, strict=True):
         for k, model in enumerate(models):
-            ratios = {f"{r['method']}/{r['path']}": r["ratio_to_nonprivate"] for r in chosen if r["model"] == model and r["batch_size"] == batch_size}
+            ratios = {
+                f"{r['method']}/{r['path']}": r["ratio_to_nonprivate"]
+                for r in chosen
+                if r["model"] == model and r["batch_size"] == batch_size
+            }
             xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(setups))]
             ax.bar(xs, [ratios.get(s, float("nan")) for s in setups], width=width, label=MODEL_LABELS.get(model, model))
         ax.axhline(1.0, color="black", linewidth=0.8)
@@ -339,26 +422,42 @@ def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
 
 
 OPTION_DEFAULTS = {
-    "methods": list(OUR_METHODS), "paths": list(PATHS), "baselines": list(BASELINES),
-    "threads": 1, "device": "cpu", "max_per_example_gib": 1.0,
+    "methods": list(OUR_METHODS),
+    "paths": list(PATHS),
+    "baselines": list(BASELINES),
+    "threads": 1,
+    "device": "cpu",
+    "max_per_example_gib": 1.0,
 }
 
 
 def parser() -> argparse.ArgumentParser:
-    cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_argument("--quick", action="store_true", help=f"the quick profile (about 2 minutes on 2 CPU cores): {QUICK}")
-    cli.add_argument("--params-file", type=Path, help="YAML file whose 'bench' mapping sets any option below (options given here win)")
+    cli = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    cli.add_argument(
+        "--quick", action="store_true", help=f"the quick profile (about 2 minutes on 2 CPU cores): {QUICK}"
+    )
+    cli.add_argument(
+        "--params-file",
+        type=Path,
+        help="YAML file whose 'bench' mapping sets any option below (options given here win)",
+    )
     cli.add_argument("--models", nargs="+", choices=sorted(MODELS), help=f"default {FULL['models']}")
     cli.add_argument("--batch-sizes", nargs="+", type=int, help=f"default {FULL['batch_sizes']}")
     cli.add_argument("--methods", nargs="+", choices=OUR_METHODS, help=f"default {list(OUR_METHODS)}")
     cli.add_argument("--paths", nargs="+", choices=PATHS, help=f"default {list(PATHS)}")
     cli.add_argument("--baselines", nargs="*", choices=BASELINES, help=f"default {list(BASELINES)}")
     cli.add_argument("--repeats", type=int, help=f"timed samples per setup and run (default {FULL['repeats']})")
-    cli.add_argument("--warmup", type=int, help=f"untimed steps per setup before the first run (default {FULL['warmup']})")
+    cli.add_argument(
+        "--warmup", type=int, help=f"untimed steps per setup before the first run (default {FULL['warmup']})"
+    )
     cli.add_argument("--runs", type=int, help=f"whole measurements in this process (default {FULL['runs']})")
     cli.add_argument("--threads", type=int, help="torch CPU threads (default 1: stable timings on a shared machine)")
     cli.add_argument("--device", help="cpu (default) or cuda[:i]")
-    cli.add_argument("--max-per-example-gib", type=float, help="skip setups that materialise a larger [B, d] matrix (default 1)")
+    cli.add_argument(
+        "--max-per-example-gib", type=float, help="skip setups that materialise a larger [B, d] matrix (default 1)"
+    )
     cli.add_argument("--table", type=Path, default=Path("reports/tables/bench.md"))
     cli.add_argument("--json", type=Path, default=Path("reports/data/bench.json"))
     cli.add_argument("--figure", type=Path, default=Path("reports/figures/bench"), help="stem: writes .png and .svg")
@@ -378,14 +477,19 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"error: {args.params_file} has no 'bench' mapping")
         unknown = sorted(set(section) - set(options) - {"quick"})
         if unknown:
-            raise SystemExit(f"error: unknown key(s) {unknown} in the 'bench' mapping of {args.params_file}; known: {sorted(options)}")
+            raise SystemExit(
+                f"error: unknown key(s) {unknown} in the 'bench' mapping of {args.params_file}; known: {sorted(options)}"
+            )
         if section.get("quick"):
             options.update(QUICK)
         options.update({k: v for k, v in section.items() if k != "quick"})
     options.update({k: getattr(args, k) for k in options if getattr(args, k, None) is not None})
     checks = {
-        "models": isinstance(options["models"], list) and bool(options["models"]) and set(options["models"]) <= set(MODELS),
-        "batch_sizes": isinstance(options["batch_sizes"], list) and bool(options["batch_sizes"])
+        "models": isinstance(options["models"], list)
+        and bool(options["models"])
+        and set(options["models"]) <= set(MODELS),
+        "batch_sizes": isinstance(options["batch_sizes"], list)
+        and bool(options["batch_sizes"])
         and all(isinstance(b, int) and b >= 1 for b in options["batch_sizes"]),
         "methods": isinstance(options["methods"], list) and set(options["methods"]) <= set(OUR_METHODS),
         "paths": isinstance(options["paths"], list) and set(options["paths"]) <= set(PATHS),
@@ -395,7 +499,8 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": isinstance(options["warmup"], int) and options["warmup"] >= 0,
         "threads": isinstance(options["threads"], int) and options["threads"] >= 1,
         "device": _device_type(options["device"]) in ("cpu", "cuda"),
-        "max_per_example_gib": isinstance(options["max_per_example_gib"], (int, float)) and options["max_per_example_gib"] > 0,
+        "max_per_example_gib": isinstance(options["max_per_example_gib"], (int, float))
+        and options["max_per_example_gib"] > 0,
     }
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
@@ -407,7 +512,9 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     if _device_type(options["device"]) == "cuda":
         index = torch.device(options["device"]).index or 0
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise SystemExit(f"error: device {options['device']} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise SystemExit(
+                f"error: device {options['device']} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
     return options
 
 
@@ -426,8 +533,16 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus's and torch's hook warnings, once per setup
         records, skipped = measure(
-            options["models"], options["batch_sizes"], options["methods"], options["paths"], options["baselines"], options["repeats"],
-            options["warmup"], options["runs"], options["device"], max_per_example_bytes=options["max_per_example_gib"] * 2**30,
+            options["models"],
+            options["batch_sizes"],
+            options["methods"],
+            options["paths"],
+            options["baselines"],
+            options["repeats"],
+            options["warmup"],
+            options["runs"],
+            options["device"],
+            max_per_example_bytes=options["max_per_example_gib"] * 2**30,
             progress=not args.quiet,
         )
     device = _device_label(options["device"])

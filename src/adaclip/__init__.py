@@ -1,10 +1,23 @@
-"""adaclip: differentially private training with adaptive clipping (AdaCliP and friends) on Opacus."""
+"""adaclip: differentially private training with adaptive clipping (AdaCliP and friends) on Opacus.
 
-from adaclip.accounting import epsilon, noise_multiplier_for
-from adaclip.clipping import AdaCliP, AdaClipState, AutoClip, ClipRule, FixedClip, PerSampleAdaptiveClip, QuantileClip, QuantileClipState
-from adaclip.engine import METHODS, make_private
-from adaclip.geoclip import GeoClip, GeoClipState
-from adaclip.optimizer import AdaptiveClipDPOptimizer
+Two wings:
+
+* the library – :mod:`adaclip.methods` (the clipping rules and their registry), :mod:`adaclip.engine`
+  (``make_private``, the optimizer, per-example paths, sampling, data-parallel steps) and
+  :mod:`adaclip.privacy` (accounting and the empirical audit);
+* the research pipeline – :mod:`adaclip.research` (params, data, models, training runs, sweeps,
+  analysis, figures and the report), which uses the library and is never imported by it.
+
+The names below are imported on first use (PEP 562), so that ``import adaclip.research.data`` (say)
+does not load the training engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
 
 __all__ = [
     "METHODS",
@@ -23,4 +36,35 @@ __all__ = [
     "make_private",
     "noise_multiplier_for",
 ]
-__version__ = "0.1.0"
+_HOMES = {"engine": ("make_private", "AdaptiveClipDPOptimizer"), "privacy.accounting": ("epsilon", "noise_multiplier_for")}
+_EXPORTS = {name: f"adaclip.{home}" for home, names in _HOMES.items() for name in names}
+_EXPORTS.update({name: "adaclip.methods" for name in __all__ if name not in _EXPORTS})
+
+if TYPE_CHECKING:
+    from adaclip.engine import AdaptiveClipDPOptimizer, make_private
+    from adaclip.methods import (
+        METHODS,
+        AdaCliP,
+        AdaClipState,
+        AutoClip,
+        ClipRule,
+        FixedClip,
+        GeoClip,
+        GeoClipState,
+        PerSampleAdaptiveClip,
+        QuantileClip,
+        QuantileClipState,
+    )
+    from adaclip.privacy.accounting import epsilon, noise_multiplier_for
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'adaclip' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

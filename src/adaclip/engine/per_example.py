@@ -1,0 +1,451 @@
+"""Per-example norms and reweighted sums over all parameters, from factors or per-layer gradients.
+
+All parameters are flattened, in the optimizer's order, into one vector of length ``d`` (the
+layout the clipping rules and their state use).  Each parameter contributes one *part*:
+
+* :class:`LinearWeightPart` and :class:`LinearBiasPart` for a book-keeping ``nn.Linear`` layer
+  (:mod:`adaclip.engine.bookkeeping`), from the layer inputs ``x`` ``[n, P, in]`` and per-example output
+  gradients ``delta`` ``[n, P, out]`` over ``P`` positions (:class:`LinearFactors`):
+  ``g_i(W) = sum_p delta_ip x_ip^T`` and ``g_i(b) = sum_p delta_ip``;
+* :class:`MaterialisedPart` for everything else: a per-example gradient ``[n, k]`` of one layer
+  (a book-keeping convolution's, :func:`conv2d_per_example_grads`, or Opacus's ``p.grad_sample``).
+
+Squared norms, transformed squared norms and weighted sums add up over parts, so a rule gets
+``||g_i||`` (or ``||(g_i - a) / b||``) and ``sum_i c_i g_i`` without the ``[n, d]`` matrix.
+
+Norms of a linear weight (one position, ``g_i = delta_i x_i^T``):
+
+* ``||g_i||^2 = ||delta_i||^2 ||x_i||^2``; over ``P`` positions, the Gram form
+  ``||g_i||^2 = sum_pq (delta_ip . delta_iq)(x_ip . x_iq)`` (used when ``P (in + out) <= in out``,
+  otherwise the layer's ``g_i`` are materialised).
+* AdaCliP's transformed norm with shift ``A`` and scale ``S`` (this layer's slices of ``a`` and
+  ``b``, shaped ``[out, in]``): expanding ``sum_oj (delta_io x_ij - A_oj)^2 / S_oj^2`` gives
+
+      ||(g_i - A) / S||^2 = (delta_i^2)^T (1/S^2) (x_i^2) - 2 delta_i^T (A/S^2) x_i + sum_oj A_oj^2 / S_oj^2,
+
+  two products of the size of the forward pass (contracting over the wider side).  In floating
+  point the three terms can cancel: the sum is clamped at 0, and where the estimated rounding error
+  (:func:`_needs_float64`, with TF32's precision where CUDA products use it) exceeds
+  ``NORM_ERROR_TOLERANCE`` against the clipping threshold the layer is recomputed in float64, so
+  clipping, and with it the sensitivity, stays exact to about 0.05 %.
+  For ``P > 1`` the transformed norm has no cheap form and the layer's ``g_i`` are materialised.
+
+Weighted sum of a linear weight: ``sum_i c_i g_i = sum_ip (c_i delta_ip) x_ip^T``, one product.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from opacus.utils.tensor_utils import unfold2d
+from torch import Tensor, nn
+
+from adaclip.engine.bookkeeping import LayerCapture, layer_capture
+
+
+@dataclass(frozen=True)
+class Transform:
+    """The flat shift ``a`` and scale ``b`` of a transformed norm, with ``1/b^2`` and ``a/b^2`` precomputed."""
+
+    shift: Tensor
+    scale: Tensor
+    inv_scale_sq: Tensor
+    shift_inv_scale_sq: Tensor
+
+    @classmethod
+    def of(cls, shift: Tensor, scale: Tensor) -> Transform:
+        inv_scale_sq = scale.square().reciprocal()
+        return cls(shift=shift, scale=scale, inv_scale_sq=inv_scale_sq, shift_inv_scale_sq=shift * inv_scale_sq)
+
+
+class Part(ABC):
+    """One parameter's per-example gradients, occupying ``[offset, offset + numel)`` of the flat vector."""
+
+    def __init__(self, param: nn.Parameter, offset: int) -> None:
+        self.param = param
+        self.span = slice(offset, offset + param.numel())
+
+    @property
+    @abstractmethod
+    def num_examples(self) -> int: ...
+
+    @abstractmethod
+    def squared_norms(self) -> Tensor:
+        """``||g_i||^2`` of this parameter's part, shape ``[n]`` (callers must not modify it in place)."""
+
+    @abstractmethod
+    def transformed_squared_norms(self, transform: Transform) -> Tensor:
+        """``||(g_i - a) / b||^2`` restricted to this parameter, shape ``[n]``."""
+
+    @abstractmethod
+    def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
+        """Write ``sum_i weights_i g_i`` into ``out`` (a view shaped like the parameter)."""
+
+    @abstractmethod
+    def materialise(self) -> Tensor:
+        """The per-example gradients ``[n, numel]``."""
+
+
+class MaterialisedPart(Part):
+    """Per-example gradients held explicitly, ``[n, *param.shape]``, in the parameter's dtype.
+
+    (Under ``torch.autocast`` Opacus's hooks may give them in the compute dtype, e.g. bfloat16.)
+    """
+
+    def __init__(self, param: nn.Parameter, offset: int, grad_sample: Tensor) -> None:
+        super().__init__(param, offset)
+        self.grads = grad_sample.reshape(grad_sample.shape[0], param.numel()).to(param.dtype)
+
+    @property
+    def num_examples(self) -> int:
+        return self.grads.shape[0]
+
+    def squared_norms(self) -> Tensor:
+        norms: Tensor = torch.linalg.vector_norm(self.grads, dim=1)
+        return norms.square_()
+
+    def transformed_squared_norms(self, transform: Transform) -> Tensor:
+        return ((self.grads - transform.shift[self.span]) / transform.scale[self.span]).square_().sum(1)
+
+    def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
+        torch.mv(self.grads.t(), weights, out=out.view(-1))
+
+    def materialise(self) -> Tensor:
+        return self.grads
+
+
+class LinearFactors:
+    """A book-keeping layer's inputs ``x`` and per-example output gradients ``delta``.
+
+    ``[n, in]`` and ``[n, out]`` when every example has one position (``single``), else
+    ``[n, P, in]`` and ``[n, P, out]``.  Quantities that the weight and the bias share are computed
+    once per step: ``||delta_i||^2`` and ``c_i delta_i`` for the step's weights.
+    """
+
+    def __init__(self, activations: Tensor, backprops: Tensor) -> None:
+        if activations.dim() == 3 and activations.shape[1] == 1:
+            activations, backprops = activations[:, 0], backprops[:, 0]
+        self.x, self.delta = activations, backprops
+        self.single = activations.dim() == 2
+        self._delta_squared_norms: Tensor | None = None
+        self._scaled: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return self.x.shape[0]
+
+    def bias_grads(self) -> Tensor:
+        """The bias's per-example gradients ``sum_p delta_ip``, ``[n, out]``."""
+        return self.delta if self.single else self.delta.sum(1)
+
+    def delta_squared_norms(self) -> Tensor:
+        """``||sum_p delta_ip||^2`` (the bias's squared norms; with ``||x_i||^2``, the weight's for one position)."""
+        if self._delta_squared_norms is None:
+            self._delta_squared_norms = torch.linalg.vector_norm(self.bias_grads(), dim=1).square_()
+        return self._delta_squared_norms
+
+    def scaled_delta(self, weights: Tensor) -> Tensor:
+        """``c_i delta_i`` for ``weights = c``."""
+        if self._scaled is None or self._scaled[0] is not weights:
+            self._scaled = (weights, self.delta * (weights.unsqueeze(1) if self.single else weights.view(-1, 1, 1)))
+        return self._scaled[1]
+
+
+class LinearWeightPart(Part):
+    """The weight ``[out, in]`` of a book-keeping linear layer, from its :class:`LinearFactors`."""
+
+    def __init__(self, param: nn.Parameter, offset: int, factors: LinearFactors) -> None:
+        super().__init__(param, offset)
+        self.factors = factors
+        self._materialised: MaterialisedPart | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return self.factors.num_examples
+
+    def _as_materialised(self) -> MaterialisedPart:
+        if self._materialised is None:
+            self._materialised = MaterialisedPart(self.param, self.span.start, self.materialise())
+        return self._materialised
+
+    def squared_norms(self) -> Tensor:
+        factors = self.factors
+        if factors.single:
+            input_norms: Tensor = torch.linalg.vector_norm(factors.x, dim=1)
+            return input_norms.square_().mul_(factors.delta_squared_norms())
+        positions, fan_in = factors.x.shape[1:]
+        fan_out = factors.delta.shape[2]
+        if positions * (fan_in + fan_out) <= fan_in * fan_out:
+            value, magnitude = _gram_norms(factors.x, factors.delta)
+            if _needs_float64(
+                value, magnitude, positions * positions * (fan_in + fan_out), floor=torch.finfo(value.dtype).tiny
+            ):
+                value = _gram_norms(factors.x.double(), factors.delta.double())[0].to(value.dtype)
+            return value.clamp_min_(0)
+        return self._as_materialised().squared_norms()
+
+    def transformed_squared_norms(self, transform: Transform) -> Tensor:
+        if not self.factors.single:
+            return self._as_materialised().transformed_squared_norms(transform)
+        shape = self.param.shape
+        operands = (
+            self.factors.x,
+            self.factors.delta,
+            transform.inv_scale_sq[self.span].view(shape),  # [out, in]: 1/S^2
+            transform.shift_inv_scale_sq[self.span].view(shape),  # [out, in]: A/S^2
+            torch.dot(transform.shift[self.span], transform.shift_inv_scale_sq[self.span]),  # sum A^2/S^2
+        )
+        value, magnitude = _transformed_linear_norms(*operands)
+        if _needs_float64(value, magnitude, self.param.numel(), floor=1.0):
+            exact = Transform.of(transform.shift[self.span].double(), transform.scale[self.span].double())
+            operands = (
+                self.factors.x.double(),
+                self.factors.delta.double(),
+                exact.inv_scale_sq.view(shape),
+                exact.shift_inv_scale_sq.view(shape),
+                torch.dot(exact.shift, exact.shift_inv_scale_sq),
+            )
+            value = _transformed_linear_norms(*operands)[0].to(value.dtype)
+        return value.clamp_min_(0)
+
+    def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
+        scaled, x = self.factors.scaled_delta(weights), self.factors.x
+        if self.factors.single:
+            torch.mm(scaled.t(), x, out=out)
+        else:
+            torch.mm(scaled.reshape(-1, out.shape[0]).t(), x.reshape(-1, out.shape[1]), out=out)
+
+    def materialise(self) -> Tensor:
+        x, delta = self.factors.x, self.factors.delta
+        grads = torch.einsum("no,ni->noi", delta, x) if self.factors.single else torch.einsum("npo,npi->noi", delta, x)
+        return grads.reshape(self.num_examples, self.param.numel())
+
+
+def _gram_norms(x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """``||sum_p delta_ip x_ip^T||^2 = sum_pq (x_ip . x_iq)(delta_ip . delta_iq)`` and the size of its terms."""
+    products = torch.bmm(x, x.transpose(1, 2)).mul_(torch.bmm(delta, delta.transpose(1, 2)))
+    return products.sum((1, 2)), products.abs_().sum((1, 2))
+
+
+def _transformed_linear_norms(
+    x: Tensor, delta: Tensor, inv_scale_sq: Tensor, shift_inv_scale_sq: Tensor, constant: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``||(delta_i x_i^T - A) / S||^2`` by the three-term expansion, and the size of its terms.
+
+    Returns the (unclamped) values and ``sum_oj (delta_io x_ij)^2 / S_oj^2 + sum_oj A_oj^2 / S_oj^2``,
+    which bounds each term (the cross term by Cauchy-Schwarz) and so the rounding error.
+    """
+    # Contract over the wider side; results are laid out [features of the other side, n], the
+    # orientation in which BLAS handles a narrow layer fastest.
+    if x.shape[1] >= delta.shape[1]:
+        quadratic = torch.mm(inv_scale_sq, x.square().t())  # [out, n]: (1/S^2) x_i^2
+        linear = torch.mm(shift_inv_scale_sq, x.t())  # [out, n]: (A/S^2) x_i
+        other = delta.t().contiguous()
+    else:
+        quadratic = torch.mm(inv_scale_sq.t(), delta.square().t())  # [in, n]: (1/S^2)^T delta_i^2
+        linear = torch.mm(shift_inv_scale_sq.t(), delta.t())  # [in, n]: (A/S^2)^T delta_i
+        other = x.t().contiguous()
+    quadratic_term = quadratic.mul_(other).mul_(other).sum(0)  # sum_k other_k^2 quadratic_k
+    cross_term = linear.mul_(other).sum(0)  # sum_k other_k linear_k
+    return quadratic_term - 2 * cross_term + constant, quadratic_term.add_(constant)
+
+
+# Rounding error allowed in a squared norm compared with the clipping threshold 1 of a transformed
+# norm (0.05 % in the norm): beyond it the part is recomputed in float64.
+NORM_ERROR_TOLERANCE = 1e-3
+
+
+def _needs_float64(value: Tensor, magnitude: Tensor, terms: int, floor: float) -> bool:
+    """Whether cancellation may have cost more than ``NORM_ERROR_TOLERANCE`` relative to ``max(value, floor)``.
+
+    ``floor`` is the clipping threshold when it is known (1 for a transformed norm); plain norms,
+    whose threshold the part does not know, use a relative test (``floor`` tiny).
+
+    The rounding error of a sum of ``terms`` products whose sizes add up to ``magnitude`` is
+    typically ``sqrt(terms) * eps * magnitude`` (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2002, §2.8: the rule of thumb for random rounding errors); that estimate is compared
+    with the tolerance.
+    """
+    if value.dtype == torch.float64 or value.numel() == 0:
+        return False
+    estimate = terms**0.5 * product_epsilon(value.dtype, value.device) * magnitude
+    return bool((estimate > NORM_ERROR_TOLERANCE * value.abs().clamp_min(floor)).any())
+
+
+def product_epsilon(dtype: torch.dtype, device: torch.device) -> float:
+    """Machine epsilon of matrix products in ``dtype`` on ``device``.
+
+    float32 products on CUDA run in TF32 (10 mantissa bits: ``2^-10``) when the user enabled it
+    (``torch.backends.cuda.matmul.fp32_precision = "tf32"``, or ``torch.set_float32_matmul_precision``
+    below ``"highest"``); torch's default is full float32.
+    """
+    if dtype == torch.float32 and device.type == "cuda" and _cuda_matmul_uses_tf32():
+        return 2.0**-10
+    return torch.finfo(dtype).eps
+
+
+def _cuda_matmul_uses_tf32() -> bool:
+    try:
+        return bool(torch.backends.cuda.matmul.fp32_precision == "tf32")
+    except AttributeError:  # torch before 2.9: only the legacy flag
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+class LinearBiasPart(MaterialisedPart):
+    """The bias of a book-keeping linear layer: per-example gradients ``sum_p delta_ip``, sharing the layer's factors."""
+
+    def __init__(self, param: nn.Parameter, offset: int, factors: LinearFactors) -> None:
+        super().__init__(param, offset, factors.bias_grads())
+        self.factors = factors
+
+    def squared_norms(self) -> Tensor:
+        return self.factors.delta_squared_norms()
+
+    def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
+        torch.sum(self.factors.scaled_delta(weights), 0 if self.factors.single else (0, 1), out=out)
+
+
+def _factors(capture: LayerCapture) -> LinearFactors:
+    """The capture's inputs and output gradients over every position of every use."""
+    pairs = capture.pairs
+    if len(pairs) == 1 and pairs[0][0].dim() == 2:
+        return LinearFactors(*pairs[0])
+    sizes = {x.shape[0] for x, _ in pairs}
+    if len(sizes) != 1:
+        raise RuntimeError(
+            f"a linear layer saw batches of different sizes {sorted(sizes)} in one step; call optimizer.zero_grad() after every step"
+        )
+    n = sizes.pop()
+    xs = [x.reshape(n, math.prod(x.shape[1:-1]), x.shape[-1]) for x, _ in pairs]
+    deltas = [delta.reshape(n, math.prod(delta.shape[1:-1]), delta.shape[-1]) for _, delta in pairs]
+    return LinearFactors(torch.cat(xs, 1), torch.cat(deltas, 1))
+
+
+def conv2d_per_example_grads(layer: nn.Conv2d, x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example weight ``[n, *weight.shape]`` and bias ``[n, out]`` gradients of one use of a ``Conv2d``.
+
+    With the input unfolded into patches ``u_il`` (one column per output position ``l``), the
+    layer is linear per position, so ``g_i(W) = sum_l delta_il u_il^T`` per group and
+    ``g_i(b) = sum_l delta_il``.
+    """
+    n, groups = x.shape[0], layer.groups
+    # [n, C k k, L]; Opacus's strided unfold, several times faster than F.unfold (im2col) on CPU
+    patches = unfold2d(
+        x, kernel_size=layer.kernel_size, padding=layer.padding, stride=layer.stride, dilation=layer.dilation
+    )
+    delta = delta.flatten(2)  # [n, out, L]
+    if groups == 1:
+        weight = torch.bmm(delta, patches.transpose(1, 2))
+    else:
+        positions = delta.shape[2]
+        weight = torch.einsum(
+            "ngol,ngpl->ngop", delta.view(n, groups, -1, positions), patches.view(n, groups, -1, positions)
+        )
+    return weight.reshape(n, *layer.weight.shape), delta.sum(2)
+
+
+def _conv_grads(layer: nn.Conv2d, capture: LayerCapture) -> tuple[Tensor, Tensor]:
+    """A convolution's per-example weight and bias gradients, summed over its uses."""
+    sizes = {x.shape[0] for x, _ in capture.pairs}
+    if len(sizes) != 1:
+        raise RuntimeError(
+            f"a layer saw batches of different sizes {sorted(sizes)} in one step; call optimizer.zero_grad() after every step"
+        )
+    weight, bias = conv2d_per_example_grads(layer, *capture.pairs[0])
+    for x, delta in capture.pairs[1:]:
+        more_weight, more_bias = conv2d_per_example_grads(layer, x, delta)
+        weight, bias = weight + more_weight, bias + more_bias
+    return weight, bias
+
+
+@dataclass
+class _LayerCache:
+    """Per-layer work shared by a layer's weight and bias parts within one step (keyed by the capture's id)."""
+
+    linear: dict[int, LinearFactors] = field(default_factory=dict)
+    conv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+
+def _capture_part(p: nn.Parameter, offset: int, capture: LayerCapture, cache: _LayerCache) -> Part:
+    """The part of a book-keeping layer's parameter, sharing the layer's factors or gradients with its other parameter."""
+    layer, is_weight = capture.layer, p is capture.layer.weight
+    if isinstance(layer, nn.Conv2d):
+        grads = cache.conv.get(id(capture))
+        if grads is None:
+            grads = cache.conv[id(capture)] = _conv_grads(layer, capture)
+        return MaterialisedPart(p, offset, grads[0] if is_weight else grads[1])
+    factors = cache.linear.get(id(capture))
+    if factors is None:
+        factors = cache.linear[id(capture)] = _factors(capture)
+    return (LinearWeightPart if is_weight else LinearBiasPart)(p, offset, factors)
+
+
+def collect_parts(params: list[nn.Parameter]) -> list[Part]:
+    """One part per parameter, in order, from ``p.grad_sample`` or a book-keeping ``p.layer_capture``.
+
+    Raises ``RuntimeError`` naming the problem when a parameter got no per-example gradient or
+    gradients of several backward passes are pending.
+    """
+    parts: list[Part] = []
+    missing, accumulated = [], []
+    cache = _LayerCache()
+    offset = 0
+    for index, p in enumerate(params):
+        capture = layer_capture(p)
+        grad_sample = getattr(p, "grad_sample", None)
+        if capture is not None and capture.pairs:
+            if capture.completed_passes != 1:
+                accumulated.append(index)
+            else:
+                parts.append(_capture_part(p, offset, capture, cache))
+        elif isinstance(grad_sample, Tensor):
+            parts.append(MaterialisedPart(p, offset, grad_sample))
+        elif isinstance(grad_sample, list):
+            accumulated.append(index)
+        else:
+            missing.append(index)
+        offset += p.numel()
+    if missing:
+        raise RuntimeError(
+            f"parameters {missing} (in optimizer order) got no per-example gradient: every trainable parameter "
+            "must be used in forward, and loss.backward() must run before optimizer.step()"
+        )
+    if accumulated:
+        raise RuntimeError(
+            "per-example gradients from several backward passes are pending: call optimizer.zero_grad() "
+            "after every optimizer.step(); accumulating Poisson batches is not supported"
+        )
+    if len({part.num_examples for part in parts}) > 1:
+        raise RuntimeError(
+            f"parameters got per-example gradients for different batch sizes {sorted({part.num_examples for part in parts})}"
+        )
+    return parts
+
+
+def per_example_norms(parts: list[Part], transform: Transform | None = None) -> Tensor:
+    """``||g_i||`` (or ``||(g_i - a) / b||`` under ``transform``) over all parts, shape ``[n]``."""
+    squared = [
+        part.squared_norms() if transform is None else part.transformed_squared_norms(transform) for part in parts
+    ]
+    if len(squared) == 1:
+        return squared[0].sqrt()
+    total = squared[0] + squared[1]
+    for more in squared[2:]:
+        total.add_(more)
+    return total.sqrt_()
+
+
+def weighted_sum(parts: list[Part], weights: Tensor, dim: int) -> Tensor:
+    """``sum_i weights_i g_i`` as one flat vector of length ``dim``."""
+    flat = torch.empty(dim, dtype=weights.dtype, device=weights.device)
+    for part in parts:
+        part.weighted_sum_into(weights, flat[part.span].view(part.param.shape))
+    return flat
+
+
+def materialise(parts: list[Part]) -> Tensor:
+    """The ``[n, d]`` matrix of per-example gradients (for rules without the norm interface)."""
+    return torch.cat([part.materialise() for part in parts], dim=1)

@@ -1,0 +1,262 @@
+"""``make_private``: the Opacus-style entry point that turns a model, optimizer and loader private."""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from typing import Any
+
+import numpy as np
+import torch
+from opacus import GradSampleModule
+from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader, TensorDataset, default_collate
+
+from adaclip._validate import require_int, require_one_of, require_open_unit, require_positive
+from adaclip.engine import distributed as dist_utils
+from adaclip.engine.bookkeeping import BookkeepingGradSampleModule
+from adaclip.engine.optimizer import PER_EXAMPLE_PATHS, AdaptiveClipDPOptimizer, PerExample
+from adaclip.engine.sampling import PoissonBatchSampler, TensorPoissonLoader
+from adaclip.methods import ClipRule, build_rule, check_method, supports_norm_path
+from adaclip.privacy.accounting import ACCOUNTANTS, Accountant, noise_multiplier_for
+
+
+def _seeds(seed: int | None, rank: int = 0, world_size: int = 1) -> tuple[int | None, int | None]:
+    """Independent seeds for Poisson sampling and for noise, both fixed by ``seed``.
+
+    With several ranks the noise seed is the same on every rank (the noise enters the all-reduced
+    sum once) and each rank's sampling seed is its own (independent shares of the Poisson batch).
+    """
+    if seed is None:
+        return None, None
+    sampling, noise = (int(s >> np.uint64(1)) for s in np.random.SeedSequence(seed).generate_state(2, dtype=np.uint64))
+    if world_size > 1:
+        sampling = int(
+            np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)
+        )
+    return sampling, noise
+
+
+def _check_module(module: nn.Module) -> None:
+    errors = ModuleValidator.validate(module, strict=True)
+    if errors:
+        listed = "; ".join(str(e) for e in errors)
+        raise ValueError(
+            f"module cannot give true per-example gradients: {listed}. BatchNorm mixes examples: replace it with "
+            "GroupNorm or LayerNorm (opacus.validators.ModuleValidator.fix(module) does this)."
+        )
+
+
+def make_private(
+    *,
+    module: nn.Module,
+    optimizer: Optimizer,
+    data_loader: DataLoader[Any],
+    method: str = "adaclip",
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    delta: float,
+    epochs: int | None = None,
+    accountant: Accountant = "prv",
+    seed: int | None = None,
+    loss_reduction: str = "mean",
+    per_example: PerExample = "fast",
+    distributed: bool = False,
+    check_replicas: bool = False,
+    **method_params: object,
+) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, DataLoader[Any] | TensorPoissonLoader]:
+    """Make training private with clipping rule ``method``, like ``opacus.PrivacyEngine.make_private``.
+
+    Returns a ``GradSampleModule``, an :class:`AdaptiveClipDPOptimizer` and a Poisson-sampling
+    loader with rate ``q = batch_size / len(dataset)``; one epoch is ``int(1 / q)`` steps.
+    Give either ``noise_multiplier`` or ``target_epsilon`` (then ``epochs`` too; sigma is calibrated
+    with ``accountant`` for ``epochs * int(1 / q)`` steps).  ``seed`` fixes the sampling and the noise.
+    ``method_params`` go to the rule (e.g. ``initial_clip=0.5`` for AdaCliP, ``clip_norm=1.0`` for fixed).
+
+    ``per_example="fast"`` (default) wraps the module in a
+    :class:`~adaclip.engine.bookkeeping.BookkeepingGradSampleModule` when the rule has the norm interface:
+    ``nn.Linear`` layers never form per-example gradients and the optimizer works from norms and
+    weighted sums; other layers materialise theirs one layer at a time.  ``"materialise"`` (and any
+    rule without the norm interface) uses Opacus's ``GradSampleModule`` and the ``[n, d]`` matrix.
+    Both give the same result up to float rounding.  A module that is already a ``GradSampleModule``
+    is used as it is.  A ``TensorDataset`` with the default collate is sampled in memory
+    (:class:`~adaclip.engine.sampling.TensorPoissonLoader`); any other dataset by Opacus's ``DPDataLoader``.
+
+    ``distributed=True`` (inside an initialised ``torch.distributed`` process group, e.g. under
+    ``torchrun``; call it on every rank with the same arguments): ``data_loader.batch_size`` stays the
+    *global* expected batch size ``B``; rank 0's parameters and buffers are copied to every rank; each
+    rank Poisson-samples its own share of the dataset; each step's clipped sums are all-reduced and the
+    noise, drawn identically on every rank, enters the sum once (:mod:`adaclip.engine.distributed`).  The
+    accounting is the single-process one for the same ``(sigma, q, T)``.  ``check_replicas=True``
+    asserts after every step that rule state, update and parameters agree on every rank (debugging).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(data_loader, DataLoader) or data_loader.batch_size is None:
+        raise ValueError(
+            "data_loader must be a torch DataLoader with an integer batch_size (the expected batch size B)"
+        )
+    check_method(method, method_params)
+    module_params = {id(p) for p in module.parameters()}
+    if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError(
+            "optimizer holds parameters that are not the module's: build the optimizer over module.parameters()"
+        )
+    require_one_of("accountant", accountant, ACCOUNTANTS)
+    require_one_of("per_example", per_example, PER_EXAMPLE_PATHS)
+    require_one_of("loss_reduction", loss_reduction, ("mean", "sum"))
+    if distributed and not dist_utils.is_initialized():
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group: launch with torchrun and call "
+            "torch.distributed.init_process_group (or adaclip.engine.distributed.init_from_environment) first"
+        )
+    if check_replicas and not distributed:
+        raise ValueError("check_replicas=True compares ranks and needs distributed=True")
+    if not isinstance(data_loader.dataset, Sized):
+        raise ValueError(
+            "data_loader.dataset must have a length (a map-style Dataset): Poisson sampling draws from all N examples"
+        )
+    dataset_size = len(data_loader.dataset)
+    expected_batch_size = data_loader.batch_size
+    if expected_batch_size > dataset_size:
+        raise ValueError(
+            f"data_loader.batch_size={expected_batch_size} exceeds the dataset size {dataset_size}; lower the batch size"
+        )
+    require_open_unit("delta", delta, " (use < 1/N for N examples)")
+    if delta >= 1 / dataset_size:
+        raise ValueError(
+            f"delta={delta} must be below 1/N = {1 / dataset_size:.3g} for N={dataset_size} examples (1e-5 or N^-1.1 are usual)"
+        )
+    sample_rate = expected_batch_size / dataset_size
+    noise_multiplier = calibrate_noise(
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        epochs=epochs,
+        sample_rate=sample_rate,
+        delta=delta,
+        accountant=accountant,
+    )
+    rule = build_rule(
+        method, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **method_params
+    )
+    module = prepare_module(module, rule, per_example=per_example, loss_reduction=loss_reduction)
+
+    device = next(module.parameters()).device
+    rank, world_size = (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
+    if distributed:
+        dist_utils.broadcast_module(module)
+        seed = dist_utils.shared_seed(seed, device)
+    sampling_seed, noise_seed = _seeds(seed, rank, world_size)
+    sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
+    noise_generator = None if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
+    private_loader = prepare_loader(data_loader, sample_rate, sampling_generator, rank=rank, world_size=world_size)
+    private_optimizer = AdaptiveClipDPOptimizer(
+        optimizer,
+        rule=rule,
+        sample_rate=sample_rate,
+        accountant=accountant,
+        delta=delta,
+        generator=noise_generator,
+        loss_reduction=loss_reduction,
+        per_example=per_example,
+        distributed=distributed,
+        check_replicas=check_replicas,
+    )
+    return module, private_optimizer, private_loader
+
+
+def calibrate_noise(
+    *,
+    noise_multiplier: float | None,
+    target_epsilon: float | None,
+    epochs: int | None,
+    sample_rate: float,
+    delta: float,
+    accountant: Accountant,
+) -> float:
+    """The noise multiplier: ``noise_multiplier`` as given, or calibrated for ``target_epsilon`` over ``epochs``.
+
+    One epoch is ``int(1 / sample_rate)`` steps (as the Poisson loaders count them); the calibrated
+    sigma is the smallest whose epsilon with ``accountant`` is at most ``target_epsilon``.
+    """
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+    if target_epsilon is None:
+        return require_positive("noise_multiplier", noise_multiplier)
+    epochs = require_int("epochs (needed with target_epsilon)", epochs)
+    return noise_multiplier_for(
+        target_epsilon=target_epsilon,
+        sample_rate=sample_rate,
+        steps=epochs * int(1 / sample_rate),
+        delta=delta,
+        accountant=accountant,
+    )
+
+
+def prepare_module(
+    module: nn.Module, rule: ClipRule, *, per_example: PerExample, loss_reduction: str
+) -> GradSampleModule:
+    """``module`` wrapped to leave per-example gradient information for ``rule`` after backward.
+
+    The book-keeping module (:mod:`adaclip.engine.bookkeeping`) when ``per_example="fast"`` and the
+    rule has the norm interface; Opacus's ``GradSampleModule`` otherwise; a ``GradSampleModule`` as
+    it is.  Checks first that the module can give true per-example gradients (no BatchNorm) and that
+    the rule's state fits the number of trainable parameters (e.g. GeoClip's full matrix).
+    """
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise ValueError("module has no trainable parameters (requires_grad=True): nothing to train privately")
+    rule.init_state(trainable, device="meta")
+    if isinstance(module, GradSampleModule):
+        return module
+    _check_module(module)
+    if per_example == "fast" and supports_norm_path(rule):
+        return BookkeepingGradSampleModule(module, loss_reduction=loss_reduction)
+    return GradSampleModule(module, loss_reduction=loss_reduction)
+
+
+def prepare_loader(
+    data_loader: DataLoader[Any],
+    sample_rate: float,
+    generator: torch.Generator | None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader[Any] | TensorPoissonLoader:
+    """A Poisson-sampling loader over ``data_loader``'s dataset at rate ``sample_rate``.
+
+    A ``TensorDataset`` with the default collate is sampled in memory (:class:`TensorPoissonLoader`);
+    under several ranks any other dataset gets a ``DataLoader`` over this rank's share
+    (:class:`PoissonBatchSampler`, empty batches kept); otherwise Opacus's ``DPDataLoader``.
+    """
+    dataset = data_loader.dataset
+    if not isinstance(dataset, Sized):
+        raise ValueError("data_loader.dataset must have a length (a map-style Dataset) for Poisson sampling")
+    if isinstance(dataset, TensorDataset) and data_loader.collate_fn is default_collate:
+        return TensorPoissonLoader(dataset, sample_rate, generator=generator, rank=rank, world_size=world_size)
+    if world_size > 1:
+        first = dataset[0]
+        return DataLoader(
+            dataset,
+            batch_sampler=PoissonBatchSampler(
+                len(dataset), sample_rate, generator=generator, rank=rank, world_size=world_size
+            ),
+            collate_fn=wrap_collate_with_empty(
+                collate_fn=data_loader.collate_fn,
+                sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+                dtypes=[dtype_safe(x) for x in first],
+            ),
+            num_workers=data_loader.num_workers,
+            pin_memory=data_loader.pin_memory,
+        )
+    loader: DataLoader[Any] = DPDataLoader(
+        dataset,
+        sample_rate=sample_rate,
+        collate_fn=data_loader.collate_fn,
+        generator=generator,
+        num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory,
+    )
+    return loader

@@ -1,0 +1,106 @@
+"""The clipping methods and their one registry.
+
+Each method lives in its own module (its rule, its state and its audit view, with the paper and the
+equations in the module docstring); :data:`METHODS` below is the only place that lists them.  Adding
+a method means writing its module and adding one :class:`Method` entry here: ``make_private``, the
+command line, the report's sweeps and labels, the benchmark and the privacy audit all read this
+registry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState
+from adaclip.methods.auto import AutoClip, AutoClipAdapter
+from adaclip.methods.base import ClippedSum, ClipRule, Stats, clip_factors, supports_norm_path
+from adaclip.methods.canary import CanaryAdapter
+from adaclip.methods.fixed import FixedClip, FixedClipAdapter
+from adaclip.methods.geoclip import GeoClip, GeoClipAdapter, GeoClipState
+from adaclip.methods.psac import PerSampleAdaptiveClip, PerSampleAdaptiveClipAdapter
+from adaclip.methods.quantile import QuantileClip, QuantileClipAdapter, QuantileClipState
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered clipping method.
+
+    ``rule`` is the :class:`~adaclip.methods.base.ClipRule` class; ``label`` its display name;
+    ``scale_parameter`` the rule parameter that sets its (initial) clip scale ``C0`` (``None`` for a
+    method without one, such as AUTO-S); ``canary`` the audit view of :mod:`adaclip.privacy.audit`;
+    ``paper`` the reference.
+    """
+
+    rule: type[ClipRule]
+    label: str
+    scale_parameter: str | None
+    canary: type[CanaryAdapter[Any]]
+    paper: str
+
+
+METHODS: Mapping[str, Method] = {
+    "fixed": Method(FixedClip, "DP-SGD (fixed C)", "clip_norm", FixedClipAdapter, "Abadi et al. 2016"),
+    "adaclip": Method(AdaCliP, "AdaCliP", "initial_clip", AdaCliPAdapter, "Pichapati et al. 2019, arXiv 1908.07643"),
+    "quantile": Method(QuantileClip, "quantile clipping", "initial_clip", QuantileClipAdapter, "Andrew et al. 2021"),
+    "auto": Method(AutoClip, "AUTO-S", None, AutoClipAdapter, "Bu et al. 2023"),
+    "geoclip": Method(GeoClip, "GeoClip", "initial_clip", GeoClipAdapter, "Gilani et al. 2025, arXiv 2506.06549"),
+    "psac": Method(PerSampleAdaptiveClip, "DP-PSAC", "clip_norm", PerSampleAdaptiveClipAdapter, "Xia et al. 2023"),
+}
+"""Every clipping method by name, in the report's order."""
+
+_SET_BY_ENGINE = frozenset({"noise_multiplier", "expected_batch_size"})
+
+
+def method(name: str) -> Method:
+    """The registry entry of ``name``, or a ``ValueError`` listing the methods."""
+    if name not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def method_parameters(name: str) -> list[str]:
+    """The keyword parameters of method ``name``'s rule beyond the privacy ones (set by the engine)."""
+    return [p for p in inspect.signature(method(name).rule).parameters if p not in _SET_BY_ENGINE]
+
+
+def check_method(name: str, params: Mapping[str, object]) -> None:
+    """Reject an unknown method name or parameter, naming what is accepted."""
+    accepted = method_parameters(name)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for method {name!r}; it accepts {accepted}")
+
+
+def build_rule(name: str, *, noise_multiplier: float, expected_batch_size: float, **params: object) -> ClipRule:
+    """The rule of method ``name`` with ``params`` (the rule's own defaults for the others)."""
+    check_method(name, params)
+    factory: Callable[..., ClipRule] = method(name).rule
+    return factory(noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **params)
+
+
+__all__ = [
+    "METHODS",
+    "AdaCliP",
+    "AdaClipState",
+    "AutoClip",
+    "CanaryAdapter",
+    "ClipRule",
+    "ClippedSum",
+    "FixedClip",
+    "GeoClip",
+    "GeoClipState",
+    "Method",
+    "PerSampleAdaptiveClip",
+    "QuantileClip",
+    "QuantileClipState",
+    "Stats",
+    "build_rule",
+    "check_method",
+    "clip_factors",
+    "method",
+    "method_parameters",
+    "supports_norm_path",
+]

@@ -1,0 +1,1 @@
+"""Privacy accounting (:mod:`~adaclip.privacy.accounting`) and the empirical privacy audit (:mod:`~adaclip.privacy.audit`)."""

@@ -1,0 +1,168 @@
+"""The audit's knobs (:class:`AuditConfig`, the ``audit`` block of ``params.yaml``) and its results."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from adaclip._validate import require_bool, require_int, require_open_unit, require_positive
+from adaclip.methods import METHODS
+from adaclip.privacy.audit.statistics import EpsilonLowerBound, MeanShift
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Every knob of the audit (the ``audit`` block of ``params.yaml``).
+
+    ``trials`` per world; ``steps`` rule steps per trial after ``warmup_steps``; ``expected_batch_size``
+    examples besides the canary; ``dim`` gradient coordinates; ``methods`` a list or ``"all"``;
+    ``controls`` whether to run the deliberately broken rules of :mod:`adaclip.privacy.audit.controls`;
+    ``optimizer_*`` the optimizer-path audit (``optimizer_trials = 0`` skips it), on a data set of
+    ``optimizer_dataset_size`` examples including the canary, with its own noise multiplier (its
+    subsampled, few-step signal is weak at the rule audit's sigma).
+    """
+
+    trials: int = 500
+    noise_multiplier: float = 2.0
+    expected_batch_size: int = 16
+    dim: int = 16
+    steps: int = 2
+    warmup_steps: int = 10
+    delta: float = 1e-5
+    confidence: float = 0.95
+    seed: int = 0
+    methods: tuple[str, ...] | str = "all"
+    controls: bool = True
+    optimizer_trials: int = 200
+    optimizer_noise_multiplier: float = 1.0
+    optimizer_steps: int = 4
+    optimizer_dataset_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name, low in (
+            ("trials", 8),
+            ("expected_batch_size", 1),
+            ("dim", 2),
+            ("steps", 1),
+            ("warmup_steps", 0),
+            ("seed", 0),
+            ("optimizer_trials", 0),
+            ("optimizer_steps", 1),
+            ("optimizer_dataset_size", 2),
+        ):
+            require_int(f"audit.{name}", getattr(self, name), minimum=low)
+        if self.optimizer_trials and self.optimizer_trials < 8:
+            raise ValueError(f"audit.optimizer_trials must be 0 (skip) or >= 8, got {self.optimizer_trials}")
+        for name in ("noise_multiplier", "optimizer_noise_multiplier"):
+            require_positive(f"audit.{name}", getattr(self, name))
+        for name in ("delta", "confidence"):
+            require_open_unit(f"audit.{name}", getattr(self, name))
+        require_bool("audit.controls", self.controls)
+        if self.optimizer_dataset_size <= self.expected_batch_size:
+            raise ValueError(
+                f"audit.optimizer_dataset_size ({self.optimizer_dataset_size}) must exceed audit.expected_batch_size "
+                f"({self.expected_batch_size}) so that the sampling rate B / N is below 1"
+            )
+        if self.methods != "all":
+            if isinstance(self.methods, str) or not isinstance(self.methods, Sequence) or not self.methods:
+                raise ValueError(
+                    f"audit.methods must be 'all' or a non-empty list of method names, got {self.methods!r}"
+                )
+            unknown = sorted(set(self.methods) - set(METHODS))
+            if unknown:
+                raise ValueError(f"audit.methods has unknown method(s) {unknown}; known: {sorted(METHODS)}")
+            object.__setattr__(self, "methods", tuple(self.methods))
+
+    @property
+    def method_names(self) -> list[str]:
+        """The methods to audit, in a stable order."""
+        return list(METHODS) if self.methods == "all" else list(self.methods)
+
+
+def audit_config(settings: Mapping[str, object] | None = None, *, complete: bool = False) -> AuditConfig:
+    """Validate ``settings`` (e.g. the notebook's ``audit`` dict); missing keys take the defaults.
+
+    ``complete=True`` also requires every key (for a params file that must spell out every knob).
+    """
+    settings = dict(settings or {})
+    accepted = [f.name for f in fields(AuditConfig)]
+    unknown = sorted(set(settings) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown audit key(s) {unknown}; accepted keys: {accepted}")
+    missing = [name for name in accepted if name not in settings]
+    if complete and missing:
+        raise ValueError(f"missing audit key(s) {missing}; every one of {accepted} must be given")
+    return AuditConfig(**settings)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """One audit: the theory it is held against, the measured bound and shift, and the verdict."""
+
+    name: str
+    kind: str  # "rule", "control" (a deliberately broken rule) or "optimizer"
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    trials: int
+    delta: float
+    confidence: float
+    theoretical_epsilon: float
+    accountant: str
+    expected_mu: float
+    lower_bound: EpsilonLowerBound
+    mean_shift: MeanShift
+    null_scores: np.ndarray = field(repr=False, compare=False)
+    canary_scores: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def violation(self) -> bool:
+        """More leakage than the analysis allows: the epsilon bound above theory or ``mu_hat``'s band above ``mu``."""
+        return self.lower_bound.epsilon > self.theoretical_epsilon or self.mean_shift.low > self.expected_mu
+
+    @property
+    def verdict(self) -> str:
+        if self.lower_bound.epsilon > self.theoretical_epsilon:
+            return "FAIL: epsilon lower bound above theory"
+        if self.mean_shift.low > self.expected_mu:
+            return "FAIL: mu_hat above its band"
+        if self.mean_shift.high < self.expected_mu:
+            return "FAIL: mu_hat below its band"
+        return "pass"
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready summary (without the raw scores)."""
+        summary = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("null_scores", "canary_scores")
+        }
+        summary["lower_bound"] = asdict(self.lower_bound)
+        summary["mean_shift"] = asdict(self.mean_shift)
+        summary["verdict"] = self.verdict
+        return summary
+
+
+def table_header(confidence: float) -> list[str]:
+    """Columns of the audit table; the bound's Clopper–Pearson confidence is in its heading."""
+    return [
+        "method",
+        "theoretical eps",
+        f"audited eps lower bound ({100 * confidence:g} % CP)",
+        "mu_hat [band]",
+        "expected mu",
+        "verdict",
+    ]
+
+
+def table_row(result: AuditResult) -> list[object]:
+    """One row of the audit table (columns :func:`table_header`)."""
+    shift = result.mean_shift
+    return [
+        result.name,
+        result.theoretical_epsilon,
+        result.lower_bound.epsilon,
+        f"{shift.estimate:.3f} [{shift.low:.3f}, {shift.high:.3f}]",
+        result.expected_mu,
+        result.verdict,
+    ]

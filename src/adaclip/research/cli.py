@@ -1,0 +1,245 @@
+"""Command line: ``python -m adaclip train|prepare|sweep|aggregate``.
+
+``train`` runs one model (``python -m adaclip train --dataset fashion-mnist --method adaclip --epsilon 3
+--out runs/x.json``); the same command under ``torchrun --nproc_per_node N -m adaclip train ...`` trains
+data-parallel on N processes (gloo on CPU, NCCL with ``--device cuda``; see :mod:`adaclip.engine.distributed`).
+``prepare``, ``sweep`` and ``aggregate`` are the report pipeline's data, run and aggregation stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from adaclip.engine import distributed as dist_utils
+from adaclip.methods import METHODS
+from adaclip.privacy.accounting import ACCOUNTANTS
+from adaclip.research.data import DATASETS
+from adaclip.research.models import MODELS
+from adaclip.research.params import SWEEPS, load_params
+from adaclip.research.records import read_records
+from adaclip.research.reporting import write_text_atomic
+
+COMMAND_MODULES = {
+    "train": "adaclip.research.train",
+    "prepare": "adaclip.research.data",
+    "sweep": "adaclip.research.sweeps",
+    "aggregate": "adaclip.research.report",
+}
+"""The module that does each command's work, imported only when that command runs (so that a pipeline
+stage imports what its command needs, and ``dvc.yaml`` lists exactly that; a test checks it)."""
+
+
+def _method_param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param takes KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="python -m adaclip", description="Differentially private training with adaptive clipping."
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train one model and write its metrics record",
+        description="Train one model and write a JSON metrics record. Options left out take the dataset's defaults; --config values are overridden by options given here.",
+    )
+    train.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (dataset, method, epsilon, ...)")
+    train.add_argument("--dataset", choices=DATASETS)
+    train.add_argument("--method", choices=[*METHODS, "nonprivate"], help="clipping method (default adaclip)")
+    train.add_argument("--model", choices=MODELS, help="default: the dataset's (cnn for images)")
+    train.add_argument("--epsilon", type=float, help="target epsilon (default 3); sigma is calibrated for it")
+    train.add_argument("--noise-multiplier", type=float, help="use this sigma instead of a target epsilon")
+    train.add_argument("--delta", type=float, help="default: 1e-5, or N^-1.1 if 1e-5 >= 1/N")
+    train.add_argument("--accountant", choices=ACCOUNTANTS, help="default prv")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int, help="expected (Poisson) batch size")
+    train.add_argument("--lr", type=float, help="learning rate of SGD")
+    train.add_argument("--momentum", type=float)
+    train.add_argument("--seed", type=int, help="fixes split, init, sampling and noise (default 0)")
+    train.add_argument("--train-size", type=int, help="subsample the training split to this many examples")
+    train.add_argument("--data-dir", help="folder with the IDX .gz files (image datasets)")
+    train.add_argument("--device", help="cpu (default) or cuda")
+    train.add_argument(
+        "--param",
+        type=_method_param,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method parameter, e.g. --param initial_clip=0.5 (repeatable)",
+    )
+    train.add_argument(
+        "--diagnostics",
+        action="store_true",
+        help="also record each step's cosine to the clean (non-private) gradient; a report diagnostic",
+    )
+    train.add_argument(
+        "--check-replicas",
+        action="store_true",
+        help="under torchrun: assert every step that all ranks hold the same state and parameters (debugging; one broadcast per tensor)",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar (or set TQDM_DISABLE=1)")
+    train.add_argument("--out", type=Path, help="write the JSON record here (atomically)")
+    prepare = commands.add_parser(
+        "prepare",
+        help="the data stage: verified copies of the datasets in params.yaml",
+        description="Copy every image dataset listed in the params file's data.datasets, checksum-verified, into --out.",
+    )
+    prepare.add_argument("--params", type=Path, default=Path("params.yaml"))
+    prepare.add_argument("--out", type=Path, default=Path("data/prepared"))
+    sweep = commands.add_parser(
+        "sweep",
+        help="run one of the report's training sweeps",
+        description="Run one sweep of the report (see adaclip.research.sweeps) and write its records as JSON lines.",
+    )
+    sweep.add_argument("name", choices=SWEEPS)
+    sweep.add_argument("--params", type=Path, default=Path("params.yaml"))
+    sweep.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="the prepare stage's output folder")
+    sweep.add_argument("--lr-search", type=Path, help="records of the lr_search sweep (needed by every other sweep)")
+    sweep.add_argument("--out", type=Path, required=True, help="JSON-lines file of run records (written atomically)")
+    aggregate = commands.add_parser(
+        "aggregate", help="summarise the sweeps into the report's numbers and headline metrics"
+    )
+    aggregate.add_argument("--params", type=Path, default=Path("params.yaml"))
+    aggregate.add_argument("--runs", type=Path, default=Path("runs"), help="folder with <sweep>.jsonl for every sweep")
+    aggregate.add_argument("--bench", type=Path, help="the benchmark's JSON records (optional)")
+    aggregate.add_argument("--audit", type=Path, help="the audit's JSON results (optional)")
+    aggregate.add_argument("--summary", type=Path, default=Path("reports/summary.json"))
+    aggregate.add_argument(
+        "--metrics", type=Path, default=Path("reports/metrics"), help="folder for the {method: value} headline files"
+    )
+    return top
+
+
+def _aggregate(args: argparse.Namespace) -> None:
+    from adaclip.research.report import headline_metrics, summarise
+
+    params = load_params(args.params)
+    sweeps = {name: read_records(args.runs / f"{name}.jsonl") for name in SWEEPS}
+    bench = json.loads(args.bench.read_text()) if args.bench is not None else None
+    audit = json.loads(args.audit.read_text()) if args.audit is not None else None
+    summary = summarise(params, sweeps, bench, audit)
+    metrics = headline_metrics(summary)
+    for name, values in metrics.items():
+        write_text_atomic(args.metrics / f"{name}.json", json.dumps(values, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(args.summary, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {args.summary} and {len(metrics)} metrics files in {args.metrics}")
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from adaclip.research.data import prepare
+
+    params = load_params(args.params)
+    manifest = prepare(params["data"]["datasets"], args.out)
+    print(f"prepared {sorted(manifest)} in {args.out}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from adaclip.research.analysis import select_learning_rates
+    from adaclip.research.sweeps import run_sweep, sweep_configs
+
+    params = load_params(args.params)
+    learning_rates = None
+    if args.name != "lr_search":
+        if args.lr_search is None:
+            raise ValueError(
+                f"the {args.name} sweep needs --lr-search runs/lr_search.jsonl (the lr_search sweep's records)"
+            )
+        learning_rates = select_learning_rates(read_records(args.lr_search))
+    configs = sweep_configs(args.name, params, learning_rates)
+    records = run_sweep(
+        configs,
+        args.out,
+        workers=params["runtime"]["workers"],
+        prepared_dir=args.prepared,
+        keep_step_stats=args.name == "diagnostics",
+    )
+    print(f"{args.name}: {len(records)} runs written to {args.out}")
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if args.config is not None:
+        loaded = yaml.safe_load(args.config.read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {args.config} must hold a mapping of TrainConfig keys")
+        values.update(loaded)
+    options = (
+        "dataset",
+        "method",
+        "model",
+        "epsilon",
+        "noise_multiplier",
+        "delta",
+        "accountant",
+        "epochs",
+        "batch_size",
+        "lr",
+        "momentum",
+        "seed",
+        "train_size",
+        "data_dir",
+        "device",
+    )
+    values.update({name: getattr(args, name) for name in options if getattr(args, name) is not None})
+    if args.noise_multiplier is not None and args.epsilon is None:
+        values["epsilon"] = None
+    if args.param:
+        values["method_params"] = {**values.get("method_params", {}), **dict(args.param)}
+    if args.diagnostics:
+        values["diagnostics"] = True
+    if args.check_replicas:
+        values["check_replicas"] = True
+    if args.no_progress:
+        values["progress"] = False
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command in ("prepare", "sweep", "aggregate"):
+        try:
+            {"prepare": _prepare, "sweep": _sweep, "aggregate": _aggregate}[args.command](args)
+        except (ValueError, FileNotFoundError, OSError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        return 0
+    from adaclip.research.train import TrainConfig, run
+
+    try:
+        values = config_from_args(args)
+        if dist_utils.launched_with_several_processes():
+            dist_utils.init_from_environment(values.get("device", "cpu"))
+        record = run(TrainConfig.from_dict(values), out=args.out)
+    except (ValueError, FileNotFoundError, OSError) as error:
+        where = f" (rank {dist_utils.rank()})" if dist_utils.world_size() > 1 else ""
+        print(f"error{where}: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist_utils.is_initialized():
+            dist_utils.destroy()
+    if dist_utils.rank_from_environment() != 0:
+        return 0
+    metric = "test_accuracy" if "test_accuracy" in record else "test_mse"
+    privacy = (
+        "non-private"
+        if record["epsilon"] is None
+        else f"epsilon={record['epsilon']:.3f} delta={record['delta']:.2g} ({record['accountant']})"
+    )
+    ranks = f" on {record['world_size']} ranks" if record["world_size"] > 1 else ""
+    print(
+        f"{record['method']} on {record['dataset']}: {metric}={record[metric]:.4f}, {privacy}, {record['wall_time_s']:.1f} s{ranks}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
