@@ -293,7 +293,8 @@ def measure(
             too_big = size > max_per_example_bytes
             if too_big:
                 skipped.append(
-                    f"{MODEL_LABELS[model_name]}, B={batch_size}: materialise and opacus/hooks ([B, d] = {size / 2**30:.2f} GiB)"
+                    f"{MODEL_LABELS[model_name]}, B={batch_size}: materialise and opacus/hooks "
+                    f"([B, d] = {size / 2**30:.2f} GiB)"
                 )
             setups = build_setups(
                 model_name,
@@ -334,7 +335,8 @@ def measure(
                         f"{s.method}/{s.path} {times[i][0] / base_wall:.2f}x" for i, s in enumerate(setups) if i
                     )
                     print(
-                        f"[bench] {model_name} B={batch_size} run {run}: non-private {base_wall * 1e3:.2f} ms; {summary}",
+                        f"[bench] {model_name} B={batch_size} run {run}: "
+                        f"non-private {base_wall * 1e3:.2f} ms; {summary}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -478,7 +480,8 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
         unknown = sorted(set(section) - set(options) - {"quick"})
         if unknown:
             raise SystemExit(
-                f"error: unknown key(s) {unknown} in the 'bench' mapping of {args.params_file}; known: {sorted(options)}"
+                f"error: unknown key(s) {unknown} in the 'bench' mapping of {args.params_file}; "
+                f"known: {sorted(options)}"
             )
         if section.get("quick"):
             options.update(QUICK)
@@ -505,9 +508,10 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     bad = [key for key, ok in checks.items() if not ok]
     if bad:
         raise SystemExit(
-            f"error: invalid {', '.join(f'{k}={options[k]!r}' for k in bad)}: models from {sorted(MODELS)}, batch sizes, repeats, "
-            f"runs and threads >= 1, warmup >= 0, methods from {list(OUR_METHODS)}, paths from {list(PATHS)}, baselines from "
-            f"{list(BASELINES)}, device cpu or cuda[:i], max_per_example_gib > 0"
+            f"error: invalid {', '.join(f'{k}={options[k]!r}' for k in bad)}: models from {sorted(MODELS)}, "
+            f"batch sizes, repeats, runs and threads >= 1, warmup >= 0, methods from {list(OUR_METHODS)}, "
+            f"paths from {list(PATHS)}, baselines from {list(BASELINES)}, device cpu or cuda[:i], "
+            f"max_per_example_gib > 0"
         )
     if _device_type(options["device"]) == "cuda":
         index = torch.device(options["device"]).index or 0
@@ -519,7 +523,10 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _device_type(device: Any) -> str | None:
-    """``"cpu"``, ``"cuda"`` (for ``cuda`` or ``cuda:i``) or another torch device type; ``None`` if not a device name."""
+    """``"cpu"``, ``"cuda"`` (for ``cuda`` or ``cuda:i``) or another torch device type.
+
+    ``None`` if not a device name.
+    """
     try:
         return torch.device(device).type if isinstance(device, str) else None
     except RuntimeError:
@@ -551,10 +558,13 @@ def main(argv: list[str] | None = None) -> int:
     cpu_time_note = " (on CUDA: launching and waiting on the host, not GPU work)" if on_cuda else ""
     note = (
         f"Step time relative to non-private training, same process ({device}; torch {torch.__version__}; "
-        f"sigma = {NOISE_MULTIPLIER}, timing only, no privacy claim). Median of {options['repeats']} round-robin samples per run; "
-        f"'x CPU time' uses this thread's CPU time{cpu_time_note}. Peak memory: torch allocations during a step above those before it "
+        f"sigma = {NOISE_MULTIPLIER}, timing only, no privacy claim). "
+        f"Median of {options['repeats']} round-robin samples per run; "
+        f"'x CPU time' uses this thread's CPU time{cpu_time_note}. "
+        "Peak memory: torch allocations during a step above those before it "
         f"({'CUDA max_memory_allocated' if on_cuda else 'profiler allocation events'}); "
-        f"largest tensor: the largest tensor any operation of a step returns; [B, d]: size of the per-example gradient matrix (float32)."
+        "largest tensor: the largest tensor any operation of a step returns; "
+        "[B, d]: size of the per-example gradient matrix (float32)."
     )
     for record in records:
         record["device_name"] = device

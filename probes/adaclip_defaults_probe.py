@@ -234,7 +234,8 @@ def changed(e: dict) -> str:
 
 def table(entries: list[dict], first_col: str, describe) -> list[str]:
     lines = [
-        f"| {first_col} | SGD lr | val acc % (mean ± std) | per seed | clipped fraction | noise power | mean scale | s/run |",
+        f"| {first_col} | SGD lr | val acc % (mean ± std) | per seed "
+        "| clipped fraction | noise power | mean scale | s/run |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
@@ -242,7 +243,8 @@ def table(entries: list[dict], first_col: str, describe) -> list[str]:
         per_seed = ", ".join(f"{r['val_acc'] * 100:.2f}" for r in runs)
         lines.append(
             f"| {describe(e)} | {e['lr']:g} | {fmt_ms([r['val_acc'] for r in runs])} | {per_seed} | "
-            f"{mean(runs, 'clipped_fraction'):.3f} | {mean(runs, 'noise_power'):.3g} | {mean(runs, 'scale'):.3g} | {mean(runs, 'seconds'):.1f} |"
+            f"{mean(runs, 'clipped_fraction'):.3f} | {mean(runs, 'noise_power'):.3g} | "
+            f"{mean(runs, 'scale'):.3g} | {mean(runs, 'seconds'):.1f} |"
         )
     return lines
 
@@ -299,23 +301,29 @@ def main() -> None:
         "",
         "Setting:",
         "",
-        "- Dataset: Fashion-MNIST (IDX files located and SHA-256-checked by adaclip.research.data, here /usr/share/datasets/fashion-mnist/), pixels scaled to [0, 1], flattened.",
-        f"- Split: 60k train images permuted with numpy `default_rng({SPLIT_SEED})`: first 50,000 train, last 10,000 validation;"
+        "- Dataset: Fashion-MNIST (IDX files located and SHA-256-checked by adaclip.research.data,"
+        " here /usr/share/datasets/fashion-mnist/), pixels scaled to [0, 1], flattened.",
+        f"- Split: 60k train images permuted with numpy `default_rng({SPLIT_SEED})`:"
+        " first 50,000 train, last 10,000 validation;"
         " the 10k t10k images are the test set (used only for the two selected configurations).",
-        "- Model: `torch.nn.Linear(784, 10)` (multinomial logistic regression), cross-entropy (mean), `torch.optim.SGD` without momentum,"
-        " PyTorch default initialisation.",
-        f"- Privacy: epsilon = {EPSILON:g}, delta = {DELTA:g}, accountant = {ACCOUNTANT.upper()}, sigma = {any_run['sigma']:.6g}"
+        "- Model: `torch.nn.Linear(784, 10)` (multinomial logistic regression), cross-entropy (mean),"
+        " `torch.optim.SGD` without momentum, PyTorch default initialisation.",
+        f"- Privacy: epsilon = {EPSILON:g}, delta = {DELTA:g}, accountant = {ACCOUNTANT.upper()},"
+        f" sigma = {any_run['sigma']:.6g}"
         f" (calibrated by `make_private`; epsilon spent as reported by the optimizer: {any_run['epsilon']:.4f}).",
         f"- Expected batch size B = {BATCH_SIZE} (Poisson rate q = {BATCH_SIZE / N_TRAIN:g}), epochs = {epochs},"
         f" steps = {any_run['steps']} ({any_run['steps'] // epochs} per epoch).",
-        f"- Seeds: {seeds} (each fixes model init, Poisson sampling and noise); accuracies are the final model's, mean ± sample std over seeds.",
-        "- Clipped fraction and noise power (`E||noise||^2` of the released mean gradient) are `optimizer.last_stats` averaged"
-        " over the last epoch's steps and over seeds. For AdaCliP, clipped fraction refers to the whitened vectors (bound 1)."
+        f"- Seeds: {seeds} (each fixes model init, Poisson sampling and noise);"
+        " accuracies are the final model's, mean ± sample std over seeds.",
+        "- Clipped fraction and noise power (`E||noise||^2` of the released mean gradient)"
+        " are `optimizer.last_stats` averaged over the last epoch's steps and over seeds."
+        " For AdaCliP, clipped fraction refers to the whitened vectors (bound 1)."
         " Mean scale: C for fixed clipping, the mean over coordinates of AdaCliP's scale b_t (last epoch).",
         "- s/run: wall seconds of the training loop of one run (excludes the ~1 s sigma calibration and evaluation)."
         " It is wall time on a shared machine: other processes competing for the 2 cores inflate it, so the smallest"
         " values are the closest to the uncontended cost.",
-        f"- Date: 2026-11-24. Machine: 2-core CPU, `torch.set_num_threads(2)`. Total probe wall time: {total_min:.1f} min.",
+        "- Date: 2026-11-24. Machine: 2-core CPU, `torch.set_num_threads(2)`."
+        f" Total probe wall time: {total_min:.1f} min.",
         "",
         "## 1. DP-SGD baseline (method='fixed')",
         "",

@@ -82,9 +82,11 @@ def main() -> None:
                     ]
                 )
     header = (
-        f"Fashion-MNIST logistic regression, 10k training examples, 3 epochs, B = 256, epsilon = 3 (delta = 1e-5, PRV), "
+        "Fashion-MNIST logistic regression, 10k training examples, 3 epochs, B = 256, "
+        "epsilon = 3 (delta = 1e-5, PRV), "
         f"each method's default learning rate; seeds {args.seeds}; one process vs torchrun with {args.processes} gloo "
-        "processes on CPU (one thread each). Same arguments, same initialisation and noise seed; the Poisson batches differ. "
+        "processes on CPU (one thread each). Same arguments, same initialisation and noise seed; "
+        "the Poisson batches differ. "
         "Wall times on a shared 2-core machine: compare only roughly.\n\n"
     )
     table = markdown_table(

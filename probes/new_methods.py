@@ -166,7 +166,8 @@ def main() -> None:
         sections.append(
             f"## {dataset} (test {metric}, {'higher' if metric == 'accuracy' else 'lower'} is better)\n\n"
             f"Setting: {setting}; sigma = {any_point['sigma']:.4f} for {any_point['steps']} steps "
-            f"(epsilon spent <= {max(b['epsilon'] for b in best.values()):.4f}); lr grid {SETTINGS[dataset]['lrs']}.\n\n"
+            f"(epsilon spent <= {max(b['epsilon'] for b in best.values()):.4f}); "
+            f"lr grid {SETTINGS[dataset]['lrs']}.\n\n"
             + markdown_table(
                 [
                     "method",
@@ -190,8 +191,9 @@ def main() -> None:
         "    PYTHONPATH=src .venv/bin/python probes/new_methods.py\n\n"
         f"Epsilon = 3, delta = 1e-5, PRV accountant; seeds {seeds} (each fixes split, init, sampling and noise); every "
         "method with its library defaults (GeoClip: full matrix on the tabular sets, rank 64 on Fashion-MNIST); the lr "
-        "is chosen by the mean final validation metric over seeds, extending the grid once at an edge; test metrics are "
-        "the final model's at that lr, mean ± sample std over seeds. Clipped fraction and noise power (E||noise||^2 of "
+        "is chosen by the mean final validation metric over seeds, extending the grid once at an edge; "
+        "test metrics are the final model's at that lr, mean ± sample std over seeds. "
+        "Clipped fraction and noise power (E||noise||^2 of "
         "the released mean gradient) are means over the last epoch's steps; for AdaCliP and GeoClip the clipped "
         "fraction refers to the transformed vectors. Wall times are from a shared 2-core CPU (other jobs running), "
         f"so compare them only roughly. Total wall time {(time.perf_counter() - start) / 60:.1f} min.\n\n"

@@ -50,7 +50,7 @@ def test_the_import_graph_has_no_cycles():
         state[node] = "open"
         for target in sorted(GRAPH[node]):
             if state.get(target) == "open":
-                cycle = path[path.index(target) :] + [target] if target in path else [node, target]
+                cycle = [*path[path.index(target) :], target] if target in path else [node, target]
                 pytest.fail(f"import cycle: {' -> '.join(cycle)}")
             if target not in state:
                 visit(target, [*path, target])

@@ -36,7 +36,10 @@ __all__ = [
     "make_private",
     "noise_multiplier_for",
 ]
-_HOMES = {"engine": ("make_private", "AdaptiveClipDPOptimizer"), "privacy.accounting": ("epsilon", "noise_multiplier_for")}
+_HOMES = {
+    "engine": ("make_private", "AdaptiveClipDPOptimizer"),
+    "privacy.accounting": ("epsilon", "noise_multiplier_for"),
+}
 _EXPORTS = {name: f"adaclip.{home}" for home, names in _HOMES.items() for name in names}
 _EXPORTS.update({name: "adaclip.methods" for name in __all__ if name not in _EXPORTS})
 

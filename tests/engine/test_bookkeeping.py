@@ -379,7 +379,10 @@ def test_fast_path_never_forms_a_per_example_gradient_of_a_linear_layer(method):
 
 
 class PsacLike(ClipRule):
-    """A user-written norm-only rule: its own ``clipped_sum`` on ``[n, d]`` plus one method (DP-PSAC's weight, Xia et al. 2023); the default release."""
+    """A user-written norm-only rule: its own ``clipped_sum`` on ``[n, d]`` plus one method.
+
+    The method is DP-PSAC's weight (Xia et al. 2023); the release is the default one.
+    """
 
     def __init__(
         self, *, clip_norm: float, noise_multiplier: float, expected_batch_size: float, r: float = 0.1

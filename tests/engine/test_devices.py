@@ -23,8 +23,7 @@ from adaclip import make_private
 from adaclip.engine.per_example import product_epsilon
 from adaclip.methods import METHODS
 from adaclip.research.data import load_dataset
-from adaclip.research.params import load_params
-from adaclip.research.params import SWEEPS
+from adaclip.research.params import SWEEPS, load_params
 from adaclip.research.sweeps import sweep_configs
 from adaclip.research.theory import log_spaced_std
 from adaclip.research.train import TrainConfig, default_lr, resolve
@@ -52,7 +51,10 @@ DATASET_SIZE, BATCH_SIZE, STEPS, LR = 64, 16, 3, 0.1
 
 
 def small_model() -> nn.Module:
-    """Convolution (book-keeping, materialised per layer), GroupNorm (Opacus hooks) and two linear layers (book-keeping)."""
+    """Convolution (book-keeping, materialised per layer), GroupNorm (Opacus hooks) and two linear layers.
+
+    The linear layers use book-keeping.
+    """
     return nn.Sequential(
         nn.Conv2d(1, 4, 3),
         nn.GroupNorm(2, 4),
@@ -253,7 +255,10 @@ def test_optimizer_step_inside_autocast_equals_the_step_outside(method):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_splits_move_to_the_device_once(device):
-    """``Splits.to`` puts every split on the device, keeping dtypes and values (train.py can then skip per-batch copies)."""
+    """``Splits.to`` puts every split on the device, keeping dtypes and values.
+
+    train.py can then skip per-batch copies.
+    """
     splits = load_dataset("diabetes", seed=0)
     moved = splits.to(device)
     for name in ("train", "validation", "test"):
@@ -272,7 +277,10 @@ def test_splits_move_to_the_device_once(device):
 
 
 def test_cancellation_guard_uses_tf32_precision_where_cuda_products_use_it():
-    """AdaCliP's transformed norms cancel; the float64 fallback must know that TF32 products keep only 10 mantissa bits."""
+    """AdaCliP's transformed norms cancel.
+
+    The float64 fallback must know that TF32 products keep only 10 mantissa bits.
+    """
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     float32_eps = torch.finfo(torch.float32).eps
     matmul = torch.backends.cuda.matmul

@@ -105,7 +105,11 @@ def _equivalence_worker(rank):
                 label = f"{method}/{per_example}/sigma={sigma}"
                 for step, (expected, actual) in enumerate(zip(single[0], split[0], strict=True)):
                     torch.testing.assert_close(
-                        actual, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{label} step {step}: {m}"
+                        actual,
+                        expected,
+                        rtol=1e-10,
+                        atol=1e-12,
+                        msg=lambda m, label=label, step=step: f"{label} step {step}: {m}",
                     )
                 for expected, actual in zip(
                     single[1], split[1], strict=True
@@ -289,7 +293,7 @@ def test_sharded_poisson_sampling_partitions_the_examples_and_keeps_rate_q():
 def test_distributed_misuse_is_named():
     model = nn.Linear(5, 3)
     loader = DataLoader(TensorDataset(*_data()), batch_size=4)
-    with pytest.raises(ValueError, match="initialised torch.distributed process group"):
+    with pytest.raises(ValueError, match=r"initialised torch\.distributed process group"):
         make_private(
             module=model,
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -298,7 +302,7 @@ def test_distributed_misuse_is_named():
             delta=1e-3,
             distributed=True,
         )
-    with pytest.raises(ValueError, match="check_replicas=True .* needs distributed=True"):
+    with pytest.raises(ValueError, match=r"check_replicas=True .* needs distributed=True"):
         make_private(
             module=model,
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -312,7 +316,7 @@ def test_distributed_misuse_is_named():
         AdaptiveClipDPOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1), rule=rule, sample_rate=0.25, distributed=True
         )
-    with pytest.raises(ValueError, match="initialised torch.distributed process group"):
+    with pytest.raises(ValueError, match=r"initialised torch\.distributed process group"):
         AdaptiveClipDPOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.1),
             rule=rule,

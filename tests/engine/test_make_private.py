@@ -259,7 +259,7 @@ def test_sum_reduction_gives_b_times_the_mean_gradient():
 
 def test_optimizer_over_foreign_parameters_is_rejected():
     model = nn.Linear(10, 2)
-    with pytest.raises(ValueError, match="module.parameters"):
+    with pytest.raises(ValueError, match=r"module\.parameters"):
         make_private(
             module=model,
             optimizer=torch.optim.SGD(nn.Linear(10, 2).parameters(), lr=0.1),

@@ -20,7 +20,8 @@ def batches():
 def test_batch_sizes_are_binomial(batches):
     sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
     mean, variance = N * Q, N * Q * (1 - Q)  # Binomial(200, 0.1): 20 and 18
-    # standard error of the mean over 3000 steps: sqrt(18 / 3000) = 0.077; of the variance about 18 sqrt(2 / 3000) = 0.46
+    # standard error of the mean over 3000 steps: sqrt(18 / 3000) = 0.077;
+    # of the variance about 18 sqrt(2 / 3000) = 0.46
     assert abs(sizes.mean().item() - mean) < 5 * (variance / STEPS) ** 0.5
     assert abs(sizes.var().item() - variance) < 5 * variance * (2 / STEPS) ** 0.5
 

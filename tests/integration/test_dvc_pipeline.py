@@ -141,7 +141,10 @@ def _wait_for_queue(repo, env, timeout_s):
 
 
 def _start_workers(repo, env, jobs):
-    """`dvc queue start -j jobs`; its output goes to a file, as the background workers inherit it (a pipe would wait for them)."""
+    """`dvc queue start -j jobs`.
+
+    Its output goes to a file, as the background workers inherit it (a pipe would wait for them).
+    """
     with open(repo / ".dvc" / "tmp" / "queue-start.log", "w+") as log:
         result = subprocess.run(
             ["dvc", "queue", "start", "-j", str(jobs)],

@@ -121,7 +121,9 @@ def test_closed_form_noise_powers_for_a_correlated_covariance():
 
 
 def test_transform_is_the_numerical_optimum():
-    """Minimise tr(P^-1) over P = M^T M = L L^T (L lower triangular) subject to tr(M Sigma M^T) = tr(P Sigma) <= gamma."""
+    """Minimise tr(P^-1) over P = M^T M = L L^T (L lower triangular)
+    subject to tr(M Sigma M^T) = tr(P Sigma) <= gamma.
+    """
     rng = np.random.default_rng(3)
     root = rng.normal(size=(3, 3))
     sigma, gamma = root @ root.T + 0.1 * np.eye(3), 0.5
@@ -402,7 +404,8 @@ def test_noise_corrected_estimate_is_unbiased():
     M = transform_of(state, 1.0)
     m = released_by_hand(grads, state, 1.0, 0.0, batch, torch.zeros(3)).numpy() - state.mean.numpy()
     C = (sigma / batch) ** 2 * np.linalg.inv(M.T @ M)  # covariance of the injected noise e
-    # x x^T - C - m m^T = m e^T + e m^T + e e^T - C: variance m_i^2 C_jj + m_j^2 C_ii + 2 m_i m_j C_ij + C_ii C_jj + C_ij^2
+    # x x^T - C - m m^T = m e^T + e m^T + e e^T - C:
+    # variance m_i^2 C_jj + m_j^2 C_ii + 2 m_i m_j C_ij + C_ii C_jj + C_ij^2
     variance = (
         np.outer(m**2, np.diag(C))
         + np.outer(np.diag(C), m**2)
@@ -449,7 +452,7 @@ def test_make_private_refuses_full_matrix_for_a_large_model_up_front():
     torch.set_default_dtype(torch.float32)  # a model as users build it (the fixture restores double afterwards)
     dataset = TensorDataset(torch.randn(100, 2500), torch.zeros(100, dtype=torch.long))
     model = nn.Linear(2500, 2)  # 5002 parameters
-    with pytest.raises(ValueError, match="5002 parameters .* rank=k"):
+    with pytest.raises(ValueError, match=r"5002 parameters .* rank=k"):
         make_private(
             module=model,
             optimizer=torch.optim.SGD(model.parameters(), lr=0.1),

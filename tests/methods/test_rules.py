@@ -206,7 +206,10 @@ def test_adaclip_with_zero_shift_and_constant_scale_equals_fixed_clip():
 
 
 def test_clip_factors_bound_every_norm_and_leave_short_rows_alone():
-    """The library's clipping (``clip_factors``, and FixedClip's clipped sum row by row) against ``min(1, C / ||g||)``."""
+    """The library's clipping against ``min(1, C / ||g||)``.
+
+    Both ``clip_factors`` and FixedClip's clipped sum, row by row.
+    """
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(200, 7, generator=gen) * torch.logspace(-3, 2, 200).unsqueeze(1)
     rows[0] = 0.0

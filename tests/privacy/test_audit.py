@@ -262,7 +262,7 @@ def test_optimizer_path_catches_missing_clipping(monkeypatch):
 
 
 def test_misspelt_config_key_names_the_accepted_keys():
-    with pytest.raises(ValueError, match="accepted keys: .*'trials'"):
+    with pytest.raises(ValueError, match=r"accepted keys: .*'trials'"):
         audit_config({"trails": 100})
 
 

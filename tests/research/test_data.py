@@ -57,7 +57,7 @@ def test_read_idx_parses_header_and_checks_content(tmp_path):
     with pytest.raises(CorruptDataError, match="SHA-256"):
         read_idx(path, "0" * 64)
     path.write_bytes(gzip.compress(idx_payload(array))[:-10])
-    with pytest.raises(CorruptDataError, match="not a readable .gz"):
+    with pytest.raises(CorruptDataError, match=r"not a readable \.gz"):
         read_idx(path)
     path.write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + b"abc"))
     with pytest.raises(CorruptDataError, match="magic"):
@@ -111,7 +111,7 @@ def test_failed_download_is_reported_with_the_hint(isolated, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    with pytest.raises(DataNotFoundError, match="download from .* failed"):
+    with pytest.raises(DataNotFoundError, match=r"download from .* failed"):
         load_dataset("fashion-mnist")
     assert not list((isolated / "data" / "raw" / "fashion-mnist").glob("*"))  # nothing half-written
 
@@ -141,7 +141,7 @@ def test_download_verifies_and_writes_atomically(isolated, monkeypatch):
 
 def test_corrupt_local_file_is_named(isolated):
     write_fake_idx(isolated / "data" / "raw" / "fashion-mnist")
-    with pytest.raises(CorruptDataError, match="train-images-idx3-ubyte.gz has the wrong SHA-256"):
+    with pytest.raises(CorruptDataError, match=r"train-images-idx3-ubyte\.gz has the wrong SHA-256"):
         load_dataset("fashion-mnist", download=False)
 
 

@@ -1,10 +1,11 @@
 """AdaCliP's optimal noise power against DP-SGD (Pichapati et al. 2019, Thm. 2) and the simulation check."""
 
+import itertools
+
 import pytest
 import torch
 
 from adaclip.research.theory import dpsgd_noise_power, learned_noise_power, log_spaced_std, optimal_noise_power
-import itertools
 
 
 def test_closed_forms_on_the_design_example():

@@ -34,7 +34,6 @@ from opacus.utils.module_utils import requires_grad
 from torch import Tensor, nn
 from torch.nn.grad import conv2d_input as _untyped_conv2d_input
 
-
 _conv2d_input: Callable[..., Tensor] = _untyped_conv2d_input
 """``torch.nn.grad.conv2d_input`` (untyped in torch)."""
 
@@ -146,7 +145,10 @@ class BookkeepingGradSampleModule(GradSampleModule):
         super().__init__(m, batch_first=batch_first, loss_reduction=loss_reduction, strict=strict)
 
     def bookkeeping_layers(self) -> list[nn.Linear | nn.Conv2d]:
-        """The linear and convolution layers handled by book-keeping (trainable, parameters not shared with another layer)."""
+        """The linear and convolution layers handled by book-keeping.
+
+        Those that are trainable and whose parameters are not shared with another layer.
+        """
         if self._bookkeeping_layers is None:
             owners = Counter(id(p) for module in self._module.modules() for p in module.parameters(recurse=False))
             self._bookkeeping_layers = [

@@ -85,7 +85,10 @@ def destroy() -> None:
 
 
 def all_reduce_clipped_sum(clipped: ClippedSum) -> ClippedSum:
-    """The global :class:`~adaclip.methods.base.ClippedSum`: ``all_reduce(SUM)`` of the vector and of the (float64) counts."""
+    """The global :class:`~adaclip.methods.base.ClippedSum`.
+
+    ``all_reduce(SUM)`` of the vector and of the (float64) counts.
+    """
     vector, counts = clipped.vector.clone(), clipped.counts.clone()
     dist.all_reduce(vector, op=dist.ReduceOp.SUM)
     dist.all_reduce(counts, op=dist.ReduceOp.SUM)

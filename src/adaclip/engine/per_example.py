@@ -295,7 +295,10 @@ def _cuda_matmul_uses_tf32() -> bool:
 
 
 class LinearBiasPart(MaterialisedPart):
-    """The bias of a book-keeping linear layer: per-example gradients ``sum_p delta_ip``, sharing the layer's factors."""
+    """The bias of a book-keeping linear layer.
+
+    Per-example gradients ``sum_p delta_ip``, sharing the layer's factors.
+    """
 
     def __init__(self, param: nn.Parameter, offset: int, factors: LinearFactors) -> None:
         super().__init__(param, offset, factors.bias_grads())
@@ -316,7 +319,8 @@ def _factors(capture: LayerCapture) -> LinearFactors:
     sizes = {x.shape[0] for x, _ in pairs}
     if len(sizes) != 1:
         raise RuntimeError(
-            f"a linear layer saw batches of different sizes {sorted(sizes)} in one step; call optimizer.zero_grad() after every step"
+            f"a linear layer saw batches of different sizes {sorted(sizes)} in one step; "
+            "call optimizer.zero_grad() after every step"
         )
     n = sizes.pop()
     xs = [x.reshape(n, math.prod(x.shape[1:-1]), x.shape[-1]) for x, _ in pairs]
@@ -352,7 +356,8 @@ def _conv_grads(layer: nn.Conv2d, capture: LayerCapture) -> tuple[Tensor, Tensor
     sizes = {x.shape[0] for x, _ in capture.pairs}
     if len(sizes) != 1:
         raise RuntimeError(
-            f"a layer saw batches of different sizes {sorted(sizes)} in one step; call optimizer.zero_grad() after every step"
+            f"a layer saw batches of different sizes {sorted(sizes)} in one step; "
+            "call optimizer.zero_grad() after every step"
         )
     weight, bias = conv2d_per_example_grads(layer, *capture.pairs[0])
     for x, delta in capture.pairs[1:]:
@@ -370,7 +375,10 @@ class _LayerCache:
 
 
 def _capture_part(p: nn.Parameter, offset: int, capture: LayerCapture, cache: _LayerCache) -> Part:
-    """The part of a book-keeping layer's parameter, sharing the layer's factors or gradients with its other parameter."""
+    """The part of a book-keeping layer's parameter.
+
+    It shares the layer's factors or gradients with the layer's other parameter.
+    """
     layer, is_weight = capture.layer, p is capture.layer.weight
     if isinstance(layer, nn.Conv2d):
         grads = cache.conv.get(id(capture))
@@ -420,7 +428,8 @@ def collect_parts(params: list[nn.Parameter]) -> list[Part]:
         )
     if len({part.num_examples for part in parts}) > 1:
         raise RuntimeError(
-            f"parameters got per-example gradients for different batch sizes {sorted({part.num_examples for part in parts})}"
+            "parameters got per-example gradients for different batch sizes "
+            f"{sorted({part.num_examples for part in parts})}"
         )
     return parts
 

@@ -122,12 +122,14 @@ def make_private(
     expected_batch_size = data_loader.batch_size
     if expected_batch_size > dataset_size:
         raise ValueError(
-            f"data_loader.batch_size={expected_batch_size} exceeds the dataset size {dataset_size}; lower the batch size"
+            f"data_loader.batch_size={expected_batch_size} exceeds the dataset size {dataset_size}; "
+            "lower the batch size"
         )
     require_open_unit("delta", delta, " (use < 1/N for N examples)")
     if delta >= 1 / dataset_size:
         raise ValueError(
-            f"delta={delta} must be below 1/N = {1 / dataset_size:.3g} for N={dataset_size} examples (1e-5 or N^-1.1 are usual)"
+            f"delta={delta} must be below 1/N = {1 / dataset_size:.3g} for N={dataset_size} examples "
+            "(1e-5 or N^-1.1 are usual)"
         )
     sample_rate = expected_batch_size / dataset_size
     noise_multiplier = calibrate_noise(

@@ -86,7 +86,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
             raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < world_size:
             raise ValueError(
-                f"num_examples must be an int >= world_size={world_size} (every rank needs an example), got {num_examples!r}"
+                f"num_examples must be an int >= world_size={world_size} (every rank needs an example), "
+                f"got {num_examples!r}"
             )
         if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
             raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")

@@ -25,7 +25,10 @@ from adaclip.methods.canary import DTYPE, CoordinatewiseAdapter
 
 
 class AutoClip(ClipRule):
-    """AUTO-S (see the module docstring).  ``clipped_fraction`` counts examples whose vector got shorter (``||g_i|| + r > 1``)."""
+    """AUTO-S (see the module docstring).
+
+    ``clipped_fraction`` counts examples whose vector got shorter (``||g_i|| + r > 1``).
+    """
 
     def __init__(self, *, noise_multiplier: float, expected_batch_size: float, r: float = 0.01) -> None:
         self.noise_multiplier = require_in_range("noise_multiplier", noise_multiplier, 0.0, math.inf)
@@ -44,7 +47,8 @@ class AutoClip(ClipRule):
 class AutoClipAdapter(CoordinatewiseAdapter[AutoClip]):
     """Audit view: sensitivity 1, noise ``sigma``.
 
-    The canary's normalised norm is ``L / (L + r)`` with ``L = CANARY_SCALE``, a ``r / L`` (1e-5) shortfall from the bound.
+    The canary's normalised norm is ``L / (L + r)`` with ``L = CANARY_SCALE``,
+    a ``r / L`` (1e-5) shortfall from the bound.
     """
 
     def scale(self, rule: AutoClip, state: Any, dim: int) -> Tensor:

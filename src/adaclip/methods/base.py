@@ -196,7 +196,8 @@ class ClipRule(ABC):
         """
         if not isinstance(weighted_sum, Tensor) or weighted_sum.dim() != 1:
             raise ValueError(
-                f"weighted_sum must be a 1-D tensor [n_params], got {getattr(weighted_sum, 'shape', type(weighted_sum))}"
+                "weighted_sum must be a 1-D tensor [n_params], "
+                f"got {getattr(weighted_sum, 'shape', type(weighted_sum))}"
             )
         if not isinstance(weights, Tensor) or weights.dim() != 1:
             raise ValueError(
@@ -214,7 +215,8 @@ class ClipRule(ABC):
                 else type(clipped).__name__
             )
             raise ValueError(
-                f"clipped must be a ClippedSum with a 1-D vector [n_params] and counts [n, n_clipped] (from clipped_sum); got {got}"
+                "clipped must be a ClippedSum with a 1-D vector [n_params] and counts [n, n_clipped] "
+                f"(from clipped_sum); got {got}"
             )
         dim = clipped.vector.shape[0]
         if not isinstance(noise, Tensor) or noise.shape != (self.noise_size(dim),):

@@ -39,7 +39,10 @@ class CanaryAdapter(ABC, Generic[R]):
 
     @abstractmethod
     def canary(self, rule: R, state: Any, dim: int) -> Tensor:
-        """The canary's gradient ``[dim]``: far outside the clip region along coordinate 0, after the rule's transform."""
+        """The canary's gradient ``[dim]``.
+
+        Far outside the clip region along coordinate 0, after the rule's transform.
+        """
 
     @abstractmethod
     def background(self, rule: R, state: Any, dim: int, size: int) -> Tensor:
@@ -51,7 +54,10 @@ class CanaryAdapter(ABC, Generic[R]):
 
     @abstractmethod
     def gradient_noise(self, rule: R, state: Any, difference: Tensor) -> Tensor:
-        """The gradient's standard-normal draws that explain ``release - release without noise`` (its noise map, inverted)."""
+        """The gradient's standard-normal draws that explain ``release - release without noise``.
+
+        The gradient's noise map, inverted.
+        """
 
     def implied_noise(self, rule: R, state: Any, difference: Tensor) -> Tensor:
         """All draws that explain ``observe(...) - observe(...) without noise`` (default: the gradient's)."""
@@ -59,7 +65,10 @@ class CanaryAdapter(ABC, Generic[R]):
 
     @abstractmethod
     def canary_shift(self, rule: R, state: Any, dim: int) -> Tensor:
-        """Shift of the implied noise that a canary on the clip boundary causes, as the analysis says (sensitivity / std)."""
+        """Shift of the implied noise that a canary on the clip boundary causes, as the analysis says.
+
+        The shift is sensitivity / std.
+        """
 
 
 class CoordinatewiseAdapter(CanaryAdapter[R]):

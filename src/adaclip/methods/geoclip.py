@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -114,7 +114,10 @@ class _Transform:
         return mapped / self.scale_squared.sqrt()
 
     def noise_covariance(self) -> tuple[Tensor, Tensor]:
-        """``M^-1 M^-T = c^-2 (U diag(sqrt(lambda)) U^T + sqrt(lambda_rest) (I - U U^T))``: the basis and rest eigenvalues."""
+        """The basis and rest eigenvalues of ``M^-1 M^-T``.
+
+        ``M^-1 M^-T = c^-2 (U diag(sqrt(lambda)) U^T + sqrt(lambda_rest) (I - U U^T))``.
+        """
         return self.eigenvalues.sqrt() / self.scale_squared, self.residual.sqrt() / self.scale_squared
 
 
@@ -212,7 +215,9 @@ class GeoClip(ClipRule):
     def init_state(
         self, dim: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> GeoClipState:
-        """``a_0 = 0``; ``Sigma_0 = lambda_0 I`` with ``lambda_0 = initial_clip^2 gamma / d``, so ``M_0 = I / initial_clip``."""
+        """``a_0 = 0``; ``Sigma_0 = lambda_0 I`` with ``lambda_0 = initial_clip^2 gamma / d``,
+        so ``M_0 = I / initial_clip``.
+        """
         k = self.kept_eigenpairs(dim)
         initial = self.initial_clip**2 * self.gamma / dim
         eigenvalues = torch.full((k,), initial, device=device, dtype=dtype)
@@ -236,7 +241,10 @@ class GeoClip(ClipRule):
         return _Transform(state.basis, state.transform_eigenvalues, state.transform_residual, dim - k, self.gamma)
 
     def clipped_sum(self, per_example_grads: Tensor, state: GeoClipState) -> ClippedSum:
-        """``M^-1 sum_i clip(M (g_i - a)) = sum_i f_i (g_i - a)``, ``f_i = min(1, 1 / ||M (g_i - a)||)``: no ``M^-1`` needed."""
+        """``M^-1 sum_i clip(M (g_i - a)) = sum_i f_i (g_i - a)``, ``f_i = min(1, 1 / ||M (g_i - a)||)``.
+
+        No ``M^-1`` needed.
+        """
         transform = self._transform(state, per_example_grads.shape[1])
         deviations = per_example_grads - state.mean
         factors = clip_factors(transform.norms(deviations))

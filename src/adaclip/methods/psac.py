@@ -40,8 +40,8 @@ class PerSampleAdaptiveClip(ClipRule):
     ``x = sqrt(r) - r`` and then falls like ``C / x``: small gradients are amplified at most
     ``1 / (2 sqrt(r) - r)``-fold, unlike AUTO-S's ``1 / r`` (Xia et al.'s point).  The default
     ``r = 0.1`` is the value commonly quoted for the paper's experiments (the paper itself was not at
-    hand offline to confirm); it caps the amplification at 1.88.  ``clipped_fraction`` counts examples whose vector got shorter
-    (weight < 1).
+    hand offline to confirm); it caps the amplification at 1.88.  ``clipped_fraction`` counts examples
+    whose vector got shorter (weight < 1).
     """
 
     def __init__(

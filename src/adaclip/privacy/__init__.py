@@ -1,1 +1,4 @@
-"""Privacy accounting (:mod:`~adaclip.privacy.accounting`) and the empirical privacy audit (:mod:`~adaclip.privacy.audit`)."""
+"""Privacy accounting and the empirical privacy audit.
+
+Accounting lives in :mod:`~adaclip.privacy.accounting`, the audit in :mod:`~adaclip.privacy.audit`.
+"""

@@ -33,7 +33,8 @@ ACCOUNTANTS: tuple[str, ...] = ("prv", "pld", "rdp")
 def _validate(noise_multiplier: float | None, sample_rate: float, steps: int, delta: float, accountant: str) -> None:
     if accountant not in ACCOUNTANTS:
         raise ValueError(
-            f"accountant must be one of {ACCOUNTANTS}, got {accountant!r} (GDP is not offered: it underestimates epsilon)"
+            f"accountant must be one of {ACCOUNTANTS}, got {accountant!r} "
+            "(GDP is not offered: it underestimates epsilon)"
         )
     if noise_multiplier is not None and not (
         isinstance(noise_multiplier, numbers.Real) and 0 < noise_multiplier < math.inf

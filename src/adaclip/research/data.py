@@ -188,7 +188,8 @@ def locate_idx(name: str, data_dir: str | os.PathLike[str] | None = None, downlo
             return Path("data/raw") / name
         except OSError as error:
             raise DataNotFoundError(
-                f"{name} not found in {looked}, and the download from {IDX_SOURCES[name].mirror} failed ({error}). {hint}"
+                f"{name} not found in {looked}, "
+                f"and the download from {IDX_SOURCES[name].mirror} failed ({error}). {hint}"
             ) from error
     raise DataNotFoundError(f"{name} not found in {looked} (download disabled). {hint}")
 

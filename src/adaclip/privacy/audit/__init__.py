@@ -56,8 +56,8 @@ of Steinke, Nasr and Jagielski (2023).  With ``n`` evaluation trials per world t
 cannot exceed about ``log(n / 3.7)`` (no errors at all), so the ``mu_hat`` check carries most of the
 power.
 
-Adding a rule: give its registry entry (:data:`adaclip.methods.METHODS`) a :class:`~adaclip.methods.canary.CanaryAdapter`
-in the method's own module.
+Adding a rule: give its registry entry (:data:`adaclip.methods.METHODS`) a
+:class:`~adaclip.methods.canary.CanaryAdapter` in the method's own module.
 """
 
 from adaclip.privacy.audit.config import AuditConfig, AuditResult, audit_config, table_header, table_row

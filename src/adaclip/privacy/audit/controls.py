@@ -1,13 +1,14 @@
 """DELIBERATELY BROKEN clipping rules: the negative controls of :mod:`adaclip.privacy.audit`.  Never train with them.
 
-Each class breaks exactly one privacy rule that every correct rule obeys (see :mod:`adaclip.methods.base`), the way DP-SGD implementations are known
-to break it silently, and otherwise behaves like the correct rule it subclasses.  Most break one of
-the two halves of a step (:mod:`adaclip.methods.base`): ``example_weights`` (the clipping) or ``release``
-(noise, normaliser, state update), which both the rule audit's ``step`` and the optimizer use.  The
-exception is :class:`AdaCliPWithRawStatistics`: it needs the raw gradients, which ``release`` never
-sees, so it breaks ``step`` alone and is broken for the rule audit only, not on the optimizer path.  They exist so
-that the audit can be shown to catch each bug: ``tests/test_audit.py`` requires every one to be
-flagged, and the audit notebook reports them next to the correct methods.  None is registered in
+Each class breaks exactly one privacy rule that every correct rule obeys (see
+:mod:`adaclip.methods.base`), the way DP-SGD implementations are known to break it silently, and
+otherwise behaves like the correct rule it subclasses.  Most break one of the two halves of a step
+(:mod:`adaclip.methods.base`): ``example_weights`` (the clipping) or ``release`` (noise, normaliser,
+state update), which both the rule audit's ``step`` and the optimizer use.  The exception is
+:class:`AdaCliPWithRawStatistics`: it needs the raw gradients, which ``release`` never sees, so it
+breaks ``step`` alone and is broken for the rule audit only, not on the optimizer path.  They exist so
+that the audit can be shown to catch each bug: ``tests/test_audit.py`` requires every one to be flagged,
+and the audit notebook reports them next to the correct methods.  None is registered in
 ``adaclip.methods.METHODS`` or exported from ``adaclip`` (a test checks this), so ``make_private``
 cannot build them.
 
