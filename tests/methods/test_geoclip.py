@@ -491,7 +491,7 @@ def test_cli_trains_with_geoclip_and_reports_the_accountants_epsilon(tmp_path):
     )
     assert code == 0
     record = json.loads(out.read_text())
-    assert record["method"] == "geoclip" and record["method_params"] == {"rank": 4}
+    assert record["method"] == "geoclip" and record["method_params"]["rank"] == 4
     assert record["per_epoch"][-1]["train_loss"] < record["per_epoch"][0]["train_loss"]
     expected = epsilon(
         noise_multiplier=record["noise_multiplier"],

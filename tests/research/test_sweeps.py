@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from adaclip.research.params import load_params
 from adaclip.research.analysis import select_learning_rates
+from adaclip.research.params import load_params
 from adaclip.research.records import read_records
 from adaclip.research.sweeps import run_sweep, sweep_configs
 

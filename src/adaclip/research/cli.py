@@ -50,7 +50,10 @@ def parser() -> argparse.ArgumentParser:
     train = commands.add_parser(
         "train",
         help="train one model and write its metrics record",
-        description="Train one model and write a JSON metrics record. Options left out take the dataset's defaults; --config values are overridden by options given here.",
+        description=(
+            "Train one model and write a JSON metrics record. Options left out take the dataset's defaults; "
+            "--config values are overridden by options given here."
+        ),
     )
     train.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (dataset, method, epsilon, ...)")
     train.add_argument("--dataset", choices=DATASETS)
@@ -84,14 +87,19 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--check-replicas",
         action="store_true",
-        help="under torchrun: assert every step that all ranks hold the same state and parameters (debugging; one broadcast per tensor)",
+        help=(
+            "under torchrun: assert every step that all ranks hold the same state and parameters "
+            "(debugging; one broadcast per tensor)"
+        ),
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (or set TQDM_DISABLE=1)")
     train.add_argument("--out", type=Path, help="write the JSON record here (atomically)")
     prepare = commands.add_parser(
         "prepare",
         help="the data stage: verified copies of the datasets in params.yaml",
-        description="Copy every image dataset listed in the params file's data.datasets, checksum-verified, into --out.",
+        description=(
+            "Copy every image dataset listed in the params file's data.datasets, checksum-verified, into --out."
+        ),
     )
     prepare.add_argument("--params", type=Path, default=Path("params.yaml"))
     prepare.add_argument("--out", type=Path, default=Path("data/prepared"))
@@ -236,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ranks = f" on {record['world_size']} ranks" if record["world_size"] > 1 else ""
     print(
-        f"{record['method']} on {record['dataset']}: {metric}={record[metric]:.4f}, {privacy}, {record['wall_time_s']:.1f} s{ranks}"
+        f"{record['method']} on {record['dataset']}: {metric}={record[metric]:.4f}, {privacy}, "
+        f"{record['wall_time_s']:.1f} s{ranks}"
     )
     return 0
 

@@ -238,7 +238,8 @@ def _check_parallel(config: TrainConfig, world_size: int) -> None:
     )
     _check(
         config.method != "nonprivate" or config.batch_size % world_size == 0,
-        f"the non-private baseline splits batch_size={config.batch_size} evenly over {world_size} ranks: use a batch size divisible by --nproc_per_node",
+        f"the non-private baseline splits batch_size={config.batch_size} evenly over {world_size} ranks: "
+        "use a batch size divisible by --nproc_per_node",
     )
     _check(
         not config.device.startswith("cuda:"),
