@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler, TensorDataset
@@ -152,4 +153,32 @@ class TensorPoissonLoader:
     def __iter__(self) -> Iterator[list[Tensor]]:
         tensors = self.dataset.tensors
         for indices in self.batch_sampler.epoch():
-            yield [t.index_select(0, indices.to(t.device)) for t in tensors]
+            yield [gather_rows(t, indices) for t in tensors]
+
+
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    }
+)
+
+
+def gather_rows(tensor: Tensor, indices: Tensor) -> Tensor:
+    """``tensor[indices]`` along dimension 0, as a new tensor.
+
+    On the CPU this goes through ``numpy.take``: NumPy backs large new arrays with huge pages, so the
+    gather does not stall on a page fault per 4 KiB of a freshly allocated batch (a 130 MB batch of
+    ScatterNet features gathers several times faster than with ``index_select``).  Elsewhere, and for
+    dtypes NumPy lacks (bfloat16), ``index_select``.
+    """
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_DTYPES and not tensor.requires_grad:
+        return torch.from_numpy(np.take(tensor.numpy(), indices.numpy(), axis=0))
+    return tensor.index_select(0, indices.to(tensor.device))
