@@ -122,6 +122,9 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self.steps_taken = 0
         self.rule_state: Any = None
         self.last_stats: Stats = {}
+        self.last_clipped: ClippedSum | None = None
+        """The last step's clipped sum (the rule's data-dependent input), for diagnostics such as the
+        noise-free release ``rule.release(last_clipped, previous_state, zeros)``; never released itself."""
         self._last_epsilon: tuple[tuple[int, float] | None, float] = (None, 0.0)
 
     def pre_step(self, closure: Any = None) -> bool:
@@ -161,6 +164,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             clipped = self.rule.clipped_sum(materialise(parts), self.rule_state)
         if self.distributed:
             clipped = all_reduce_clipped_sum(clipped)
+        self.last_clipped = clipped
         noisy_mean, self.rule_state, self.last_stats = self.rule.release(clipped, self.rule_state, noise)
         if self.check_replicas:
             parameters = {f"parameter {i}": p for i, p in enumerate(params)}

@@ -36,13 +36,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from adaclip.engine import AdaptiveClipDPOptimizer, make_private
 from adaclip.engine import distributed as dist_utils
 from adaclip.methods import METHODS, build_rule
 from adaclip.privacy.accounting import ACCOUNTANTS
 from adaclip.research.data import DATASETS, Splits, load_dataset
+from adaclip.research.diagnostics import ReleaseProbe
 from adaclip.research.models import MODELS, build_model
 from adaclip.research.params import is_device_name
 from adaclip.research.reporting import write_text_atomic
@@ -97,9 +98,14 @@ def default_lr(dataset: str, method: str) -> float:
 
 @dataclass
 class TrainConfig:
-    """Everything one run needs; ``None`` means the dataset's default (see ``DATASET_DEFAULTS``)."""
+    """Everything one run needs; ``None`` means the dataset's default (see ``DATASET_DEFAULTS``).
+
+    ``task`` is a label only (the pipeline's name for the dataset, model and setting, e.g. ``scatternet``).
+    ``diagnostics`` records :mod:`adaclip.research.diagnostics` every step (not private: a research tool).
+    """
 
     dataset: str
+    task: str | None = None
     method: str = "adaclip"
     model: str | None = None
     epsilon: float | None = 3.0
@@ -268,24 +274,10 @@ def _evaluate(model: nn.Module, dataset: TensorDataset, task: str, device: str) 
     return total / count
 
 
-def _flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-
-
-def _alignment(clean: torch.Tensor, released: torch.Tensor) -> dict[str, float]:
-    """How the released step relates to the clean (non-private) mean gradient of the same batch.
-
-    A diagnostic for the report only: it reads the un-noised gradient, so it is not private and
-    never feeds back into training.  The clean gradient is autograd's ``p.grad``, which only the
-    materialised per-example path leaves in place, so diagnostic runs use that path (same results
-    up to float rounding, slower).
-    """
-    cosine = torch.nn.functional.cosine_similarity(clean, released, dim=0, eps=1e-30)
-    return {
-        "cosine_to_clean": float(cosine),
-        "clean_norm": float(clean.norm()),
-        "released_norm": float(released.norm()),
-    }
+def _mean(values: list[Any]) -> float | None:
+    """The mean of the defined values (a diagnostic is ``None`` on a step where it is undefined)."""
+    defined = [v for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None
 
 
 def _versions() -> dict[str, str]:
@@ -350,7 +342,7 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
             delta=delta,
             accountant=config.accountant,
             seed=config.seed,
-            per_example="materialise" if config.diagnostics else "fast",
+            per_example="fast",
             distributed=world_size > 1,
             check_replicas=config.check_replicas,
             **config.method_params,
@@ -359,6 +351,7 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
         method_params = optimizer.rule.hyperparameters()
 
     metric = "accuracy" if task == "classification" else "mse"
+    probe = ReleaseProbe(optimizer, config.lr) if config.diagnostics and config.method != "nonprivate" else None
     per_epoch: list[dict[str, Any]] = []
     step_stats: dict[str, list[float]] = {}
     steps, start = 0, time.perf_counter()
@@ -377,15 +370,16 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
                 optimizer.zero_grad()
                 loss = loss_fn(model(features), targets)
                 loss.backward()
-                clean = _flat_grad(model) if config.diagnostics and config.method != "nonprivate" else None
+                if probe is not None:
+                    probe.before_step()
                 optimizer.step()
                 steps += 1
                 if len(targets):
                     loss_sum += loss.item() * len(targets)
                     loss_count += len(targets)
-                stats = dict(getattr(optimizer, "last_stats", {}))
-                if clean is not None:
-                    stats.update(_alignment(clean, _flat_grad(model)))
+                stats: dict[str, Any] = dict(getattr(optimizer, "last_stats", {}))
+                if probe is not None:
+                    stats.update(probe.after_step())
                 for key, value in stats.items():
                     step_stats.setdefault(key, []).append(value)
             if world_size > 1:
@@ -421,7 +415,7 @@ def run(config: TrainConfig | dict[str, Any], out: str | os.PathLike[str] | None
         f"test_{metric}": per_epoch[-1][f"test_{metric}"],
         "per_epoch": per_epoch,
         "step_stats": step_stats,
-        "step_stats_mean": {key: sum(values) / len(values) for key, values in step_stats.items()},
+        "step_stats_mean": {key: _mean(values) for key, values in step_stats.items()},
         "wall_time_s": wall_time,
         "examples_per_s": config.epochs * n_train / wall_time,
         "versions": _versions(),
