@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test reproduce reproduce-paper fashion-mnist clean-venv
+.PHONY: setup test docs reproduce reproduce-paper fashion-mnist clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks probes
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2
+
+# the documentation site (docs/, mkdocs.yml) into site/, offline; any warning fails the build.
+# NO_MKDOCS_2_WARNING silences Material's banner about MkDocs 2.0, which is advice, not a build warning.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 # Debian's dataset-fashion-mnist package, where apt-get exists; otherwise the loader downloads it.
 fashion-mnist:
