@@ -211,7 +211,9 @@ def paired_differences(frame: pd.DataFrame, baseline: str = BASELINE) -> pd.Data
                     "verdict": verdict(value, higher),
                 }
             )
-    return pd.DataFrame(rows, columns=["task", "target_epsilon", "method", "difference", "low", "high", "seeds", "verdict"])
+    return pd.DataFrame(
+        rows, columns=["task", "target_epsilon", "method", "difference", "low", "high", "seeds", "verdict"]
+    )
 
 
 def expected_best_of_k(scores: Sequence[float], k: int) -> float:
@@ -233,7 +235,12 @@ def tuning_grid(frame: pd.DataFrame) -> pd.DataFrame:
     grid = frame.assign(scale_key=frame["scale"].fillna(-1.0))
     cells = (
         grid.groupby(["task", "method", "lr", "scale_key"])
-        .agg(val_metric=("val_metric", "mean"), metric=("metric", "mean"), higher_is_better=("higher_is_better", "first"))
+        .agg(
+            val_metric=("val_metric", "mean"),
+            metric=("metric", "mean"),
+            higher_is_better=("higher_is_better", "first"),
+            metric_name=("metric_name", "first"),
+        )
         .reset_index()
     )
     cells["scale"] = cells["scale_key"].where(cells["scale_key"] >= 0)

@@ -111,7 +111,12 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("name", choices=SWEEPS)
     sweep.add_argument("--params", type=Path, default=Path("params.yaml"))
     sweep.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="the prepare stage's output folder")
-    sweep.add_argument("--features", type=Path, default=Path("data/features/fashion-mnist-scatternet"), help="the features stage's output folder")
+    sweep.add_argument(
+        "--features",
+        type=Path,
+        default=Path("data/features/fashion-mnist-scatternet"),
+        help="the features stage's output folder",
+    )
     sweep.add_argument("--tuning", type=Path, help="records of the tuning sweep (needed by every other sweep)")
     sweep.add_argument("--out", type=Path, required=True, help="JSON-lines file of run records (written atomically)")
     aggregate = commands.add_parser(
@@ -156,11 +161,12 @@ def _sweep(args: argparse.Namespace) -> None:
     from adaclip.research.sweeps import run_sweep, sweep_configs
 
     params = load_params(args.params)
-    selected = None
+    selected, tuning = None, []
     if args.name != "tuning":
         if args.tuning is None:
             raise ValueError(f"the {args.name} sweep needs --tuning runs/tuning.jsonl (the tuning sweep's records)")
-        selected = select(read_records(args.tuning))
+        tuning = read_records(args.tuning)
+        selected = select(tuning)
     records = run_sweep(
         sweep_configs(args.name, params, selected),
         args.out,
@@ -169,6 +175,7 @@ def _sweep(args: argparse.Namespace) -> None:
         features_dir=args.features,
         keep_step_stats=args.name == "diagnostics",
         label=args.name,
+        reuse=tuning,
     )
     print(f"{args.name}: {len(records)} runs written to {args.out}")
 

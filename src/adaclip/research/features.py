@@ -14,8 +14,8 @@ The transform is kymatio's (the library the paper used).  ``kymatio.torch`` (0.3
 module, which needs ``scipy.special.sph_harm`` (removed in SciPy 1.15), so this module imports the
 2-D torch frontend directly; it does not touch the 3-D code.
 
-``python -m adaclip.research.features --data-dir data/prepared/fashion-mnist --out data/features/fashion-mnist-scatternet``
-writes ``features.pt`` (train and test features, labels and the settings) atomically.
+``python -m adaclip.research.features --data-dir data/prepared/fashion-mnist --out DIR`` writes
+``features.pt`` (train and test features, labels and the settings) atomically.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     train_x = features["train_x"]
     assert isinstance(train_x, Tensor)
     print(
-        f"wrote {path}: {len(train_x)} training and {len(features['test_x'])} test examples of {tuple(train_x.shape[1:])}"
+        f"wrote {path}: {len(train_x)} training and {len(features['test_x'])} test examples "
+        f"of {tuple(train_x.shape[1:])}"
     )  # type: ignore[arg-type]
     return 0
 

@@ -316,6 +316,8 @@ def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ..
         raise ValueError(f"setting.delta={setting.delta} must be below 1/N = {1 / size:.3g} for {where} (N = {size})")
     if task.model == "cnn" and task.dataset not in ("fashion-mnist", "mnist"):
         raise ValueError(f"{where}.model='cnn' needs 28x28 images (fashion-mnist or mnist), not {task.dataset}")
+    if task.model == "scatter_cnn" and task.dataset != "fashion-mnist-scatternet":
+        raise ValueError(f"{where}.model='scatter_cnn' needs dataset fashion-mnist-scatternet, not {task.dataset}")
     unknown = sorted(set(task.methods) - set(setting.methods))
     if unknown:
         raise ValueError(f"{where}.methods {unknown} must also be listed in setting.methods")

@@ -162,7 +162,9 @@ def tuning_heatmaps(grid: pd.DataFrame, *, task: str, caption: str) -> Figure:
         if table.empty:  # no scale parameter: one row
             table = cells.set_index("lr")[["val_metric"]].T
             table.index = ["—"]
-        image = ax.imshow(table.to_numpy(dtype=float), cmap="viridis", vmin=low, vmax=high, origin="lower", aspect="auto")
+        image = ax.imshow(
+            table.to_numpy(dtype=float), cmap="viridis", vmin=low, vmax=high, origin="lower", aspect="auto"
+        )
         ax.set_xticks(range(table.shape[1]), [f"{v:.3g}" for v in table.columns], rotation=45)
         ax.set_yticks(range(table.shape[0]), [f"{v:.3g}" if isinstance(v, float) else str(v) for v in table.index])
         for (row, col), value in np.ndenumerate(table.to_numpy(dtype=float)):
@@ -184,8 +186,14 @@ def tuning_curves(cost: pd.DataFrame, *, task: str, ylabel: str, caption: str) -
     for method in _methods(block):
         curve = block[block["method"] == method]["tuning_curve"].iloc[0]
         ks = sorted(int(k) for k in curve)
-        ax.plot(ks, [curve[k] if k in curve else curve[str(k)] for k in ks], label=label(method), color=color(method),
-                marker=_marker(method), linestyle=_linestyle(method))
+        ax.plot(
+            ks,
+            [curve[k] if k in curve else curve[str(k)] for k in ks],
+            label=label(method),
+            color=color(method),
+            marker=_marker(method),
+            linestyle=_linestyle(method),
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("random grid cells tried (k)")
     ax.set_ylabel(ylabel)
@@ -206,10 +214,8 @@ def metric_against_size(summary: pd.DataFrame, *, ylabel: str, caption: str) -> 
     return fig
 
 
-def step_statistic(
-    series: pd.DataFrame, *, ylabel: str, title: str, log_y: bool = False, window: int = 10
-) -> Figure:
-    """A per-step statistic (``analysis.step_series``) per method, one panel per task, smoothed over ``window`` steps."""
+def step_statistic(series: pd.DataFrame, *, ylabel: str, title: str, log_y: bool = False, window: int = 10) -> Figure:
+    """A per-step statistic (``analysis.step_series``) per method, one panel per task, smoothed over ``window``."""
     tasks = sorted(series["task"].unique())
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks) + 1.8, 3.8), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks, strict=True):
@@ -229,7 +235,7 @@ def step_statistic(
 
 
 def heterogeneity_saving(summary: pd.DataFrame, *, caption: str) -> Figure:
-    """Per task: the best saving ``1 - h`` that coordinate-wise clipping allows and the saving AdaCliP's ``b`` achieved."""
+    """Per task: the best saving ``1 - h`` coordinate-wise clipping allows, and what AdaCliP's ``b`` achieved."""
     tasks = sorted(summary["task"].unique())
     fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
     positions = np.arange(len(tasks))
@@ -250,7 +256,7 @@ def heterogeneity_saving(summary: pd.DataFrame, *, caption: str) -> Figure:
 def theory_noise(
     spreads: Sequence[float], closed_form: Sequence[float], simulated: Sequence[float], *, dim: int, batch_size: int
 ) -> Figure:
-    """SYNTHETIC gradients: AdaCliP's optimal noise power relative to DP-SGD's against the spread of per-coordinate std."""
+    """SYNTHETIC gradients: AdaCliP's optimal noise power relative to DP-SGD's against the per-coordinate spread."""
     fig, ax = plt.subplots(figsize=(7.2, 4.0), layout="constrained")
     grid = np.asarray(spreads, dtype=float)
     ax.plot(grid, closed_form, color=color("adaclip"), label="closed form (Pichapati et al. Thm. 2)")
@@ -301,14 +307,18 @@ def audit_results(results: Sequence[Any], *, delta: float) -> Figure:
     bound against theory (green: no violation found, red: caught)."""
     ordered = list(results)[::-1]
     rows = range(len(ordered))
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(12, 0.45 * len(ordered) + 1.8), sharey=True, layout="constrained"
-    )
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(ordered) + 1.8), sharey=True, layout="constrained")
     for y, result in zip(rows, ordered, strict=True):
         colour = "tab:green" if result.verdict == "pass" else "tab:red"
         shift = result.mean_shift
-        left.errorbar(shift.estimate, y, xerr=[[shift.estimate - shift.low], [shift.high - shift.estimate]], fmt="o",
-                      color=colour, capsize=3)
+        left.errorbar(
+            shift.estimate,
+            y,
+            xerr=[[shift.estimate - shift.low], [shift.high - shift.estimate]],
+            fmt="o",
+            color=colour,
+            capsize=3,
+        )
         left.plot(result.expected_mu, y, marker="|", color="black", markersize=14)
         right.plot([result.lower_bound.epsilon], [y], "o", color=colour)
         right.plot(result.theoretical_epsilon, y, marker="|", color="black", markersize=14)
@@ -316,6 +326,7 @@ def audit_results(results: Sequence[Any], *, delta: float) -> Figure:
     left.set_yticks(list(rows), [r.name for r in ordered])
     left.set_xlabel("μ̂ with its band (o); the analysis's μ (|)")
     right.set_xlabel(f"ε lower bound (o); theory (|), δ = {delta:g}")
-    fig.suptitle("Privacy audit (rules: PLD at q = 1; optimizer: PRV); green: no violation found, red: caught",
-                 fontsize="medium")
+    fig.suptitle(
+        "Privacy audit (rules: PLD at q = 1; optimizer: PRV); green: no violation found, red: caught", fontsize="medium"
+    )
     return fig

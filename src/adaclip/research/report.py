@@ -36,8 +36,20 @@ class Anchor:
 
 
 ANCHORS = (
-    Anchor("end-to-end tanh CNN, DP-SGD", "Tramèr & Boneh 2021", 86.0, "RDP", "B = 2048, lr 4, momentum 0.9, C = 0.1, σ = 2.15, 40 epochs"),
-    Anchor("ScatterNet + linear, DP-SGD", "Tramèr & Boneh 2021", 89.7, "RDP", "B = 8192, lr 16, momentum 0.9, C = 0.1, σ = 4.05, 40 epochs, N = 60 000"),
+    Anchor(
+        "end-to-end tanh CNN, DP-SGD",
+        "Tramèr & Boneh 2021",
+        86.0,
+        "RDP",
+        "B = 2048, lr 4, momentum 0.9, C = 0.1, σ = 2.15, 40 epochs",
+    ),
+    Anchor(
+        "ScatterNet + linear, DP-SGD",
+        "Tramèr & Boneh 2021",
+        89.7,
+        "RDP",
+        "B = 8192, lr 16, momentum 0.9, C = 0.1, σ = 4.05, 40 epochs, N = 60 000",
+    ),
     Anchor("ScatterNet + CNN, DP-SGD", "Tramèr & Boneh 2021", 89.0, "RDP", "B = 2048, lr 4, σ = 2.15, 40 epochs"),
     Anchor("end-to-end tanh CNN, DP-SGD", "Papernot et al. 2021", 86.1, "RDP", "tempered sigmoid activations"),
     Anchor("end-to-end CNN, AUTO-S", "Bu et al. 2023", 86.36, "RDP", "automatic clipping"),
@@ -155,7 +167,12 @@ def _size(records: Sequence[dict[str, Any]], accuracy: Sequence[dict[str, Any]],
     for row in summary.to_dict("records"):
         cell = {k: row[k] for k in ("mean", "low", "high")}
         if isinstance(row.get("verdict"), str):
-            cell |= {"gap": row["gap"], "gap_low": row["gap_low"], "gap_high": row["gap_high"], "verdict": row["verdict"]}
+            cell |= {
+                "gap": row["gap"],
+                "gap_low": row["gap_low"],
+                "gap_high": row["gap_high"],
+                "verdict": row["verdict"],
+            }
         result.setdefault(row["method"], {})[str(int(row["train_size"]))] = cell
     return result
 
@@ -178,7 +195,7 @@ def _theory(params: Params) -> dict[str, Any]:
 
 
 def _audit(audit: dict[str, Any]) -> dict[str, Any]:
-    """Per audit row (see :mod:`adaclip.privacy.audit`): kind, verdict, theoretical epsilon and the audited lower bound."""
+    """Per audit row (:mod:`adaclip.privacy.audit`): kind, verdict, theoretical epsilon and the audited lower bound."""
     return {
         row["name"]: {
             "kind": row["kind"],
@@ -214,7 +231,7 @@ def summarise(
     bench: Sequence[dict[str, Any]] | None = None,
     audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything the report states, from the sweeps' records (``{sweep: records}``), the benchmark's and the audit's."""
+    """Everything the report states: from the sweeps' records (``{sweep: records}``), the benchmark and the audit."""
     setting = params.setting
     summary: dict[str, Any] = {
         "profile": params.profile,
@@ -251,7 +268,9 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
         metrics[f"q1_{task}_snr"] = {m: v["snr"] for m, v in methods.items()}
     if summary["size"]:
         smallest = min((n for cells in summary["size"].values() for n in cells), key=int)
-        metrics[f"q4_n{smallest}"] = {m: cells[smallest]["mean"] for m, cells in summary["size"].items() if smallest in cells}
+        metrics[f"q4_n{smallest}"] = {
+            m: cells[smallest]["mean"] for m, cells in summary["size"].items() if smallest in cells
+        }
     return {name: {k: round(v, 5) for k, v in values.items() if v is not None} for name, values in metrics.items()}
 
 
@@ -272,7 +291,9 @@ def _versus(cell: dict[str, Any], higher_is_better: bool) -> str:
     versus = cell["vs_dpsgd"]
     digits = 1 if higher_is_better else 3
     word = {"win": "better than", "loss": "worse than", "tie": "a tie with"}[versus["verdict"]]
-    return f"{versus['difference']:+.{digits}f} [{versus['low']:+.{digits}f}, {versus['high']:+.{digits}f}], {word} DP-SGD"
+    return (
+        f"{versus['difference']:+.{digits}f} [{versus['low']:+.{digits}f}, {versus['high']:+.{digits}f}], {word} DP-SGD"
+    )
 
 
 def findings(summary: dict[str, Any]) -> dict[str, str]:
@@ -285,7 +306,9 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
     diagnostics = summary["diagnostics"]
     if main in diagnostics:
         diag = diagnostics[main]
-        snr = ", ".join(f"{analysis.label(m)} {diag[m]['snr']:.3g}" for m in _ordered(diag) if diag[m]["snr"] is not None)
+        snr = ", ".join(
+            f"{analysis.label(m)} {diag[m]['snr']:.3g}" for m in _ordered(diag) if diag[m]["snr"] is not None
+        )
         cosine = ", ".join(
             f"{analysis.label(m)} {diag[m]['cosine_noise_free']:.2f}/{diag[m]['cosine_release']:.2f}"
             for m in _ordered(diag)
@@ -303,10 +326,12 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
         widest = max(spreads, key=float)
         result["noise"] = (
             f"On {main}, each method at its tuned hyperparameters ({caption}): the release's signal-to-noise ratio "
-            f"(‖noise-free release‖² / E‖noise‖², mean over steps) was {snr}; the cosine of the noise-free release and of "
-            f"the release with the clean batch gradient was {cosine}. Coordinate-wise clipping can only help as much as "
+            f"(‖noise-free release‖² / E‖noise‖², mean over steps) was {snr}; the cosine of the noise-free "
+            f"release and of the release with the clean batch gradient was {cosine}. Coordinate-wise clipping can "
+            f"only help as much as "
             f"the gradients are heterogeneous: {'; '.join(savings)}. (Synthetic gradients whose per-coordinate std "
-            f"spreads over a factor {float(widest):g} would allow the optimal transform {spreads[widest]:.2f}× DP-SGD's "
+            f"spreads over a factor {float(widest):g} would allow the optimal transform {spreads[widest]:.2f}× "
+            f"DP-SGD's "
             f"noise power.)"
         )
 
@@ -345,10 +370,13 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
     anchors = summary["anchors"]
     if "ours" in anchors:
         ours = anchors["ours"]
-        published = "; ".join(f"{a['model']} {a['accuracy']:g} % ({a['reference']}, {a['accountant']})" for a in anchors["published"])
+        published = "; ".join(
+            f"{a['model']} {a['accuracy']:g} % ({a['reference']}, {a['accountant']})" for a in anchors["published"]
+        )
         result["anchors"] = (
             f"Our DP-SGD ScatterNet + linear reached {_fmt(ours, True)} at {ours['accountant'].upper()} ε = "
-            f"{ours['epsilon']:.2f} (RDP ε = {ours['epsilon_rdp']:.2f} for the same run; σ = {ours['noise_multiplier']:.3g}, "
+            f"{ours['epsilon']:.2f} (RDP ε = {ours['epsilon_rdp']:.2f} for the same run; "
+            f"σ = {ours['noise_multiplier']:.3g}, "
             f"{ours['epochs']} epochs, B = {ours['batch_size']}, N = {ours['train_size']}). Published: {published}."
         )
 
@@ -360,7 +388,10 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
             cell = size["adaclip"][n]
             if "verdict" in cell:
                 word = {"win": "better than", "loss": "worse than", "tie": "a tie with"}[cell["verdict"]]
-                parts.append(f"{cell['gap']:+.1f} [{cell['gap_low']:+.1f}, {cell['gap_high']:+.1f}] points at n = {n} ({word} DP-SGD)")
+                parts.append(
+                    f"{cell['gap']:+.1f} [{cell['gap_low']:+.1f}, {cell['gap_high']:+.1f}] points "
+                    f"at n = {n} ({word} DP-SGD)"
+                )
         if parts:
             result["size"] = (
                 f"On {summary['size_task']} at {caption}, with the same sampling rate and number of steps for every n, "
@@ -376,13 +407,18 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
             if not ours_fast:
                 continue
             low, high = min(ours_fast, key=ours_fast.get), max(ours_fast, key=ours_fast.get)
-            opacus = ", ".join(f"{n} {r['ratio_to_nonprivate']:.2f}×" for n, r in sorted(rows.items()) if n.startswith("opacus/"))
+            opacus = ", ".join(
+                f"{n} {r['ratio_to_nonprivate']:.2f}×" for n, r in sorted(rows.items()) if n.startswith("opacus/")
+            )
             parts.append(
-                f"{key}: {ours_fast[low]:.2f}× ({analysis.label(low)}) to {ours_fast[high]:.2f}× ({analysis.label(high)}) "
+                f"{key}: {ours_fast[low]:.2f}× ({analysis.label(low)}) to "
+                f"{ours_fast[high]:.2f}× ({analysis.label(high)}) "
                 f"on the fast path ({opacus})"
             )
         if parts:
-            result["compute"] = "Step time relative to non-private training, measured in one process: " + "; ".join(parts) + "."
+            result["compute"] = (
+                "Step time relative to non-private training, measured in one process: " + "; ".join(parts) + "."
+            )
 
     audit = summary.get("audit")
     if audit:
@@ -400,9 +436,27 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
 
 
 QUESTIONS = (
-    ("noise", "1. Less noise?", ["figures/snr", "figures/cosine_noise_free", "figures/heterogeneity", "figures/theory_noise"], "noise", "tables/noise.md"),
-    ("tuning", "2. No hand tuning?", ["figures/tuning_heatmaps", "figures/tuning_curves"], "tuning", "tables/tuning.md"),
-    ("accuracy", "3. Better accuracy at the same (ε, δ)?", ["figures/accuracy", "figures/paired", "figures/training_curves"], "accuracy", "tables/paired.md"),
+    (
+        "noise",
+        "1. Less noise?",
+        ["figures/snr", "figures/cosine_noise_free", "figures/heterogeneity", "figures/theory_noise"],
+        "noise",
+        "tables/noise.md",
+    ),
+    (
+        "tuning",
+        "2. No hand tuning?",
+        ["figures/tuning_heatmaps", "figures/tuning_curves"],
+        "tuning",
+        "tables/tuning.md",
+    ),
+    (
+        "accuracy",
+        "3. Better accuracy at the same (ε, δ)?",
+        ["figures/accuracy", "figures/paired", "figures/training_curves"],
+        "accuracy",
+        "tables/paired.md",
+    ),
     ("anchors", "Beside the published state of the art", [], "accuracy", "tables/anchors.md"),
     ("size", "4. How much data?", ["figures/data_size"], "data_size", "tables/data_size.md"),
     ("compute", "5. What does it cost in compute?", ["figures/bench"], "bench", "tables/bench.md"),

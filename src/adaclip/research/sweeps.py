@@ -23,6 +23,8 @@ processes with one torch thread each, so the records do not depend on the number
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import multiprocessing
 import os
 import time
@@ -33,7 +35,7 @@ from typing import Any
 from tqdm import tqdm
 
 from adaclip.methods import METHODS
-from adaclip.research.analysis import Hyperparameters, select
+from adaclip.research.analysis import Hyperparameters
 from adaclip.research.params import SWEEPS, Params, Task
 from adaclip.research.records import write_records
 from adaclip.research.train import TrainConfig, resolve, run
@@ -106,7 +108,8 @@ def _chosen(selected: dict[tuple[str, str], Hyperparameters], task: str, method:
         return selected[(task, method)]
     except KeyError:
         raise ValueError(
-            f"no tuned hyperparameters for task {task!r}, method {method!r}: re-run the tuning stage with this task and method"
+            f"no tuned hyperparameters for task {task!r}, method {method!r}: "
+            "re-run the tuning stage with this task and method"
         ) from None
 
 
@@ -165,6 +168,11 @@ def _run_one(task: tuple[dict[str, Any], bool]) -> dict[str, Any]:
     return record
 
 
+def _key(config: dict[str, Any]) -> str:
+    """A resolved config as a comparable string (the progress bar does not change a run)."""
+    return json.dumps({k: v for k, v in config.items() if k != "progress"}, sort_keys=True)
+
+
 def _data_dir(config: dict[str, Any], prepared_dir: Path | None, features_dir: Path | None) -> str | None:
     if config["dataset"] == "fashion-mnist-scatternet":
         return None if features_dir is None else str(features_dir)
@@ -181,34 +189,45 @@ def run_sweep(
     keep_step_stats: bool = False,
     progress: bool = True,
     label: str = "sweep",
+    reuse: Iterable[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Run every config (all validated first) and write the records as JSON lines to ``out`` atomically.
 
     Image datasets read their verified IDX files from ``prepared_dir/<dataset>`` (the prepare stage's
     output) and the ScatterNet features from ``features_dir``.  Nothing is written unless every run
     succeeds.  ``progress`` prints runs done / total and the time left (a line per run when stderr is
-    not a terminal, e.g. under ``dvc repro``).
+    not a terminal, e.g. under ``dvc repro``).  A run whose resolved config equals that of a record in ``reuse``
+    (e.g. the tuning sweep's run at the selected cell) is not run again: the same config and seed give the same
+    record on the CPU.
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     prepared = None if prepared_dir is None else Path(prepared_dir)
     features = None if features_dir is None else Path(features_dir)
     configs = [dict(c) for c in configs]
+    known = {_key(record["config"]): record for record in reuse}
+    reused: dict[int, dict[str, Any]] = {}
     for index, config in enumerate(configs):
         if "data_dir" in config and config["data_dir"] is None:
             config["data_dir"] = _data_dir(config, prepared, features)
         try:
-            resolve(TrainConfig.from_dict(config))
+            resolved = resolve(TrainConfig.from_dict(config))
         except ValueError as error:
             where = f"{config.get('task')}/{config.get('method')}"
             raise ValueError(f"{label} run {index} ({where}, seed {config.get('seed')}): {error}") from None
-    tasks = [(config, keep_step_stats) for config in configs]
-    records = list(_map(tasks, workers, progress and not os.environ.get("TQDM_DISABLE"), label))
+        match = known.get(_key(dataclasses.asdict(resolved)))
+        if match is not None and (not keep_step_stats or "step_stats" in match):
+            reused[index] = {k: v for k, v in match.items() if keep_step_stats or k != "step_stats"}
+    tasks = [(config, keep_step_stats) for index, config in enumerate(configs) if index not in reused]
+    computed = iter(list(_map(tasks, workers, progress and not os.environ.get("TQDM_DISABLE"), label)))
+    records = [reused[index] if index in reused else next(computed) for index in range(len(configs))]
     write_records(out, records)
     return records
 
 
-def _map(tasks: list[tuple[dict[str, Any], bool]], workers: int, progress: bool, label: str) -> Iterable[dict[str, Any]]:
+def _map(
+    tasks: list[tuple[dict[str, Any], bool]], workers: int, progress: bool, label: str
+) -> Iterable[dict[str, Any]]:
     """The records in the order of ``tasks``, computed by ``workers`` processes, with a progress bar."""
     bar = tqdm(total=len(tasks), desc=label, unit="run", disable=not progress, mininterval=5.0)
     start = time.perf_counter()

@@ -68,6 +68,15 @@ IMAGE_DEFAULTS: dict[str, Any] = {
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "fashion-mnist": IMAGE_DEFAULTS,
     "mnist": IMAGE_DEFAULTS,
+    # ScatterNet + linear (Tramèr & Boneh 2021's setting has B = 8192, momentum 0.9 and lr 16 with C = 0.1)
+    "fashion-mnist-scatternet": {
+        "model": "logistic",
+        "batch_size": 8192,
+        "epochs": 30,
+        "lr": 1.6,
+        "nonprivate_lr": 1.0,
+        "method_lr": {"adaclip": 0.1, "quantile": 0.05, "geoclip": 0.1},
+    },
     "breast-cancer": {
         "model": "logistic",
         "batch_size": 32,
