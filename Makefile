@@ -31,9 +31,9 @@ fashion-mnist:
 	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
 		echo "Fashion-MNIST: found in /usr/share/datasets/fashion-mnist"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
 		($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) \
-			|| echo "warning: apt-get could not install dataset-fashion-mnist; the loader will download Fashion-MNIST on first use"; \
+			|| echo "warning: could not install dataset-fashion-mnist (needs root or password-less sudo: run sudo apt-get install dataset-fashion-mnist yourself); the loader will download Fashion-MNIST on first use"; \
 	else \
 		echo "no apt-get: Fashion-MNIST will be downloaded into data/raw/fashion-mnist on first use"; \
 	fi

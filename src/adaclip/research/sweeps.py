@@ -41,6 +41,15 @@ from adaclip.research.records import write_records
 from adaclip.research.train import TrainConfig, resolve, run
 
 IMAGE_DATASETS = ("fashion-mnist", "mnist")
+TIMINGS = ("wall_time_s", "examples_per_s")
+"""Record fields that change from run to run of the same config: kept apart (:func:`timings_path`), so that a
+sweep's records are byte-identical whenever its numbers are and regeneration can be checked with a diff."""
+
+
+def timings_path(out: str | os.PathLike[str]) -> Path:
+    """Where the timings of the sweep written to ``out`` go: ``runs/x.jsonl`` -> ``runs/x.timings.jsonl``."""
+    path = Path(out)
+    return path.with_name(path.stem + ".timings" + path.suffix)
 
 
 def _base(params: Params, name: str, method: str, seed: int) -> dict[str, Any]:
@@ -221,6 +230,8 @@ def run_sweep(
     tasks = [(config, keep_step_stats) for index, config in enumerate(configs) if index not in reused]
     computed = iter(list(_map(tasks, workers, progress and not os.environ.get("TQDM_DISABLE"), label)))
     records = [reused[index] if index in reused else next(computed) for index in range(len(configs))]
+    timings = [{key: record.pop(key) for key in TIMINGS if key in record} for record in records]
+    write_records(timings_path(out), timings)
     write_records(out, records)
     return records
 
