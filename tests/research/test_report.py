@@ -1,6 +1,7 @@
 """The generated report: findings whose every number is read from the summary, which never call a tie a win."""
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -360,3 +361,75 @@ def test_headline_metrics_are_method_keyed_tables_from_the_summary():
 def test_clean_makes_the_summary_json_safe():
     cleaned = report._clean({("t", "m"): [float("nan"), float("inf"), -float("inf"), 1.5, True, 2]})
     assert cleaned == {"t/m": [None, None, None, 1.5, True, 2]}
+
+
+def _run(task, method, seed, accuracy, *, epsilon=3.0, lr=0.1, scale=None, n=55000, batch=8192, stats=None):
+    parameter = {"fixed": "clip_norm", "adaclip": "h2"}.get(method)
+    return {
+        "config": {"task": task, "lr": lr, "batch_size": batch, "epochs": 30},
+        "dataset": "fashion-mnist-scatternet",
+        "model": "logistic",
+        "method": method,
+        "seed": seed,
+        "target_epsilon": None if method == "nonprivate" else epsilon,
+        "epsilon": None if method == "nonprivate" else 0.998 * epsilon,
+        "delta": 1e-5,
+        "accountant": "prv",
+        "noise_multiplier": None if method == "nonprivate" else 2.97,
+        "method_params": {} if scale is None else {parameter: scale},
+        "train_size": n,
+        "steps": 30 * int(n / batch),
+        "test_accuracy": accuracy,
+        "val_accuracy": accuracy,
+        "step_stats_mean": {},
+        "step_stats": stats or {},
+    }
+
+
+def test_summarise_turns_the_records_into_the_numbers_the_findings_state():
+    from adaclip.privacy.accounting import epsilon
+    from adaclip.research.params import load_params
+    from adaclip.research.report import summarise
+
+    params = load_params(ROOT / "params.yaml")  # main task: ScatterNet + linear, as the anchors
+    gaps = {0: 0.004, 1: 0.006, 2: 0.005}
+    accuracy = []
+    for seed, gap in gaps.items():
+        base = 0.89 + 0.002 * seed
+        accuracy += [_run("scatternet", "fixed", seed, base), _run("scatternet", "adaclip", seed, base + gap)]
+        accuracy += [_run("scatternet", "nonprivate", seed, 0.91)]
+    size = [
+        _run("scatternet", m, seed, 0.80 + (0.01 if m == "adaclip" else 0), n=1000, batch=149)
+        for m in ("fixed", "adaclip")
+        for seed in gaps
+    ]
+    tuning = [
+        _run("scatternet", "fixed", 0, 0.85, lr=16.0, scale=0.1),
+        _run("scatternet", "fixed", 0, 0.87, lr=1.6, scale=1.0),
+        _run("scatternet", "adaclip", 0, 0.86, lr=0.1, scale=0.1),
+        {**_run("scatternet", "adaclip", 0, 0.0, lr=0.3, scale=0.1), "val_accuracy": float("nan")},
+    ]
+    stats = {"snr": [0.5, 0.7], "cosine_release": [0.1, 0.3], "heterogeneity": [0.8, 0.9], "shape_saving": [0.05, 0.1]}
+    diagnostics = [_run("scatternet", "adaclip", 0, 0.9, stats=stats)]
+    summary = summarise(params, {"tuning": tuning, "accuracy": accuracy, "size": size, "diagnostics": diagnostics})
+    json.dumps(summary, allow_nan=False)  # NaN and infinities became null
+    cell = summary["accuracy"]["scatternet"]["by_epsilon"]["3"]["adaclip"]
+    assert cell["vs_dpsgd"]["difference"] == pytest.approx(100 * sum(gaps.values()) / 3)
+    assert cell["vs_dpsgd"]["verdict"] == "win" and cell["vs_dpsgd"]["seeds"] == 3
+    assert summary["accuracy"]["scatternet"]["nonprivate"]["mean"] == pytest.approx(91.0)
+    ours = summary["anchors"]["ours"]
+    assert ours["epsilon_rdp"] == epsilon(
+        noise_multiplier=2.97, sample_rate=8192 / 55000, steps=30 * 6, delta=1e-5, accountant="rdp"
+    )
+    assert ours["mean"] == pytest.approx(89.2) and ours["task"] == "scatternet"
+    assert set(summary["size"]["adaclip"]) == {"1000", "55000"}  # n = N is the accuracy sweep's run
+    assert summary["size"]["adaclip"]["1000"]["gap"] == pytest.approx(1.0)
+    tuned = summary["tuning"]["scatternet"]
+    assert (tuned["fixed"]["lr"], tuned["fixed"]["scale"], tuned["fixed"]["best"]) == (1.6, 1.0, pytest.approx(87.0))
+    assert tuned["adaclip"]["expected_best_of_1"] is None  # a random cell can be the diverged one
+    assert summary["diagnostics"]["scatternet"]["adaclip"]["snr"] == pytest.approx(0.6)
+    assert "better than DP-SGD" in findings(summary)["accuracy"]
+    tiny = load_params(ROOT / "tests" / "fixtures" / "params-tiny.yaml")  # main task breast cancer: no anchor
+    relabelled = [{**r, "config": {**r["config"], "task": "breast-cancer"}} for r in accuracy]
+    assert "ours" not in report._anchors(relabelled, tiny)
+    assert "ours" in report._anchors(accuracy, params)

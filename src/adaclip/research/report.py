@@ -126,14 +126,19 @@ def _accuracy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
+ANCHOR_DATASETS = ("fashion-mnist", "fashion-mnist-scatternet")
+"""The datasets the published anchors are on: our main task is set beside them only if it is one of these."""
+
+
 def _anchors(records: Sequence[dict[str, Any]], params: Params) -> dict[str, Any]:
+    """The published anchors, and our tuned DP-SGD on the main task at the main epsilon with its PRV and RDP epsilon."""
     frame = analysis.runs_frame(records)
     ours = frame[
         (frame["task"] == params.setting.main_task)
         & (frame["method"] == "fixed")
         & (frame["target_epsilon"] == params.setting.epsilon)
     ]
-    if ours.empty:
+    if ours.empty or params.task(params.setting.main_task).dataset not in ANCHOR_DATASETS:
         return {"published": [a.__dict__ for a in ANCHORS]}
     first = ours.iloc[0]
     value = analysis.interval(ours["metric"].tolist())
