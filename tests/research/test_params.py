@@ -82,6 +82,11 @@ BAD_EDITS = [
     ("bool for an int", lambda p: p["runtime"].update(workers=True), r"^runtime.workers must be an int >= 1"),
     ("bool for epochs", lambda p: _task(p).update(epochs=True), r"^setting.tasks.breast-cancer.epochs must be an int"),
     ("bool for a seed", lambda p: p["tuning"].update(seeds=[False]), r"^tuning.seeds must be a non-empty list of ints"),
+    (
+        "non-private grid smaller than a private one",
+        lambda p: p["tuning"].update(nonprivate_lr_factors=[1.0]),
+        r"^tuning.nonprivate_lr_factors has 1 values: the non-private baseline needs at least",
+    ),
     ("float for an int", lambda p: p["theory"].update(steps=1.5), r"^theory.steps must be an int >= 1"),
     ("momentum 1", lambda p: _task(p).update(momentum=1.0), r"^setting.tasks.breast-cancer.momentum must be"),
     ("bad device", lambda p: p["runtime"].update(device="gpu"), r"^runtime.device must be 'cpu', 'cuda'"),

@@ -379,6 +379,12 @@ def validate(params: Params) -> Params:
         )
     if setting.main_task not in setting.tasks:
         raise ValueError(f"setting.main_task={setting.main_task!r} must be one of setting.tasks {list(setting.tasks)}")
+    cells = len(params.tuning.lr_factors) * len(params.tuning.scale_factors)
+    if len(params.tuning.nonprivate_lr_factors) < cells:
+        raise ValueError(
+            f"tuning.nonprivate_lr_factors has {len(params.tuning.nonprivate_lr_factors)} values: the non-private "
+            f"baseline needs at least a private method's budget of {cells} grid cells"
+        )
     for name, task in setting.tasks.items():
         _check_task(name, task, setting, params.data.datasets)
     if params.size.task not in setting.tasks:
