@@ -38,6 +38,8 @@ METHOD_PARAMS = {
     "auto": {},
     "geoclip": {"initial_clip": 0.5},
     "psac": {"clip_norm": 0.5},
+    "macadam": {"initial_clip": 0.5},
+    "adambc": {"clip_norm": 0.5},
 }
 # Global batches of three steps (indices into the 16 examples); the third is all even, so rank 1's share is empty.
 STEPS = [list(range(16)), [1, 2, 3, 5, 8, 13, 14], [0, 2, 4]]
@@ -164,7 +166,10 @@ def _noise_worker(rank, dim_in, results):
         features = torch.randn(4, dim_in)
         (0.0 * module(features).sum()).backward()  # zero gradients: the update is the noise alone
         optimizer.step()
-        update = model.weight.grad.reshape(-1)
+        # the released noisy gradient as the audit reads it (DP-MacAdam and DP-AdamBC step by Adam's function of it)
+        start = rule.init_state(dim_in * 5)
+        update = METHODS[method].canary().observe(rule, start, model.weight.grad.reshape(-1), optimizer.rule_state)
+        update = update[: dim_in * 5]
         ratio = float(update.square().mean()) / _expected_noise_std(method, sigma, BATCH) ** 2
         if rank == 0:
             results[method] = ratio

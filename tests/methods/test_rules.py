@@ -162,17 +162,16 @@ def test_adaclip_by_hand():
     assert stats["noise_power"] == pytest.approx(2 * (sigma / batch) ** 2)
 
 
-def test_adaclip_variance_options_by_hand():
+def test_adaclip_paper_and_per_example_estimators_by_hand():
+    """``"paper"`` averages the batch-mean variance ``r``, ``"per_example"`` ``B r``; both clamp before averaging."""
     common = dict(noise_multiplier=0.0, expected_batch_size=4, beta2=0.5, h1=1e-12, h2=0.01)
     state = AdaCliP(**common).init_state(2)
     released = torch.tensor([0.9, 1.7]) / 4
     r_batch = released.square()
     per_example = AdaCliP(**common).step(ROWS, state, torch.zeros(2))[1].variance
-    batch_mean = AdaCliP(**common, variance_target="batch_mean").step(ROWS, state, torch.zeros(2))[1].variance
-    after = AdaCliP(**common, clamp="after_average").step(ROWS, state, torch.zeros(2))[1].variance
+    paper = AdaCliP(**common, estimator="paper").step(ROWS, state, torch.zeros(2))[1].variance
     torch.testing.assert_close(per_example, 0.5 * state.variance + 0.5 * (4 * r_batch).clamp(max=0.01))
-    torch.testing.assert_close(batch_mean, 0.5 * state.variance + 0.5 * r_batch.clamp(max=0.01))
-    torch.testing.assert_close(after, (0.5 * state.variance + 0.5 * 4 * r_batch).clamp(max=0.01))
+    torch.testing.assert_close(paper, 0.5 * state.variance + 0.5 * r_batch.clamp(max=0.01))
 
 
 @pytest.mark.parametrize("name", ["fixed", "adaclip", "quantile", "auto"])
@@ -374,8 +373,7 @@ def test_quantile_split_infeasible_fails_early_and_names_the_fix():
         (lambda: AutoClip(noise_multiplier=1.0, expected_batch_size=0), "expected_batch_size"),
         (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, beta1=1.0), "beta1"),
         (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, h1=2.0, h2=1.0), "h1"),
-        (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, variance_target="batch"), "variance_target"),
-        (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, clamp="never"), "clamp"),
+        (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, estimator="batch"), "estimator"),
         (lambda: QuantileClip(noise_multiplier=1.0, expected_batch_size=4, target_quantile=1.5), "target_quantile"),
     ],
 )

@@ -14,12 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState
+from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState, QuantileScaleState
+from adaclip.methods.adambc import AdamBC, AdamBCAdapter, AdamState
 from adaclip.methods.auto import AutoClip, AutoClipAdapter
 from adaclip.methods.base import ClippedSum, ClipRule, Stats, clip_factors, supports_norm_path
 from adaclip.methods.canary import CanaryAdapter
 from adaclip.methods.fixed import FixedClip, FixedClipAdapter
 from adaclip.methods.geoclip import GeoClip, GeoClipAdapter, GeoClipState
+from adaclip.methods.macadam import MacAdam, MacAdamAdapter, MacAdamState
 from adaclip.methods.psac import PerSampleAdaptiveClip, PerSampleAdaptiveClipAdapter
 from adaclip.methods.quantile import QuantileClip, QuantileClipAdapter, QuantileClipState
 
@@ -53,6 +55,10 @@ METHODS: Mapping[str, Method] = {
     "geoclip": Method(GeoClip, "GeoClip", "h1", GeoClipAdapter, "Gilani et al. 2025, arXiv 2506.06549"),
     "psac": Method(
         PerSampleAdaptiveClip, "DP-PSAC", "clip_norm", PerSampleAdaptiveClipAdapter, "Xia et al. 2023", True
+    ),
+    "macadam": Method(MacAdam, "DP-MacAdam", "h1", MacAdamAdapter, "Tasnim, Sankar, Kosut 2026, arXiv 2606.05435"),
+    "adambc": Method(
+        AdamBC, "DP-AdamBC", "clip_norm", AdamBCAdapter, "Tang, Shpilevskiy, Lécuyer 2024, arXiv 2312.14334"
     ),
 }
 """Every clipping method by name, in the report's order."""
@@ -91,6 +97,8 @@ __all__ = [
     "METHODS",
     "AdaCliP",
     "AdaClipState",
+    "AdamBC",
+    "AdamState",
     "AutoClip",
     "CanaryAdapter",
     "ClipRule",
@@ -98,10 +106,13 @@ __all__ = [
     "FixedClip",
     "GeoClip",
     "GeoClipState",
+    "MacAdam",
+    "MacAdamState",
     "Method",
     "PerSampleAdaptiveClip",
     "QuantileClip",
     "QuantileClipState",
+    "QuantileScaleState",
     "Stats",
     "build_rule",
     "check_method",
