@@ -33,7 +33,7 @@ WORLD = 2
 BATCH = 8.0  # the global expected batch size B
 METHOD_PARAMS = {
     "fixed": {"clip_norm": 0.5},
-    "adaclip": {"initial_clip": 0.5},
+    "adaclip": {"initial_clip": 0.5, "count_noise_std": 4.0},  # the default estimator (quantile_scale) has a count
     "quantile": {"initial_clip": 0.5, "count_noise_std": 4.0},
     "auto": {},
     "geoclip": {"initial_clip": 0.5},
@@ -137,7 +137,7 @@ def test_one_distributed_step_equals_the_single_process_step_for_every_method(tm
 def _expected_noise_std(method, sigma, batch):
     """Per-coordinate standard deviation of the first update's noise, from each paper's formula (step 0: isotropic)."""
     params = METHOD_PARAMS[method]
-    if method == "quantile":  # Andrew et al. 2021, Thm. 1: sigma_delta = (sigma^-2 - (2 sigma_b)^-2)^-1/2, clip C0
+    if method in ("quantile", "adaclip"):  # Andrew et al. 2021, Thm. 1: sigma_delta = (sigma^-2 - (2 sigma_b)^-2)^-1/2
         sigma_b = params["count_noise_std"]
         return (sigma**-2 - (2 * sigma_b) ** -2) ** -0.5 * params["initial_clip"] / batch
     if method == "auto":  # AUTO-S: sensitivity 1

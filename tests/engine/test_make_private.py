@@ -50,7 +50,7 @@ def full_loss(model, dataset: TensorDataset) -> float:
 def test_training_reduces_loss_and_reports_the_accountants_epsilon(method):
     # DP-MacAdam and DP-AdamBC release Adam steps (about 1 per coordinate, or more), not gradients
     model, optimizer, loader, dataset = private_setup(
-        method, lr={"auto": 2.0, "macadam": 0.05, "adambc": 1e-3}.get(method, 0.5)
+        method, lr={"auto": 2.0, "macadam": 0.01, "adambc": 0.01}.get(method, 0.5)
     )
     before = full_loss(model, dataset)
     train(model, optimizer, loader, epochs=2)
