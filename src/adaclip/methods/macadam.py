@@ -16,7 +16,7 @@ its start-up.  The bias-free estimator, its one deviation from the offline trans
 paper's equations (``u_t`` as a product, for which ``kappa_t`` is exact) and its behaviour are
 documented on :class:`~adaclip.methods.adaclip.AdaCliP`.  Without upward bias the estimate shrinks ``b``
 until the floor ``h1`` stops it, so ``h1`` sets the scale in practice: the default ``h1 = 1e-6`` beat
-AdaCliP's ``1e-12`` on both probe tasks (``reports/probes/adaclip_variants.md``).  The paper's own values of
+AdaCliP's ``1e-12`` on all three probe tasks (``reports/probes/adaclip_variants.md``).  The paper's own values of
 ``h1``, ``h2`` and ``gamma`` were not available offline; ``h2`` is AdaCliP's and ``gamma`` Adam's.
 
 **How it meets the optimizer.**  The release is the Adam step and the moments live in the rule's
