@@ -167,7 +167,7 @@ class AdaCliP(ClipRule):
     The parameters a given estimator does not read default to ``None`` and are refused if set:
     ``beta2`` (not ``"bias_free"``, whose average uses ``beta1``), ``kappa`` (not ``"quantile_scale"``,
     whose scale is the quantile's) and ``target_quantile``, ``clip_lr``, ``count_noise_std``
-    (``"quantile_scale"`` only).  Until 0.2 the ``"paper"`` estimator was spelt
+    (``"quantile_scale"`` only).  Before this option existed, ``"paper"`` was spelt
     ``variance_target="batch_mean"`` and ``"per_example"`` was the default; the old
     ``clamp="after_average"`` is gone: it subtracted the noise after averaging without the start-up
     correction, which ``"bias_free"`` now does properly (and which collapses ``b`` just the same).
