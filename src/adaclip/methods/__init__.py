@@ -32,7 +32,8 @@ class Method:
 
     ``rule`` is the :class:`~adaclip.methods.base.ClipRule` class; ``label`` its display name;
     ``scale_parameter`` the rule parameter that sets the scale of its clipping (DP-SGD's ``C``; the
-    variance cap ``h2`` that in effect sets AdaCliP's ``b``; ``None`` for a method without one, such as
+    variance cap ``h2`` that in effect sets the scale ``b`` of AdaCliP's per-example estimator; the floor
+    ``h1`` at which DP-MacAdam's bias-free scale settles; ``None`` for a method without one, such as
     AUTO-S), the knob a tuning grid sweeps besides the learning rate; ``step_per_scale`` says whether
     the released gradient is proportional to that parameter (DP-SGD: clipped vectors and noise both
     scale with ``C``), so that a learning rate is best read per unit of scale (``lr x C``);
