@@ -108,7 +108,7 @@ def _noise_power_by_hand(method, dim, state):
     [
         ("fixed", "mean", {"clip_norm": CLIP}),
         ("fixed", "sum", {"clip_norm": CLIP}),
-        ("adaclip", "mean", {"initial_clip": 0.2, "h2": 1.0}),
+        ("adaclip", "mean", {"initial_clip": 0.2, "h2": 1.0, "estimator": "per_example"}),
     ],
 )
 def test_probe_matches_a_hand_computation_from_independent_per_example_gradients(
@@ -152,7 +152,7 @@ def test_probe_matches_a_hand_computation_from_independent_per_example_gradients
 
 
 def test_shape_saving_reaches_one_minus_h_when_b_is_proportional_to_sqrt_s(float64_by_default):
-    module, model, optimizer, loader = _private("adaclip", initial_clip=0.2, h2=1.0)
+    module, model, optimizer, loader = _private("adaclip", initial_clip=0.2, h2=1.0, estimator="per_example")
     probe = ReleaseProbe(optimizer, LR)
     x, y = next(iter(loader))
     shapes = {
