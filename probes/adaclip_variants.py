@@ -10,10 +10,10 @@ epoch, so every run spends the same budget), on two tasks:
 * ``fmnist``: Fashion-MNIST multinomial logistic regression (``adaclip.research.data.load_dataset``:
   10,000 training images, 5,000 validation, the 10,000 test images; pixels standardised by one scalar
   mean and std of the training split).
-* ``synthetic-<spread>``: ``adaclip.research.data.synthetic_logistic`` (12,000 examples, d = 50, feature
-  scales log-spaced over ``spread``), 10,000 train / 1,000 validation / 1,000 test, **not** standardised
-  (``load_dataset("synthetic")`` standardises per feature, which removes the spread and puts h near 1),
-  logistic regression with two outputs.
+* ``synthetic-<spread>``: ``adaclip.research.data.synthetic_logistic`` (12,000 examples drawn once with
+  seed 0, d = 50, feature scales log-spaced over ``spread``), the first 10,000 for training, then 1,000
+  validation and 1,000 test, not standardised (standardising per feature would remove the spread and put
+  h near 1), logistic regression with two outputs.
 
 Protocol: for every method, a small grid (learning rate; DP-SGD also C; DP-AdamBC also gamma') is run
 with selection seeds 0, 1, 2; the configuration with the best mean validation accuracy is then re-run
