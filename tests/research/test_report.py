@@ -364,7 +364,7 @@ def test_clean_makes_the_summary_json_safe():
 
 
 def _run(task, method, seed, accuracy, *, epsilon=3.0, lr=0.1, scale=None, n=55000, batch=8192, stats=None):
-    parameter = {"fixed": "clip_norm", "adaclip": "h2"}.get(method)
+    parameter = {"fixed": "clip_norm", "adaclip": "initial_clip"}.get(method)
     return {
         "config": {"task": task, "lr": lr, "batch_size": batch, "epochs": 30},
         "dataset": "fashion-mnist-scatternet",
