@@ -150,7 +150,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
 
         After ``signal_skip_step(True)`` (as ``BatchMemoryManager`` sends for every physical batch but
         a logical batch's last) it only adds this batch's clipped sum to the logical batch's and returns
-        ``False``: no release, no parameter update (see :meth:`attach_module`).
+        ``False``: no release, no parameter update (see the class docstring).
 
         Runs with autocast disabled: called inside a ``torch.autocast`` block, the norms and sums that
         the sensitivity bound rests on would otherwise be computed in reduced precision.

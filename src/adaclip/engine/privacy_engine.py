@@ -38,7 +38,7 @@ from adaclip.privacy.accounting import Accountant
 
 _MECHANISMS: dict[str, Accountant] = {name: name for name in get_args(Accountant)}
 
-Private = (
+MadePrivate = (
     tuple[GradSampleModule, AdaptiveClipDPOptimizer, PoissonDataLoader]
     | tuple[GradSampleModule, AdaptiveClipDPOptimizer, nn.Module, PoissonDataLoader]
 )
@@ -129,7 +129,7 @@ class PrivacyEngine:
         clipping: str = "flat",
         grad_sample_mode: str | None = None,
         **kwargs: Any,
-    ) -> Private:
+    ) -> MadePrivate:
         """Opacus's ``make_private``: the private module, optimizer and Poisson ``DataLoader``.
 
         ``max_grad_norm`` is the first step's clip bound, under the rule's own name (``None``: the
@@ -172,7 +172,7 @@ class PrivacyEngine:
         clipping: str = "flat",
         grad_sample_mode: str | None = None,
         **kwargs: Any,
-    ) -> Private:
+    ) -> MadePrivate:
         """:meth:`make_private` with the noise multiplier calibrated to spend ``target_epsilon`` at
         ``target_delta`` over ``epochs`` epochs of ``int(1 / q)`` steps, with the engine's accountant."""
         return self._make_private(
@@ -200,7 +200,7 @@ class PrivacyEngine:
         batch_first: bool,
         grad_sample_mode: str | None,
         **arguments: Any,
-    ) -> Private:
+    ) -> MadePrivate:
         if self.accountant.optimizer is not None:
             raise ValueError(
                 "this PrivacyEngine already made a run private and accounts it: use a new PrivacyEngine for "
