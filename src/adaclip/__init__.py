@@ -3,7 +3,8 @@
 Two wings:
 
 * the library – :mod:`adaclip.methods` (the clipping rules and their registry), :mod:`adaclip.engine`
-  (``make_private``, the optimizer, per-example paths, sampling, data-parallel steps) and
+  (``make_private`` and Opacus's ``PrivacyEngine`` interface, the optimizer, per-example paths,
+  sampling, data-parallel steps) and
   :mod:`adaclip.privacy` (accounting and the empirical audit);
 * the research pipeline – :mod:`adaclip.research` (params, data, models, training runs, sweeps,
   analysis, figures and the report), which uses the library and is never imported by it.
@@ -30,6 +31,7 @@ __all__ = [
     "GeoClip",
     "GeoClipState",
     "PerSampleAdaptiveClip",
+    "PrivacyEngine",
     "QuantileClip",
     "QuantileClipState",
     "epsilon",
@@ -37,14 +39,14 @@ __all__ = [
     "noise_multiplier_for",
 ]
 _HOMES = {
-    "engine": ("make_private", "AdaptiveClipDPOptimizer"),
+    "engine": ("make_private", "AdaptiveClipDPOptimizer", "PrivacyEngine"),
     "privacy.accounting": ("epsilon", "noise_multiplier_for"),
 }
 _EXPORTS = {name: f"adaclip.{home}" for home, names in _HOMES.items() for name in names}
 _EXPORTS.update({name: "adaclip.methods" for name in __all__ if name not in _EXPORTS})
 
 if TYPE_CHECKING:
-    from adaclip.engine import AdaptiveClipDPOptimizer, make_private
+    from adaclip.engine import AdaptiveClipDPOptimizer, PrivacyEngine, make_private
     from adaclip.methods import (
         METHODS,
         AdaCliP,

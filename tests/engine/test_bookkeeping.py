@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaclip.engine import make_private
+from adaclip.engine import AdaptiveClipDPOptimizer, make_private
 from adaclip.engine import per_example as per_example_module
 from adaclip.engine.bookkeeping import BookkeepingGradSampleModule
 from adaclip.engine.per_example import (
@@ -30,7 +30,7 @@ from adaclip.engine.per_example import (
     per_example_norms,
     weighted_sum,
 )
-from adaclip.methods import METHODS, ClippedSum, ClipRule, clip_factors, supports_norm_path
+from adaclip.methods import METHODS, ClippedSum, ClipRule, FixedClip, clip_factors, supports_norm_path
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
 
@@ -458,12 +458,19 @@ def private_mlp(per_example: str = "fast"):
     )
 
 
-def test_two_backward_passes_without_a_step_are_rejected():
-    module, optimizer, _ = private_mlp()
+def test_two_backward_passes_without_the_module_attached_are_rejected():
+    """An optimizer built by hand does not see forward passes: pending passes are named, with the fix."""
+    torch.manual_seed(0)
+    module = BookkeepingGradSampleModule(MODELS["mlp"]())
+    optimizer = AdaptiveClipDPOptimizer(
+        torch.optim.SGD(module.parameters(), lr=0.1),
+        rule=FixedClip(noise_multiplier=1.0, expected_batch_size=10),
+        sample_rate=0.1,
+    )
     features, labels = data().tensors
     for _ in range(2):
         nn.functional.cross_entropy(module(features[:10]), labels[:10]).backward()
-    with pytest.raises(RuntimeError, match="several backward passes"):
+    with pytest.raises(RuntimeError, match=r"2 backward passes .*attach_module"):
         optimizer.step()
     optimizer.zero_grad()  # clears the captures: a fresh step works
     nn.functional.cross_entropy(module(features[:10]), labels[:10]).backward()

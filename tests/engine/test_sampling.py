@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from adaclip.engine import make_private
-from adaclip.engine.sampling import TensorPoissonLoader, gather_rows, poisson_epoch
+from adaclip.engine.sampling import PoissonDataLoader, TensorPoissonLoader, gather_rows, poisson_epoch
 
 N, Q, STEPS = 200, 0.1, 3000
 
@@ -113,7 +112,7 @@ class ListDataset(Dataset):
     "dataset, expected",
     [
         (TensorDataset(torch.randn(100, 3), torch.zeros(100, dtype=torch.long)), TensorPoissonLoader),
-        (ListDataset(100), DPDataLoader),
+        (ListDataset(100), PoissonDataLoader),
     ],
 )
 def test_make_private_samples_tensors_in_memory(dataset, expected):
@@ -127,7 +126,7 @@ def test_make_private_samples_tensors_in_memory(dataset, expected):
         delta=1e-3,
         seed=0,
     )
-    assert type(loader) is expected and len(loader) == 10
+    assert type(loader) is expected and isinstance(loader, DataLoader) and len(loader) == 10
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.bfloat16, torch.bool])

@@ -27,7 +27,9 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
+from adaclip._validate import require_positive
 from adaclip.engine.bookkeeping import layer_capture
 from adaclip.engine.distributed import (
     all_reduce_clipped_sum,
@@ -37,6 +39,7 @@ from adaclip.engine.distributed import (
     state_tensors,
 )
 from adaclip.engine.per_example import Part, Transform, collect_parts, materialise, per_example_norms, weighted_sum
+from adaclip.methods import METHODS, method_parameters
 from adaclip.methods.base import ClippedSum, ClipRule, Stats, supports_norm_path
 from adaclip.privacy.accounting import Accountant, epsilon
 
@@ -65,10 +68,21 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             on every rank (:class:`adaclip.engine.distributed.ReplicaDivergence` otherwise); one broadcast
             per tensor.  Whether the ranks draw the same noise is checked once, always, at construction.
 
-    ``noise_multiplier`` and ``max_grad_norm`` are the rule's at construction (for adaptive rules,
-    ``max_grad_norm`` is only the initial bound): changing them later (e.g. with an Opacus noise
-    scheduler) does not change the rule.  Noise comes from torch's PRNG in floating point; Opacus's
-    ``secure_mode`` (defence against floating-point attacks, Mironov 2012) is not offered.
+    A step releases one *logical* (Poisson) batch.  Its examples may arrive in pieces: clipped sums
+    are sums over examples, so the optimizer adds up the pieces' clipped sums and releases once,
+    with the noise and the normaliser ``B`` of the whole batch; the result equals that of one big
+    batch.  Pieces are physical batches of Opacus's ``BatchMemoryManager`` (virtual steps: each
+    but the last ``step()`` only accumulates) or several backward passes before one ``step()``
+    (each earlier pass is accumulated when the next forward pass starts, see :meth:`attach_module`).
+    Either way only the running sum, one ``[d]`` vector, is carried between pieces.  All pieces
+    must come from one batch of the private loader: :meth:`begin_logical_batch` refuses a new batch
+    while an earlier one is pending.
+
+    ``noise_multiplier`` is the rule's and read-only (Opacus's noise schedulers raise).
+    ``max_grad_norm`` is the clip bound in force for the next step (see the property); Opacus's clip
+    schedulers set it for the rules with a fixed ``clip_norm`` and raise for the others.  Noise comes
+    from torch's PRNG in floating point; Opacus's ``secure_mode`` (defence against floating-point
+    attacks, Mironov 2012) is not offered.
     """
 
     def __init__(
@@ -126,9 +140,17 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         """The last step's clipped sum (the rule's data-dependent input), for diagnostics such as the
         noise-free release ``rule.release(last_clipped, previous_state, zeros)``; never released itself."""
         self._last_epsilon: tuple[tuple[int, float] | None, float] = (None, 0.0)
+        self._accumulated: ClippedSum | None = None
+        """The running clipped sum of the logical batch's earlier pieces (virtual steps, earlier passes)."""
+        self._module_hook: RemovableHandle | None = None
+        self._initialised = True
 
     def pre_step(self, closure: Any = None) -> bool:
         """Clip, noise and average the per-example gradients with the rule; write them into ``p.grad``.
+
+        After ``signal_skip_step(True)`` (as ``BatchMemoryManager`` sends for every physical batch but
+        a logical batch's last) it only adds this batch's clipped sum to the logical batch's and returns
+        ``False``: no release, no parameter update (see the class docstring).
 
         Runs with autocast disabled: called inside a ``torch.autocast`` block, the norms and sums that
         the sensitivity bound rests on would otherwise be computed in reduced precision.
@@ -136,32 +158,29 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         params = self.params
         if len(params) == 0:
             return True
-        if self._check_skip_next_step():
-            raise RuntimeError(
-                "virtual steps (signal_skip_step / BatchMemoryManager) are not supported by adaclip's optimizer"
-            )
         reference = params[0]
         if self.generator is not None and self.generator.device.type != reference.device.type:
             raise ValueError(
                 f"the noise generator is on {self.generator.device} but the parameters are on {reference.device}: "
                 "move the model to its device before make_private"
             )
+        skip = bool(self._check_skip_next_step())
         with torch.autocast(reference.device.type, enabled=False):
-            self._private_step(params, reference)
-        return True
+            if skip:  # a virtual step: this physical batch is one piece of the logical batch (no release)
+                self._accumulate_pass(params, reference)
+            else:
+                self._private_step(params, reference)
+        self._is_last_step_skipped = skip
+        return not skip
 
     def _private_step(self, params: list[nn.Parameter], reference: torch.Tensor) -> None:
-        parts = collect_parts(params)
-        dim = sum(p.numel() for p in params)
-        if self.rule_state is None:
-            self.rule_state = self.rule.init_state(dim, device=reference.device, dtype=reference.dtype)
+        clipped = self._pass_sum(params, reference)
+        if self._accumulated is not None:  # earlier pieces of this logical batch
+            clipped, self._accumulated = _add(self._accumulated, clipped), None
+        dim = clipped.vector.numel()
         noise = torch.randn(
             self.rule.noise_size(dim), generator=self.generator, device=reference.device, dtype=reference.dtype
         )
-        if self.uses_norm_path:
-            clipped = self._norm_path_sum(parts, dim)
-        else:
-            clipped = self.rule.clipped_sum(materialise(parts), self.rule_state)
         if self.distributed:
             clipped = all_reduce_clipped_sum(clipped)
         self.last_clipped = clipped
@@ -180,6 +199,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self.steps_taken += 1
         if self.step_hook:
             self.step_hook(self)
+        self._clear_per_example()  # released: these examples must not enter another release
 
     def _norm_path_sum(self, parts: list[Part], dim: int) -> ClippedSum:
         """The rule's clipped sum from per-example (transformed) norms and ``sum_i c_i g_i``, without ``[n, d]``."""
@@ -189,9 +209,143 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         weights = self.rule.example_weights(norms, self.rule_state)
         return self.rule.clipped_sum_from_weights(weighted_sum(parts, weights, dim), weights, self.rule_state)
 
+    # --- pieces of a logical batch, Opacus interoperation ---------------------------------------------
+
+    def _pass_sum(self, params: list[nn.Parameter], reference: torch.Tensor) -> ClippedSum:
+        """The clipped sum of the pending backward pass, with the rule's current state (initialised on first use)."""
+        pending = max(_pending_passes(p) for p in params)
+        if pending > 1:
+            raise RuntimeError(
+                f"per-example gradients of {pending} backward passes are pending: call optimizer.zero_grad() after "
+                "every optimizer.step(); for several backward passes per step (pieces of one batch) call "
+                "optimizer.attach_module(module) (make_private does)"
+            )
+        parts = collect_parts(params)
+        dim = sum(p.numel() for p in params)
+        if self.rule_state is None:
+            self.rule_state = self.rule.init_state(dim, device=reference.device, dtype=reference.dtype)
+        if self.uses_norm_path:
+            return self._norm_path_sum(parts, dim)
+        return self.rule.clipped_sum(materialise(parts), self.rule_state)
+
+    def _accumulate_pass(self, params: list[nn.Parameter], reference: torch.Tensor) -> None:
+        """Add the pending pass's clipped sum to the logical batch's running sum and drop its per-example gradients."""
+        clipped = self._pass_sum(params, reference)
+        self._accumulated = clipped if self._accumulated is None else _add(self._accumulated, clipped)
+        self._clear_per_example()
+
+    def _clear_per_example(self) -> None:
+        for p in self.params:
+            p.grad_sample = None
+            capture = layer_capture(p)
+            if capture is not None:
+                capture.reset()
+
+    def _has_pending(self) -> bool:
+        """Whether per-example gradients or a running clipped sum wait for a release."""
+        return self._accumulated is not None or any(_pending_passes(p) > 0 for p in self.params)
+
+    def attach_module(self, module: nn.Module) -> None:
+        """Allow several backward passes per ``step()``, as pieces of one logical batch (``make_private`` calls this).
+
+        Registers a forward pre-hook on ``module``: when a forward pass starts while the per-example
+        gradients of a finished backward pass are pending, they are clipped (with the rule's current
+        state) and added to the logical batch's running sum, and dropped; so memory stays bounded by
+        one piece.  ``step()`` adds the last pass and releases the whole batch once.
+        """
+        if self._module_hook is not None:
+            self._module_hook.remove()
+        self._module_hook = module.register_forward_pre_hook(self._before_forward)
+
+    def _before_forward(self, module: nn.Module, inputs: Any) -> None:
+        params = self.params
+        if params and any(_pending_passes(p) > 0 for p in params):
+            reference = params[0]
+            with torch.no_grad(), torch.autocast(reference.device.type, enabled=False):
+                self._accumulate_pass(params, reference)
+
+    def begin_logical_batch(self) -> None:
+        """Refuse a new batch of the private loader while an earlier batch waits for its release.
+
+        The private loader calls this before handing out each batch (with ``num_workers=0``, when
+        ``make_private`` built it; with worker processes the sampler runs ahead and the check is off).
+        Gradients of two batches in one release would be accounted as one Poisson batch.
+        """
+        if self._has_pending():
+            raise RuntimeError(
+                "the private loader is handing out a new batch while per-example gradients of the previous one "
+                "are pending: call optimizer.step() once per batch (optimizer.zero_grad() drops a batch); a step "
+                "releases and accounts one Poisson batch. To split a batch for memory, run backward on its pieces "
+                "before one step, or use opacus.utils.batch_memory_manager.BatchMemoryManager"
+            )
+
+    @property
+    def accumulated_iterations(self) -> int:
+        """Backward passes whose per-example gradients are pending, as Opacus counts them (0 when none).
+
+        Opacus's accountant hook (``accountant.get_optimizer_hook_fn``) multiplies the sampling rate by
+        it.  At each release it is 1: earlier pieces of the batch were already clipped into the running
+        sum, and all pieces make up one Poisson batch of rate ``q``.
+        """
+        counts = {_pending_passes(p) for p in self.params} - {0}
+        if len(counts) > 1:
+            raise ValueError(f"parameters have per-example gradients of different numbers of passes {sorted(counts)}")
+        return counts.pop() if counts else 0
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The rule's noise multiplier: the total sigma the accountant counts, fixed for the run.
+
+        Read-only: assigning it (as ``opacus.schedulers`` noise schedulers do) raises ``ValueError``,
+        because neither the rule's noise nor the accounting would follow.
+        """
+        return float(self.rule.noise_multiplier)
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float) -> None:
+        if not getattr(self, "_initialised", False):
+            return  # DPOptimizer.__init__ assigns it; the rule holds it
+        raise ValueError(
+            "noise_multiplier is fixed for the run (the rule's sigma, which the accountant counts): noise schedulers "
+            "are not supported; choose it with make_private(noise_multiplier=...) or target_epsilon="
+        )
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The clip bound in force for the next step.
+
+        The rule's ``clip_norm`` where it has a fixed one (DP-SGD, DP-PSAC); quantile clipping's current
+        ``C_t`` (``initial_clip`` before the first step); ``initial_clip``, the first step's bound only,
+        for AdaCliP and GeoClip (they clip ``(g - a) / b`` to norm 1 with per-coordinate ``b``); 1 for
+        AUTO-S (every normalised gradient has norm below 1).  The bound each step used is in
+        ``last_stats["clip_norm"]`` for the rules with a scalar one.
+
+        Assigning it (as ``opacus.schedulers`` clip schedulers do) sets ``clip_norm`` for the rules that
+        have one (the noise follows: ``sigma * clip_norm``) and raises ``ValueError`` for the others.
+        """
+        state_bound = getattr(self.rule_state, "clip_norm", None)
+        if state_bound is not None:
+            return float(state_bound)
+        return float(getattr(self.rule, "clip_norm", getattr(self.rule, "initial_clip", 1.0)))
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float) -> None:
+        if not getattr(self, "_initialised", False):
+            return  # DPOptimizer.__init__ assigns it; the rule holds it
+        if not hasattr(self.rule, "clip_norm"):
+            fixed = [name for name in METHODS if "clip_norm" in method_parameters(name)]
+            raise ValueError(
+                f"max_grad_norm cannot be set for {type(self.rule).__name__}, which has no fixed clip_norm: clip "
+                f"schedulers work with the methods {fixed}"
+            )
+        self.rule.clip_norm = require_positive("max_grad_norm", value)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear ``p.grad`` (to ``None`` by default, as ``torch.optim`` does), ``p.grad_sample``,
-        ``p.summed_grad`` (as Opacus does; this optimizer never skips steps) and the book-keeping captures."""
+        ``p.summed_grad`` and the book-keeping captures; and the logical batch's running clipped sum
+        unless the last step was a virtual one (as Opacus keeps ``p.summed_grad`` then)."""
+        if not self._is_last_step_skipped:
+            self._accumulated = None
         for p in self.params:
             p.grad_sample = None
             p.summed_grad = None
@@ -222,3 +376,19 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             )
             self._last_epsilon = (key, spent)
         return self._last_epsilon[1]
+
+
+def _pending_passes(p: nn.Parameter) -> int:
+    """How many finished backward passes left per-example gradients on ``p`` (Opacus's list, or the capture's)."""
+    capture = layer_capture(p)
+    if capture is not None and capture.pairs:
+        return int(capture.completed_passes)
+    grad_sample = getattr(p, "grad_sample", None)
+    if isinstance(grad_sample, torch.Tensor):
+        return 1
+    return len(grad_sample) if isinstance(grad_sample, list) else 0
+
+
+def _add(first: ClippedSum, second: ClippedSum) -> ClippedSum:
+    """The clipped sum of two disjoint sets of examples: the field-wise sum."""
+    return ClippedSum(vector=first.vector + second.vector, counts=first.counts + second.counts)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.data_loader import DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
+from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.optim import Optimizer
@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from adaclip._validate import require_int, require_one_of, require_open_unit, require_positive
 from adaclip.engine import distributed as dist_utils
 from adaclip.engine.bookkeeping import BookkeepingGradSampleModule
+from adaclip.engine.opacus_arguments import translate
 from adaclip.engine.optimizer import PER_EXAMPLE_PATHS, AdaptiveClipDPOptimizer, PerExample
-from adaclip.engine.sampling import PoissonBatchSampler, TensorPoissonLoader
+from adaclip.engine.sampling import PoissonDataLoader, TensorPoissonLoader
 from adaclip.methods import ClipRule, build_rule, check_method, supports_norm_path
 from adaclip.privacy.accounting import ACCOUNTANTS, Accountant, noise_multiplier_for
 
@@ -57,7 +58,7 @@ def make_private(
     method: str = "adaclip",
     noise_multiplier: float | None = None,
     target_epsilon: float | None = None,
-    delta: float,
+    delta: float | None = None,
     epochs: int | None = None,
     accountant: Accountant = "prv",
     seed: int | None = None,
@@ -66,14 +67,19 @@ def make_private(
     distributed: bool = False,
     check_replicas: bool = False,
     **method_params: object,
-) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, DataLoader[Any] | TensorPoissonLoader]:
+) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, PoissonDataLoader]:
     """Make training private with clipping rule ``method``, like ``opacus.PrivacyEngine.make_private``.
 
     Returns a ``GradSampleModule``, an :class:`AdaptiveClipDPOptimizer` and a Poisson-sampling
-    loader with rate ``q = batch_size / len(dataset)``; one epoch is ``int(1 / q)`` steps.
-    Give either ``noise_multiplier`` or ``target_epsilon`` (then ``epochs`` too; sigma is calibrated
-    with ``accountant`` for ``epochs * int(1 / q)`` steps).  ``seed`` fixes the sampling and the noise.
+    ``DataLoader`` with rate ``q = batch_size / len(dataset)``; one epoch is ``int(1 / q)`` steps.
+    Give either ``noise_multiplier`` or ``target_epsilon`` (then ``epochs`` and ``delta`` too; sigma is
+    calibrated with ``accountant`` for ``epochs * int(1 / q)`` steps).  ``delta`` is also the default
+    of ``optimizer.get_epsilon()``.  ``seed`` fixes the sampling and the noise.
     ``method_params`` go to the rule (e.g. ``initial_clip=0.5`` for AdaCliP, ``clip_norm=1.0`` for fixed).
+    Opacus's argument names (``max_grad_norm``, ``target_delta``, ``grad_sample_mode``, ``batch_first``,
+    ``poisson_sampling``, ``clipping``, ...) are read with their Opacus meaning or refused with the name
+    to use (:mod:`adaclip.engine.opacus_arguments`); :class:`~adaclip.engine.privacy_engine.PrivacyEngine`
+    has Opacus's whole interface.
 
     ``per_example="fast"`` (default) wraps the module in a
     :class:`~adaclip.engine.bookkeeping.BookkeepingGradSampleModule` when the rule has the norm interface:
@@ -81,8 +87,17 @@ def make_private(
     weighted sums; other layers materialise theirs one layer at a time.  ``"materialise"`` (and any
     rule without the norm interface) uses Opacus's ``GradSampleModule`` and the ``[n, d]`` matrix.
     Both give the same result up to float rounding.  A module that is already a ``GradSampleModule``
-    is used as it is.  A ``TensorDataset`` with the default collate is sampled in memory
-    (:class:`~adaclip.engine.sampling.TensorPoissonLoader`); any other dataset by Opacus's ``DPDataLoader``.
+    is used as it is.  A ``TensorDataset`` with the default collate is gathered in memory
+    (:class:`~adaclip.engine.sampling.TensorPoissonLoader`), any other dataset item by item
+    (:class:`~adaclip.engine.sampling.PoissonDataLoader`); both are ``torch.utils.data.DataLoader`` s
+    with a Poisson batch sampler, and empty batches are kept (the step still releases noise).
+
+    A step releases one Poisson batch, which may arrive in pieces: physical batches of Opacus's
+    ``BatchMemoryManager`` (virtual steps), or several forward and backward passes on parts of the
+    batch before one ``optimizer.step()``.  Clipped sums are added up over the pieces and released
+    once, so the result equals that of one big batch while memory is bounded by a piece (see
+    :class:`AdaptiveClipDPOptimizer`).  Drawing a new batch from the loader while an earlier one is
+    pending raises (with ``num_workers=0``).
 
     ``distributed=True`` (inside an initialised ``torch.distributed`` process group, e.g. under
     ``torchrun``; call it on every rank with the same arguments): ``data_loader.batch_size`` stays the
@@ -98,6 +113,8 @@ def make_private(
         raise ValueError(
             "data_loader must be a torch DataLoader with an integer batch_size (the expected batch size B)"
         )
+    opacus = translate(method, method_params, delta=delta, per_example=per_example)
+    method_params, delta, per_example = opacus.method_params, opacus.delta, opacus.per_example
     check_method(method, method_params)
     module_params = {id(p) for p in module.parameters()}
     if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
@@ -125,8 +142,9 @@ def make_private(
             f"data_loader.batch_size={expected_batch_size} exceeds the dataset size {dataset_size}; "
             "lower the batch size"
         )
-    require_open_unit("delta", delta, " (use < 1/N for N examples)")
-    if delta >= 1 / dataset_size:
+    if delta is not None:
+        require_open_unit("delta", delta, " (use < 1/N for N examples)")
+    if delta is not None and delta >= 1 / dataset_size:
         raise ValueError(
             f"delta={delta} must be below 1/N = {1 / dataset_size:.3g} for N={dataset_size} examples "
             "(1e-5 or N^-1.1 are usual)"
@@ -143,7 +161,9 @@ def make_private(
     rule = build_rule(
         method, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **method_params
     )
-    module = prepare_module(module, rule, per_example=per_example, loss_reduction=loss_reduction)
+    module = prepare_module(
+        module, rule, per_example=per_example, loss_reduction=loss_reduction, batch_first=opacus.batch_first
+    )
 
     device = next(module.parameters()).device
     rank, world_size = (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
@@ -153,7 +173,9 @@ def make_private(
     sampling_seed, noise_seed = _seeds(seed, rank, world_size)
     sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
     noise_generator = None if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
-    private_loader = prepare_loader(data_loader, sample_rate, sampling_generator, rank=rank, world_size=world_size)
+    private_loader = prepare_loader(
+        data_loader, sample_rate, sampling_generator, rank=rank, world_size=world_size, batch_first=opacus.batch_first
+    )
     private_optimizer = AdaptiveClipDPOptimizer(
         optimizer,
         rule=rule,
@@ -166,6 +188,11 @@ def make_private(
         distributed=distributed,
         check_replicas=check_replicas,
     )
+    # pieces of one logical batch: earlier backward passes are clipped when the next forward starts;
+    # a new loader batch while one is pending is refused (with worker processes the sampler runs ahead)
+    private_optimizer.attach_module(module)
+    if private_loader.num_workers == 0:
+        private_loader.poisson_sampler.before_batch = private_optimizer.begin_logical_batch
     return module, private_optimizer, private_loader
 
 
@@ -175,7 +202,7 @@ def calibrate_noise(
     target_epsilon: float | None,
     epochs: int | None,
     sample_rate: float,
-    delta: float,
+    delta: float | None,
     accountant: Accountant,
 ) -> float:
     """The noise multiplier: ``noise_multiplier`` as given, or calibrated for ``target_epsilon`` over ``epochs``.
@@ -188,6 +215,8 @@ def calibrate_noise(
     if target_epsilon is None:
         return require_positive("noise_multiplier", noise_multiplier)
     epochs = require_int("epochs (needed with target_epsilon)", epochs)
+    if delta is None:
+        raise ValueError("target_epsilon needs delta (Opacus's target_delta): epsilon is spent at a given delta")
     return noise_multiplier_for(
         target_epsilon=target_epsilon,
         sample_rate=sample_rate,
@@ -198,7 +227,7 @@ def calibrate_noise(
 
 
 def prepare_module(
-    module: nn.Module, rule: ClipRule, *, per_example: PerExample, loss_reduction: str
+    module: nn.Module, rule: ClipRule, *, per_example: PerExample, loss_reduction: str, batch_first: bool = True
 ) -> GradSampleModule:
     """``module`` wrapped to leave per-example gradient information for ``rule`` after backward.
 
@@ -206,6 +235,7 @@ def prepare_module(
     rule has the norm interface; Opacus's ``GradSampleModule`` otherwise; a ``GradSampleModule`` as
     it is.  Checks first that the module can give true per-example gradients (no BatchNorm) and that
     the rule's state fits the number of trainable parameters (e.g. GeoClip's full matrix).
+    ``batch_first=False`` (inputs ``[K, B, ...]``) is Opacus's, for its ``GradSampleModule``.
     """
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     if trainable == 0:
@@ -215,8 +245,8 @@ def prepare_module(
         return module
     _check_module(module)
     if per_example == "fast" and supports_norm_path(rule):
-        return BookkeepingGradSampleModule(module, loss_reduction=loss_reduction)
-    return GradSampleModule(module, loss_reduction=loss_reduction)
+        return BookkeepingGradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction)
+    return GradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction)
 
 
 def prepare_loader(
@@ -226,39 +256,39 @@ def prepare_loader(
     *,
     rank: int = 0,
     world_size: int = 1,
-) -> DataLoader[Any] | TensorPoissonLoader:
-    """A Poisson-sampling loader over ``data_loader``'s dataset at rate ``sample_rate``.
+    batch_first: bool = True,
+) -> PoissonDataLoader:
+    """A Poisson-sampling ``DataLoader`` over ``data_loader``'s dataset at rate ``sample_rate``.
 
-    A ``TensorDataset`` with the default collate is sampled in memory (:class:`TensorPoissonLoader`);
-    under several ranks any other dataset gets a ``DataLoader`` over this rank's share
-    (:class:`PoissonBatchSampler`, empty batches kept); otherwise Opacus's ``DPDataLoader``.
+    A ``TensorDataset`` with the default collate is gathered in memory (:class:`TensorPoissonLoader`);
+    any other dataset gets a :class:`PoissonDataLoader` with the loader's collate function wrapped by
+    Opacus's ``wrap_collate_with_empty`` (empty batches become empty tensors; ``batch_first`` says
+    which dimension is the batch's) and the loader's worker settings.  Under several ranks each
+    samples its own share (:class:`~adaclip.engine.sampling.PoissonBatchSampler`).
     """
     dataset = data_loader.dataset
     if not isinstance(dataset, Sized):
         raise ValueError("data_loader.dataset must have a length (a map-style Dataset) for Poisson sampling")
     if isinstance(dataset, TensorDataset) and data_loader.collate_fn is default_collate:
         return TensorPoissonLoader(dataset, sample_rate, generator=generator, rank=rank, world_size=world_size)
-    if world_size > 1:
-        first = dataset[0]
-        return DataLoader(
-            dataset,
-            batch_sampler=PoissonBatchSampler(
-                len(dataset), sample_rate, generator=generator, rank=rank, world_size=world_size
-            ),
-            collate_fn=wrap_collate_with_empty(
-                collate_fn=data_loader.collate_fn,
-                sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
-                dtypes=[dtype_safe(x) for x in first],
-            ),
-            num_workers=data_loader.num_workers,
-            pin_memory=data_loader.pin_memory,
-        )
-    loader: DataLoader[Any] = DPDataLoader(
+    first = dataset[0]
+    return PoissonDataLoader(
         dataset,
-        sample_rate=sample_rate,
-        collate_fn=data_loader.collate_fn,
+        sample_rate,
         generator=generator,
+        rank=rank,
+        world_size=world_size,
+        collate_fn=wrap_collate_with_empty(
+            collate_fn=data_loader.collate_fn,
+            batch_first=batch_first,
+            sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+            dtypes=[dtype_safe(x) for x in first],
+        ),
         num_workers=data_loader.num_workers,
         pin_memory=data_loader.pin_memory,
+        timeout=data_loader.timeout,
+        worker_init_fn=data_loader.worker_init_fn,
+        multiprocessing_context=data_loader.multiprocessing_context,
+        prefetch_factor=data_loader.prefetch_factor,
+        persistent_workers=data_loader.persistent_workers,
     )
-    return loader

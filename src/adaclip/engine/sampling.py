@@ -12,17 +12,22 @@ For data-parallel training each of ``W`` ranks samples only the examples it owns
 at the same rate ``q`` with its own generator: the ranks' batches together are one Poisson batch
 of all ``N`` examples.  Every rank takes every step, empty local batches included, so the ranks'
 collectives stay in step (Opacus's distributed sampler skips empty batches).
+
+Both loaders are ``torch.utils.data.DataLoader`` s with a :class:`PoissonBatchSampler` as their
+``batch_sampler``: :class:`PoissonDataLoader` for any map-style dataset, :class:`TensorPoissonLoader`
+for a ``TensorDataset``, whose batches are gathered in one call per tensor (``__getitems__``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 
 def poisson_epoch(
@@ -95,6 +100,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.num_examples, self.sample_rate, self.generator = num_examples, float(sample_rate), generator
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = int(1 / self.sample_rate)
+        self.before_batch: Callable[[], None] | None = None
+        """Called before each batch is handed out (``make_private`` sets the optimizer's
+        :meth:`~adaclip.engine.optimizer.AdaptiveClipDPOptimizer.begin_logical_batch`)."""
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -109,14 +117,81 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for indices in self.epoch():
+            if self.before_batch is not None:
+                self.before_batch()
             yield indices.tolist()
 
 
-class TensorPoissonLoader:
-    """Poisson-sampled batches of a ``TensorDataset``, ``int(1 / q)`` steps per epoch (as Opacus's ``DPDataLoader``).
+class PoissonDataLoader(DataLoader[Any]):
+    """A ``torch.utils.data.DataLoader`` whose ``batch_sampler`` is a :class:`PoissonBatchSampler`.
 
-    Iterating gives, per step, a list with one tensor per dataset tensor (empty tensors, with the
-    right trailing shape, for an empty batch), like a ``DataLoader`` with the default collate.
+    ``int(1 / q)`` Poisson batches per epoch, empty ones included.  Being a real ``DataLoader``, it works
+    with every tool that takes one; those that build their own loader from its ``dataset``,
+    ``batch_sampler`` and ``collate_fn`` (``opacus.utils.batch_memory_manager.BatchMemoryManager``)
+    keep its sampling, and its batch sampler's ``generator`` is the sampling's whole state.
+
+    Args:
+        dataset: a map-style dataset of all ``N`` examples.
+        sample_rate: the Poisson rate ``q = B / N``.
+        generator: a CPU ``torch.Generator`` for the sampling (``None``: torch's global RNG).
+        rank, world_size: for data-parallel training, this rank samples only its share (see
+            :class:`PoissonBatchSampler`).
+        collate_fn: as for ``DataLoader``; it must accept an empty list (``make_private`` wraps the
+            user's with Opacus's ``wrap_collate_with_empty``).
+        **options: further ``DataLoader`` arguments (``num_workers``, ``pin_memory``, ...).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset[Any],
+        sample_rate: float,
+        *,
+        generator: torch.Generator | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        **options: Any,
+    ) -> None:
+        if not isinstance(dataset, Sized):
+            raise ValueError(
+                "dataset must have a length (a map-style Dataset): Poisson sampling draws from all N examples"
+            )
+        self.poisson_sampler = PoissonBatchSampler(
+            len(dataset), sample_rate, generator=generator, rank=rank, world_size=world_size
+        )
+        super().__init__(dataset, batch_sampler=self.poisson_sampler, collate_fn=collate_fn, **options)
+
+    @property
+    def sample_rate(self) -> float:
+        """The Poisson rate ``q`` (as Opacus's ``DPDataLoader.sample_rate``)."""
+        return self.poisson_sampler.sample_rate
+
+
+class BatchedTensorDataset(TensorDataset):
+    """A ``TensorDataset`` that hands out a whole batch in one ``__getitems__`` call (one gather per tensor).
+
+    A ``DataLoader`` calls ``dataset.__getitems__(indices)`` when the dataset has it, instead of one
+    ``__getitem__`` per example; with :func:`collate_gathered` the gathered rows are the batch.
+    """
+
+    def __getitems__(self, indices: list[int]) -> list[Tensor]:
+        """The rows ``indices`` of every tensor (:func:`gather_rows`); empty tensors for no indices."""
+        index = torch.as_tensor(indices, dtype=torch.int64)
+        return [gather_rows(t, index) for t in self.tensors]
+
+
+def collate_gathered(batch: list[Tensor]) -> list[Tensor]:
+    """The collate function for :class:`BatchedTensorDataset`: its gathered tensors are already the batch."""
+    return batch
+
+
+class TensorPoissonLoader(PoissonDataLoader):
+    """Poisson-sampled batches of a ``TensorDataset`` gathered in memory, ``int(1 / q)`` steps per epoch.
+
+    A :class:`PoissonDataLoader` over a :class:`BatchedTensorDataset` sharing the dataset's tensors: each
+    batch is one gather per tensor, never a ``Dataset.__getitem__`` call per example.  Iterating gives,
+    per step, a list with one tensor per dataset tensor (empty tensors, with the right trailing shape,
+    for an empty batch), like a ``DataLoader`` with the default collate.
 
     Args:
         dataset: the in-memory data.
@@ -137,23 +212,14 @@ class TensorPoissonLoader:
     ) -> None:
         if not isinstance(dataset, TensorDataset):
             raise TypeError(f"dataset must be a torch TensorDataset, got {type(dataset).__name__}")
-        self.dataset = dataset
-        self.batch_sampler = PoissonBatchSampler(
-            len(dataset), sample_rate, generator=generator, rank=rank, world_size=world_size
+        super().__init__(
+            BatchedTensorDataset(*dataset.tensors),
+            sample_rate,
+            generator=generator,
+            rank=rank,
+            world_size=world_size,
+            collate_fn=collate_gathered,
         )
-
-    @property
-    def sample_rate(self) -> float:
-        """The Poisson rate ``q`` (as Opacus's ``DPDataLoader.sample_rate``)."""
-        return self.batch_sampler.sample_rate
-
-    def __len__(self) -> int:
-        return len(self.batch_sampler)
-
-    def __iter__(self) -> Iterator[list[Tensor]]:
-        tensors = self.dataset.tensors
-        for indices in self.batch_sampler.epoch():
-            yield [gather_rows(t, indices) for t in tensors]
 
 
 _NUMPY_DTYPES = frozenset(

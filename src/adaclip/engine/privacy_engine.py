@@ -1,0 +1,250 @@
+"""``PrivacyEngine``: the interface of ``opacus.PrivacyEngine``, with adaclip's clipping rules behind it.
+
+Opacus code ports by changing two lines, the import and the engine's construction (which picks the
+clipping method; the default, ``"fixed"``, is Opacus's own DP-SGD)::
+
+    from adaclip import PrivacyEngine                   # was: from opacus import PrivacyEngine
+
+    privacy_engine = PrivacyEngine(method="adaclip")    # was: PrivacyEngine()
+    model, optimizer, data_loader = privacy_engine.make_private(
+        module=model, optimizer=optimizer, data_loader=data_loader, noise_multiplier=1.1, max_grad_norm=1.0
+    )
+    ...                                                 # the training loop is unchanged
+    epsilon = privacy_engine.get_epsilon(delta=1e-5)    # or privacy_engine.accountant.get_epsilon(delta=1e-5)
+
+``make_private`` and ``make_private_with_epsilon`` take Opacus's arguments with Opacus's meaning
+(:mod:`adaclip.engine.opacus_arguments`) and hand everything to :func:`adaclip.make_private`; its
+own options (``seed``, ``per_example``, ``distributed``, ...) and the rule's parameters go as further
+keywords, here or at the engine's construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from adaclip._validate import require_bool
+from adaclip.engine.opacus_arguments import require_opacus_default
+from adaclip.engine.optimizer import AdaptiveClipDPOptimizer
+from adaclip.engine.private import make_private
+from adaclip.engine.sampling import PoissonDataLoader
+from adaclip.methods import method_parameters
+from adaclip.privacy.accounting import Accountant
+
+_MECHANISMS: dict[str, Accountant] = {name: name for name in get_args(Accountant)}
+
+MadePrivate = (
+    tuple[GradSampleModule, AdaptiveClipDPOptimizer, PoissonDataLoader]
+    | tuple[GradSampleModule, AdaptiveClipDPOptimizer, nn.Module, PoissonDataLoader]
+)
+"""What ``make_private`` returns: module, optimizer and loader; with the criterion before the loader for
+``grad_sample_mode="ghost"``, as Opacus does."""
+
+
+class EngineAccountant:
+    """The accountant of a :class:`PrivacyEngine`'s run, shaped like an Opacus accountant.
+
+    It reads the steps the engine's optimizer has taken: ``get_epsilon(delta)``, ``mechanism()``,
+    ``history`` (``[(noise_multiplier, sample_rate, steps)]``) and ``len()``, as Opacus's accountants
+    have them.  The epsilon is the optimizer's (:meth:`AdaptiveClipDPOptimizer.get_epsilon`).
+    """
+
+    def __init__(self, mechanism: Accountant) -> None:
+        self._mechanism: Accountant = mechanism
+        self.optimizer: AdaptiveClipDPOptimizer | None = None
+
+    def mechanism(self) -> Accountant:
+        """``"prv"``, ``"rdp"`` or ``"pld"``."""
+        return self._mechanism
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """``[(noise_multiplier, sample_rate, steps)]`` so far (empty before the first step)."""
+        optimizer = self.optimizer
+        if optimizer is None or optimizer.steps_taken == 0:
+            return []
+        return [(optimizer.noise_multiplier, optimizer.sample_rate, optimizer.steps_taken)]
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta`` (0 before the first step)."""
+        return 0.0 if self.optimizer is None else self.optimizer.get_epsilon(delta)
+
+
+class PrivacyEngine:
+    """``opacus.PrivacyEngine`` with an adaclip clipping method (see the module docstring).
+
+    Args:
+        method: the clipping method (:data:`adaclip.methods.METHODS`); ``"fixed"`` is Opacus's DP-SGD.
+        accountant: ``"prv"`` (default, as Opacus), ``"rdp"`` or ``"pld"`` (dp-accounting's privacy loss
+            distributions).  Opacus's ``"gdp"`` is refused: its central-limit approximation underestimates
+            epsilon under Poisson subsampling.
+        secure_mode: only ``False``: noise comes from torch's floating-point PRNG (use ``seed=`` for
+            reproducible runs).
+        **options: passed to every :func:`adaclip.make_private` call: rule parameters (e.g. ``h2=0.05``)
+            and adaclip's options (``seed``, ``per_example``, ...).
+
+    One engine accounts one run: a second ``make_private`` on the same engine is refused.
+    """
+
+    def __init__(
+        self, *, method: str = "fixed", accountant: str = "prv", secure_mode: bool = False, **options: Any
+    ) -> None:
+        method_parameters(method)  # an unknown method is named here, with the list
+        if accountant == "gdp":
+            raise ValueError(
+                "accountant='gdp' is not offered: Opacus's GDP accountant (a central-limit approximation) "
+                "underestimates epsilon under Poisson subsampling; use 'prv' (default), 'rdp' or 'pld'"
+            )
+        mechanism = _MECHANISMS.get(accountant)
+        if mechanism is None:
+            raise ValueError(f"accountant must be one of {list(_MECHANISMS)}, got {accountant!r}")
+        require_opacus_default("secure_mode", secure_mode)
+        for name in ("method", "accountant", "module", "optimizer", "data_loader"):
+            if name in options:
+                raise ValueError(f"{name} cannot be an engine option")
+        self.method = method
+        self.options = options
+        self.accountant = EngineAccountant(mechanism)
+
+    def make_private(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader[Any],
+        noise_multiplier: float,
+        max_grad_norm: float | None = None,
+        criterion: nn.Module | None = None,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        grad_sample_mode: str | None = None,
+        **kwargs: Any,
+    ) -> MadePrivate:
+        """Opacus's ``make_private``: the private module, optimizer and Poisson ``DataLoader``.
+
+        ``max_grad_norm`` is the first step's clip bound, under the rule's own name (``None``: the
+        rule's default; refused for a method without one, AUTO-S).  ``grad_sample_mode``: ``"hooks"``
+        (Opacus's per-example gradients, ``per_example="materialise"``) or ``"ghost"`` (adaclip's
+        book-keeping path; the criterion is then returned too, unchanged, as Opacus returns its
+        wrapper); ``None`` takes the book-keeping path, or the hooks for ``batch_first=False``, which
+        only they support.  ``clipping`` must be ``"flat"`` and ``poisson_sampling`` ``True``.
+        ``kwargs``: rule parameters and :func:`adaclip.make_private`'s options.
+        """
+        return self._make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            criterion=criterion,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            poisson_sampling=poisson_sampling,
+            clipping=clipping,
+            grad_sample_mode=grad_sample_mode,
+            **kwargs,
+        )
+
+    def make_private_with_epsilon(
+        self,
+        *,
+        module: nn.Module,
+        optimizer: Optimizer,
+        data_loader: DataLoader[Any],
+        target_epsilon: float,
+        target_delta: float,
+        epochs: int,
+        max_grad_norm: float | None = None,
+        criterion: nn.Module | None = None,
+        batch_first: bool = True,
+        loss_reduction: str = "mean",
+        poisson_sampling: bool = True,
+        clipping: str = "flat",
+        grad_sample_mode: str | None = None,
+        **kwargs: Any,
+    ) -> MadePrivate:
+        """:meth:`make_private` with the noise multiplier calibrated to spend ``target_epsilon`` at
+        ``target_delta`` over ``epochs`` epochs of ``int(1 / q)`` steps, with the engine's accountant."""
+        return self._make_private(
+            module=module,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            epochs=epochs,
+            max_grad_norm=max_grad_norm,
+            criterion=criterion,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            poisson_sampling=poisson_sampling,
+            clipping=clipping,
+            grad_sample_mode=grad_sample_mode,
+            **kwargs,
+        )
+
+    def _make_private(
+        self,
+        *,
+        max_grad_norm: float | None,
+        criterion: nn.Module | None,
+        batch_first: bool,
+        grad_sample_mode: str | None,
+        **arguments: Any,
+    ) -> MadePrivate:
+        if self.accountant.optimizer is not None:
+            raise ValueError(
+                "this PrivacyEngine already made a run private and accounts it: use a new PrivacyEngine for "
+                "another run (the epsilons of runs over the same data add up)"
+            )
+        given_twice = sorted(self.options.keys() & arguments.keys())
+        if given_twice:
+            raise ValueError(f"{given_twice} given both to PrivacyEngine(...) and to make_private: give them once")
+        if "method" in arguments or "accountant" in arguments:
+            raise ValueError("method and accountant are chosen when the engine is built: PrivacyEngine(method=...)")
+        if grad_sample_mode is None and not require_bool("batch_first", batch_first):
+            grad_sample_mode = "hooks"  # Opacus's default; the only path for sequence-first inputs
+        opacus: dict[str, Any] = {"batch_first": batch_first}
+        if max_grad_norm is not None:
+            opacus["max_grad_norm"] = max_grad_norm
+        if grad_sample_mode is not None:
+            opacus["grad_sample_mode"] = grad_sample_mode
+        module, optimizer, loader = make_private(
+            method=self.method,
+            accountant=self.accountant.mechanism(),
+            **self.options,
+            **arguments,
+            **opacus,
+        )
+        self.accountant.optimizer = optimizer
+        if grad_sample_mode == "ghost":
+            return module, optimizer, nn.CrossEntropyLoss() if criterion is None else criterion, loader
+        return module, optimizer, loader
+
+    def get_epsilon(self, delta: float) -> float:
+        """Epsilon spent so far at ``delta``, with the engine's accountant (0 before the first step)."""
+        return self.accountant.get_epsilon(delta)
+
+    @classmethod
+    def get_compatible_module(cls, module: nn.Module) -> nn.Module:
+        """``module`` with the layers that mix examples replaced (Opacus's ``ModuleValidator.fix``), validated."""
+        fixed: nn.Module = ModuleValidator.fix(module)
+        ModuleValidator.validate(fixed, strict=True)
+        return fixed
+
+    def is_compatible(self, *, module: nn.Module, optimizer: Optimizer | None, data_loader: Any) -> bool:
+        """Whether Opacus's ``ModuleValidator`` accepts ``module`` (the optimizer and loader are not checked)."""
+        return bool(ModuleValidator.is_valid(module))
+
+    def validate(self, *, module: nn.Module, optimizer: Optimizer | None, data_loader: Any) -> None:
+        """Raise Opacus's ``UnsupportedModuleError`` if ``module`` cannot give per-example gradients."""
+        ModuleValidator.validate(module, strict=True)
