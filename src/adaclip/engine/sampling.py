@@ -12,16 +12,24 @@ For data-parallel training each of ``W`` ranks samples only the examples it owns
 at the same rate ``q`` with its own generator: the ranks' batches together are one Poisson batch
 of all ``N`` examples.  Every rank takes every step, empty local batches included, so the ranks'
 collectives stay in step (Opacus's distributed sampler skips empty batches).
+
+Checkpoints: an epoch's batches are drawn when its iteration starts, so the sampling generator's
+state between epochs fixes every later batch.  :func:`loader_state_dict` and
+:func:`load_loader_state_dict` save and restore it for every loader ``make_private`` returns
+(:class:`TensorPoissonLoader`, a ``DataLoader`` over a :class:`PoissonBatchSampler`, Opacus's
+``DPDataLoader``); save at the end of an epoch.  Without a seed (``generator=None``) batches come from
+torch's global generator, which these do not restore.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 
 def poisson_epoch(
@@ -110,6 +118,14 @@ class PoissonBatchSampler(Sampler[list[int]]):
         for indices in self.epoch():
             yield indices.tolist()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling generator's state and the setting it samples (restore it between epochs)."""
+        return _sampler_state(self, self.num_examples)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the setting must match)."""
+        _load_sampler_state(self, state, self.num_examples)
+
 
 class TensorPoissonLoader:
     """Poisson-sampled batches of a ``TensorDataset``, ``int(1 / q)`` steps per epoch (as Opacus's ``DPDataLoader``).
@@ -153,3 +169,58 @@ class TensorPoissonLoader:
         tensors = self.dataset.tensors
         for indices in self.batch_sampler.epoch():
             yield [t.index_select(0, indices.to(t.device)) for t in tensors]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling state (see :meth:`PoissonBatchSampler.state_dict`)."""
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+def _sampler_state(sampler: Any, num_examples: int) -> dict[str, Any]:
+    generator = sampler.generator
+    return {
+        "num_examples": num_examples,
+        "sample_rate": float(sampler.sample_rate),
+        "generator": None if generator is None else generator.get_state(),
+    }
+
+
+def _load_sampler_state(sampler: Any, state: dict[str, Any], num_examples: int) -> None:
+    own = _sampler_state(sampler, num_examples)
+    for key in ("num_examples", "sample_rate"):
+        if state.get(key) != own[key]:
+            raise ValueError(f"the saved sampling state has {key}={state.get(key)!r}, this loader {own[key]!r}")
+    if (state["generator"] is None) != (sampler.generator is None):
+        raise ValueError("the saved sampling state and this loader disagree on a seeded generator: seed both")
+    if sampler.generator is not None:
+        sampler.generator.set_state(state["generator"])
+
+
+def _sampler_of(loader: TensorPoissonLoader | DataLoader[Any]) -> tuple[Any, int]:
+    """The Poisson batch sampler of a loader ``make_private`` returns, and the dataset size it samples."""
+    if isinstance(loader, TensorPoissonLoader):
+        return loader.batch_sampler, loader.batch_sampler.num_examples
+    sampler = loader.batch_sampler
+    if isinstance(sampler, PoissonBatchSampler):
+        return sampler, sampler.num_examples
+    num_samples = getattr(sampler, "num_samples", None)  # Opacus's UniformWithReplacementSampler (DPDataLoader)
+    if hasattr(sampler, "generator") and hasattr(sampler, "sample_rate") and isinstance(num_samples, int):
+        return sampler, num_samples
+    raise ValueError(
+        f"loader must be a Poisson-sampling loader returned by make_private, got {type(loader).__name__} with batch "
+        f"sampler {type(sampler).__name__}"
+    )
+
+
+def loader_state_dict(loader: TensorPoissonLoader | DataLoader[Any]) -> dict[str, Any]:
+    """The sampling state of a loader returned by ``make_private``, for a checkpoint between epochs."""
+    sampler, num_examples = _sampler_of(loader)
+    return _sampler_state(sampler, num_examples)
+
+
+def load_loader_state_dict(loader: TensorPoissonLoader | DataLoader[Any], state: dict[str, Any]) -> None:
+    """Restore :func:`loader_state_dict`'s output into a loader for the same dataset and rate."""
+    sampler, num_examples = _sampler_of(loader)
+    _load_sampler_state(sampler, state, num_examples)

@@ -102,7 +102,7 @@ class QuantileClip(ClipRule):
         grad_noise_std = self.grad_noise_multiplier * clip_norm
         noisy_mean = torch.add(clipped.vector, noise[:dim], alpha=grad_noise_std).div_(B)
 
-        examples, clipped_count = clipped.counts.tolist()
+        examples, clipped_count = clipped.counts[:2].tolist()
         centred_bits = examples - clipped_count - examples / 2
         noisy_count = centred_bits + self.count_noise_std * float(noise[dim])
         unclipped_estimate = noisy_count / B + 0.5
