@@ -296,8 +296,9 @@ def _calibrate(
         except ValueError:  # RDP is too loose to reach the target below the cap; the accountant may be tight enough
             high, at_high = doubling(eps_at, target_epsilon)
         else:
-            if _over_budget(high, sample_rate, steps, delta, accountant) is not None:
-                return high, at_high
+            reason = _over_budget(high, sample_rate, steps, delta, accountant)
+            if reason is not None:
+                return high, Spent(epsilon=at_high.epsilon, accountant="rdp", requested=accountant, fallback=reason)
             at_high = eps_at(high)
     low, at_low = high / 2, eps_at(high / 2)
     while at_low.epsilon <= target_epsilon:
