@@ -273,15 +273,16 @@ def _calibrate(
         return _bounded_epsilon(sigma, sample_rate, steps, delta, accountant)
 
     def doubling(at: Callable[[float], Spent], target: float) -> tuple[float, Spent]:
-        """The first of 1, 2, 4, ... (capped at the maximum) whose epsilon is <= target."""
+        """The first of 1, 2, 4, ... (capped at the maximum) whose epsilon is <= target; an unreachable target is
+        refused after one evaluation at the cap."""
+        if at(MAX_NOISE_MULTIPLIER).epsilon > target:
+            raise ValueError(
+                f"target_epsilon={target} is out of reach for sample_rate={sample_rate}, steps={steps}, "
+                f"delta={delta}: even noise_multiplier={MAX_NOISE_MULTIPLIER:g} exceeds it. Raise "
+                "target_epsilon or delta, or lower steps."
+            )
         high, at_high = 1.0, at(1.0)
         while at_high.epsilon > target:
-            if high == MAX_NOISE_MULTIPLIER:
-                raise ValueError(
-                    f"target_epsilon={target} is out of reach for sample_rate={sample_rate}, steps={steps}, "
-                    f"delta={delta}: even noise_multiplier={MAX_NOISE_MULTIPLIER:g} exceeds it. Raise "
-                    "target_epsilon or delta, or lower steps."
-                )
             high = min(2 * high, MAX_NOISE_MULTIPLIER)
             at_high = at(high)
         return high, at_high
