@@ -128,8 +128,36 @@ def test_bad_command_line_input_is_one_line_exit_2_and_leaves_nothing(row, extra
     assert {p.name for p in folder.iterdir()} == before and not list((folder / "folder").iterdir())
 
 
+# (row id, the whole command line after ``python -m adaclip``, text the one-line error must contain)
+PIPELINE_ROWS = [
+    (
+        "malformed lr_search records",
+        ["sweep", "accuracy", "--params", "{fixtures}/params-tiny.yaml", "--lr-search", "{tmp}/file.txt"],
+        "file.txt, line 1: not a JSON record",
+    ),
+    ("missing params file", ["prepare", "--params", "{tmp}/none.yaml", "--out", "{tmp}/out"], "none.yaml"),
+    ("unknown sweep", ["sweep", "everything"], "argument name: invalid choice"),
+]
+
+
+@pytest.mark.parametrize("row, argv, expected", PIPELINE_ROWS, ids=[row for row, _, _ in PIPELINE_ROWS])
+def test_bad_pipeline_input_is_one_line_exit_2_and_leaves_nothing(row, argv, expected, tmp_path, capsys):
+    folder, before = prepared_folder(tmp_path)
+    fixtures = Path(__file__).parent / "fixtures"
+    args = [part.replace("{tmp}", str(folder)).replace("{fixtures}", str(fixtures)) for part in argv]
+    if args[0] == "sweep" and "--out" not in args:
+        args += ["--out", str(folder / "out" / "runs.jsonl")]
+    with pytest.raises(SystemExit) as stopped:
+        raise SystemExit(main(args))
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error") and expected in lines[0], lines
+    assert {p.name for p in folder.iterdir()} == before
+
+
 def test_the_table_covers_at_least_forty_bad_inputs():
-    assert len(CLI_ROWS) + len(LIBRARY_ROWS) >= 40 and len({row for row, _, _ in CLI_ROWS}) == len(CLI_ROWS)
+    rows = [row for row, *_ in [*CLI_ROWS, *PIPELINE_ROWS, *LIBRARY_ROWS]]
+    assert len(rows) >= 40 and len(set(rows)) == len(rows)
 
 
 # --- the library ------------------------------------------------------------------------------------------------

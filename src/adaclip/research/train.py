@@ -450,7 +450,8 @@ def _load_checkpoint(
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises several types for a damaged or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}): {error}") from None
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(f"checkpoint {path} cannot be read ({type(error).__name__}: {detail})") from None
     _check(
         isinstance(saved, dict) and saved.get("format") == CHECKPOINT_FORMAT,
         f"checkpoint {path} was not written by this version of adaclip's trainer",
