@@ -221,7 +221,7 @@ LIBRARY_ROWS = [
     ("state of another dtype", _adaclip_step_with_a_float32_state, ValueError, "state.mean is torch.float32"),
     ("plain optimizer state dict", _loaded_with_a_plain_state_dict, ValueError, "no privacy state"),
     ("sampling state of another rate", _loader_of_another_rate, ValueError, "sample_rate=0.2"),
-    ("config not a mapping", lambda: TrainConfig.from_dict([1, 2]), ValueError, "a config must be a mapping"),
+    ("TrainConfig of a list", lambda: TrainConfig.from_dict([1, 2]), ValueError, "a config must be a mapping"),
     ("run of a string config", lambda: run("breast-cancer"), ValueError, "config must be a TrainConfig"),
     ("data_dir for a table", lambda: load_dataset("diabetes", data_dir="."), ValueError, "data_dir is for"),
     ("audit trials", lambda: audit_config({"trials": 2}), ValueError, "audit.trials must be"),
