@@ -112,6 +112,7 @@ def save_figure(figure: Any, stem: str | os.PathLike[str]) -> list[Path]:
         os.close(fd)
         try:
             figure.savefig(tmp, format=suffix[1:], metadata=metadata)
+            os.chmod(tmp, 0o666 & ~_umask())  # as a plain open would create it, not mkstemp's 0600
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
