@@ -113,11 +113,6 @@ class ClippedSum:
         return float(self.counts[0])
 
     @property
-    def clipped_count(self) -> float:
-        """How many examples were shrunk (weight ``c_i < 1``)."""
-        return float(self.counts[1])
-
-    @property
     def nonfinite_dropped(self) -> float:
         """How many examples were dropped because their gradient, norm or weight was not finite."""
         return float(self.counts[2])
