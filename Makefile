@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test reproduce reproduce-paper fashion-mnist clean-venv
+.PHONY: setup test docs reproduce reproduce-paper fashion-mnist clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +21,19 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -n 2
 
+# the documentation site (docs/, mkdocs.yml) into site/, offline; any warning fails the build.
+# NO_MKDOCS_2_WARNING silences Material's banner about MkDocs 2.0, which is advice, not a build warning.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 # Debian's dataset-fashion-mnist package, where apt-get exists; otherwise the loader downloads it.
 fashion-mnist:
 	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
 		echo "Fashion-MNIST: found in /usr/share/datasets/fashion-mnist"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
-		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
 		($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) \
-			|| echo "warning: apt-get could not install dataset-fashion-mnist; the loader will download Fashion-MNIST on first use"; \
+			|| echo "warning: could not install dataset-fashion-mnist (needs root or password-less sudo: run sudo apt-get install dataset-fashion-mnist yourself); the loader will download Fashion-MNIST on first use"; \
 	else \
 		echo "no apt-get: Fashion-MNIST will be downloaded into data/raw/fashion-mnist on first use"; \
 	fi

@@ -67,7 +67,7 @@ CLI_ROWS = [
     ("parameter of the wrong type", ["--param", "initial_clip=big"], "initial_clip must be"),
     ("infeasible quantile split", ["--method", "quantile", "--param", "count_noise_std=0.01"], "count_noise_std"),
     ("data dir that does not exist", ["--dataset", "fashion-mnist", "--data-dir", "{tmp}/nowhere"], "data_dir"),
-    ("data dir for a table", ["--data-dir", "/usr/share/datasets"], "data_dir is for the image datasets"),
+    ("data dir for a table", ["--data-dir", "/usr/share/datasets"], "data_dir is for the datasets read from files"),
     ("device name", ["--device", "cudafoo"], "device must be"),
     ("unknown divergence policy", ["--on-divergence", "ignore"], "argument --on-divergence"),
     ("replica check in one process", ["--check-replicas"], "check_replicas compares the ranks"),

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from adaclip.engine import make_private
-from adaclip.engine.sampling import TensorPoissonLoader, poisson_epoch
+from adaclip.engine.sampling import TensorPoissonLoader, gather_rows, poisson_epoch
 
 N, Q, STEPS = 200, 0.1, 3000
 
@@ -128,3 +128,15 @@ def test_make_private_samples_tensors_in_memory(dataset, expected):
         seed=0,
     )
     assert type(loader) is expected and len(loader) == 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.bfloat16, torch.bool])
+def test_gather_rows_equals_index_select(dtype):
+    tensor = (torch.randn(50, 3, 4) * 10).to(dtype)
+    for indices in (torch.tensor([0, 3, 3, 49]), torch.tensor([], dtype=torch.int64)):
+        gathered = gather_rows(tensor, indices)
+        assert gathered.dtype == dtype and gathered.shape == (len(indices), 3, 4)
+        assert torch.equal(gathered, tensor.index_select(0, indices))
+    before = tensor.clone()
+    gather_rows(tensor, torch.tensor([1])).fill_(1)  # a copy: writing to it leaves the dataset untouched
+    assert torch.equal(tensor, before)

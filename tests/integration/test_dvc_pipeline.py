@@ -74,7 +74,7 @@ def _declared_outputs(repo):
 def test_repro_writes_every_declared_output_and_the_report(tiny_repo):
     repo, _, _ = tiny_repo
     for out in _declared_outputs(repo):
-        for item in ["accuracy", "clip", "size", "diagnostics"] if "${item}" in out else [None]:
+        for item in ["accuracy", "size", "diagnostics"] if "${item}" in out else [None]:
             path = repo / (out.replace("${item}", item) if item else out)
             assert path.exists(), path
     for notebook in (repo / "notebooks").glob("*.ipynb"):
@@ -168,7 +168,7 @@ def _stop_workers(repo, env, kill):
 
 
 def test_queued_grid_runs_in_parallel_in_isolated_workspaces(tiny_repo):
-    """The README's parallel-sweep commands: a grid over the diagnostics sweep's noise multiplier.
+    """The README's parallel-sweep commands: a grid over the diagnostics sweep's seed.
 
     Each experiment reruns a real training sweep (sweep@diagnostics) and what depends on it (noise,
     aggregate, report) in its own copy under .dvc/tmp/exps, two at a time. The workspace imports adaclip
@@ -179,9 +179,9 @@ def test_queued_grid_runs_in_parallel_in_isolated_workspaces(tiny_repo):
     _commit(repo, env, "reproduced")  # experiments start from a reproduced state and rerun only what a param changes
     env = {**env, "PYTHONPATH": str(repo / "src")}
     before = _workspace_digest(repo)
-    sigmas = (0.5, 2.0)
-    _run(["dvc", "exp", "run", "--queue", "-S", f"diagnostics.noise_multiplier={sigmas[0]},{sigmas[1]}"], repo, env)
-    assert len(_queue_tasks(repo, env)) == len(sigmas)
+    seeds = (1, 2)
+    _run(["dvc", "exp", "run", "--queue", "-S", f"diagnostics.seed={seeds[0]},{seeds[1]}"], repo, env)
+    assert len(_queue_tasks(repo, env)) == len(seeds)
     report_module = repo / "src" / "adaclip" / "research" / "report.py"
     source = report_module.read_text()
     report_module.write_text(source + "\nraise RuntimeError('workspace code edited after queueing')\n")
@@ -204,38 +204,32 @@ def test_queued_grid_runs_in_parallel_in_isolated_workspaces(tiny_repo):
     experiments = {}
     for experiment in baseline["experiments"]:
         data = experiment["revs"][0]["data"]
-        experiments[data["params"]["params.yaml"]["data"]["diagnostics"]["noise_multiplier"]] = (
-            experiment["name"],
-            data,
-        )
-    assert sorted(experiments) == list(sigmas)
+        experiments[data["params"]["params.yaml"]["data"]["diagnostics"]["seed"]] = (experiment["name"], data)
+    assert sorted(experiments) == list(seeds)
     base_outs = baseline["data"]["outs"]
     diagnostics_hashes = {base_outs["runs/diagnostics.jsonl"]["hash"]}
-    tiny = yaml.safe_load((repo / "params.yaml").read_text())
-    batch_size = tiny["setting"]["datasets"]["breast-cancer"]["batch_size"]
-    dim = (load_breast_cancer().data.shape[1] + 1) * 2  # the logistic model of 2 classes: Linear(features, 2)
-    for sigma, (name, data) in experiments.items():
+    for name, data in experiments.values():
         # Only the sweep whose params changed has new records; the other sweeps are the baseline's.
-        for out in ("runs/lr_search.jsonl", "runs/accuracy.jsonl", "runs/clip.jsonl", "runs/size.jsonl"):
+        for out in ("runs/tuning.jsonl", "runs/accuracy.jsonl", "runs/size.jsonl"):
             assert data["outs"][out]["hash"] == base_outs[out]["hash"], (name, out)
         diagnostics_hashes.add(data["outs"]["runs/diagnostics.jsonl"]["hash"])
-        # AUTO-S has sensitivity 1: noise N(0, sigma^2 I) on the sum, divided by B, so E||noise||^2 = d sigma^2 / B^2
-        # in every step. The metric is rounded to 5 decimals, hence the tolerance.
-        noise_power = data["metrics"]["reports/metrics/q1_noise_power.json"]["data"]["auto"]
-        assert noise_power == pytest.approx(dim * sigma**2 / batch_size**2, abs=0.5e-5 + 1e-12), name
-    assert len(diagnostics_hashes) == 1 + len(sigmas)  # each experiment wrote its own, different records
+    assert len(diagnostics_hashes) == 1 + len(seeds)  # each experiment wrote its own, different records
     changed = _stdout(["dvc", "exp", "show", "--only-changed", "--csv"], repo, env)
-    assert "diagnostics.noise_multiplier" in changed and "accuracy.seeds" not in changed
+    assert "diagnostics.seed" in changed and "accuracy.seeds" not in changed
 
-    name, data = experiments[sigmas[1]]
+    name, data = experiments[seeds[1]]
     _run(["dvc", "exp", "apply", name], repo, env)
     applied = repo / "runs" / "diagnostics.jsonl"
     assert hashlib.md5(applied.read_bytes()).hexdigest() == data["outs"]["runs/diagnostics.jsonl"]["hash"]
     records = [json.loads(line) for line in applied.read_text().splitlines()]
-    assert {r["config"]["noise_multiplier"] for r in records} == {sigmas[1]}
-    _run(["dvc", "exp", "branch", name, "sigma-2"], repo, env)
-    branched = yaml.safe_load(_stdout(["git", "show", "sigma-2:params.yaml"], repo, env))
-    assert branched["diagnostics"]["noise_multiplier"] == sigmas[1]
+    assert {r["seed"] for r in records} == {seeds[1]}
+    # AUTO-S has sensitivity 1: noise N(0, sigma^2 I) on the sum, divided by B, so E||noise||^2 = d sigma^2 / B^2
+    auto = next(r for r in records if r["method"] == "auto")
+    dim = (load_breast_cancer().data.shape[1] + 1) * 2  # the logistic model of 2 classes: Linear(features, 2)
+    expected = dim * auto["noise_multiplier"] ** 2 / auto["config"]["batch_size"] ** 2
+    assert auto["step_stats"]["noise_power"] == pytest.approx([expected] * auto["steps"], rel=1e-12)
+    _run(["dvc", "exp", "branch", name, "seed-2"], repo, env)
+    branched = yaml.safe_load(_stdout(["git", "show", "seed-2:params.yaml"], repo, env))
+    assert branched["diagnostics"]["seed"] == seeds[1]
     _run(["git", "reset", "-q", "--hard"], repo, env)
     _run(["dvc", "checkout", "--force", "-q"], repo, env)
-    assert _workspace_digest(repo) == before

@@ -1,6 +1,7 @@
 """Dataset loading: IDX parsing, search order, checksums, download, splits and standardisation."""
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import io
@@ -67,23 +68,29 @@ def test_read_idx_parses_header_and_checks_content(tmp_path):
         read_idx(path)
 
 
-def test_loads_fake_idx_from_data_dir_with_seeded_disjoint_splits(isolated):
+def test_loads_fake_idx_from_data_dir_with_a_fixed_split_and_pixels_in_unit_range(isolated):
     write_fake_idx(isolated / "fake")
-    splits = data.load_idx_dataset(
-        "fashion-mnist", data_dir=isolated / "fake", validation_size=20, verify=False, seed=1
-    )
+    load = functools.partial(data.load_idx_dataset, "fashion-mnist", data_dir=isolated / "fake", validation_size=20)
+    splits = load(verify=False, seed=1)
     assert splits.input_shape == (1, 28, 28) and splits.num_classes == 10
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (100, 20, 30)
     train_x = splits.train.tensors[0]
-    assert train_x.mean().abs() < 1e-5 and (train_x.std() - 1).abs() < 1e-4  # training statistics only
-    again = data.load_idx_dataset("fashion-mnist", data_dir=isolated / "fake", validation_size=20, verify=False, seed=1)
-    assert torch.equal(again.validation.tensors[0], splits.validation.tensors[0])
-    other = data.load_idx_dataset("fashion-mnist", data_dir=isolated / "fake", validation_size=20, verify=False, seed=2)
-    assert not torch.equal(other.validation.tensors[1], splits.validation.tensors[1])
+    # data-independent scaling: pixel / 255, no statistic of the training set
+    assert train_x.min() >= 0 and train_x.max() <= 1 and train_x.max() > 0.99
+    torch.testing.assert_close(train_x * 255, (train_x * 255).round())
+    # the split does not depend on the run seed
+    other = load(verify=False, seed=2)
+    assert torch.equal(other.validation.tensors[0], splits.validation.tensors[0])
+    assert torch.equal(other.train.tensors[0], splits.train.tensors[0])
     # train and validation rows come from different images
     rows = {tuple(x.flatten()[:20].tolist()) for x in splits.train.tensors[0]}
     val_rows = {tuple(x.flatten()[:20].tolist()) for x in splits.validation.tensors[0]}
     assert len(rows) == 100 and not rows & val_rows
+    # the run seed draws the train_size subsample
+    assert not torch.equal(
+        load(verify=False, seed=1, train_size=50).train.tensors[0],
+        load(verify=False, seed=2, train_size=50).train.tensors[0],
+    )
 
 
 def test_search_order_environment_then_data_raw(isolated, monkeypatch):
@@ -168,17 +175,25 @@ def test_mnist_needs_no_network_unless_asked(isolated, monkeypatch):
 @pytest.mark.parametrize(
     "name, task, sizes", [("breast-cancer", "classification", (455, 57, 57)), ("diabetes", "regression", (354, 44, 44))]
 )
-def test_sklearn_datasets_split_80_10_10_and_standardise_on_train(name, task, sizes):
+def test_sklearn_datasets_split_80_10_10_with_data_independent_preprocessing(name, task, sizes):
+    from sklearn.datasets import load_breast_cancer, load_diabetes
+
     splits = load_dataset(name, seed=0)
     assert splits.task == task
     assert (len(splits.train), len(splits.validation), len(splits.test)) == sizes
-    x = splits.train.tensors[0]
-    torch.testing.assert_close(x.mean(0), torch.zeros(x.shape[1]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(x.std(0), torch.ones(x.shape[1]), atol=1e-4, rtol=0)
-    assert splits.validation.tensors[0].mean(0).abs().max() > 1e-3  # not standardised on itself
-    if task == "regression":
-        assert splits.train.tensors[1].dtype == torch.float32 and abs(splits.train.tensors[1].mean()) < 1e-5
-    else:
+    assert data.TRAIN_SIZES[name] == sizes[0]
+    raw_x, raw_y = (load_breast_cancer if name == "breast-cancer" else load_diabetes)(return_X_y=True)
+    rows = torch.cat([splits.train.tensors[0], splits.validation.tensors[0], splits.test.tensors[0]])
+    targets = torch.cat([splits.train.tensors[1], splits.validation.tensors[1], splits.test.tensors[1]])
+    # every example as published (no statistic of the training set), the diabetes target divided by a constant
+    expected_x = raw_x
+    expected_y = raw_y if task == "classification" else raw_y / data.DIABETES_TARGET_SCALE
+    order = np.lexsort(expected_x.T[::-1])
+    got = np.lexsort(rows.double().numpy().T[::-1])
+    np.testing.assert_allclose(rows.double().numpy()[got], expected_x[order], rtol=1e-6)
+    np.testing.assert_allclose(targets.double().numpy()[got], expected_y[order], rtol=1e-6)
+    assert torch.equal(load_dataset(name, seed=5).test.tensors[0], splits.test.tensors[0])  # fixed split
+    if task == "classification":
         assert splits.num_classes == 2 and splits.train.tensors[1].dtype == torch.int64
 
 
@@ -228,5 +243,7 @@ def test_a_named_data_dir_is_used_or_refused_never_replaced(isolated, monkeypatc
 
 
 def test_data_dir_for_a_dataset_without_files_is_refused():
-    with pytest.raises(ValueError, match=r"data_dir is for the image datasets .* 'breast-cancer' needs no files"):
+    with pytest.raises(
+        ValueError, match=r"data_dir is for the datasets read from files .* 'breast-cancer' needs no files"
+    ):
         load_dataset("breast-cancer", data_dir="/usr/share/datasets")

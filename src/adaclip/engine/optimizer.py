@@ -162,6 +162,9 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self.steps_taken = 0
         self.rule_state: Any = None
         self.last_stats: Stats = {}
+        self.last_clipped: ClippedSum | None = None
+        """The last step's clipped sum (the rule's data-dependent input), for diagnostics such as the
+        noise-free release ``rule.release(last_clipped, previous_state, zeros)``; never released itself."""
         self.accounting: Spent | None = None
         """What the last :meth:`get_epsilon` computed, with the accountant that answered (RDP if it fell back)."""
         self._accounted_for: tuple[int, float] | None = None
@@ -209,6 +212,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
                 "non-finite per-example gradient (NaN or inf) and nonfinite='raise': check the data and the loss, "
                 "or use nonfinite='drop' to drop such examples (counted in the step statistics)"
             )
+        self.last_clipped = clipped
         noisy_mean, new_state, stats = release_counted(self.rule, clipped, self.rule_state, noise)
         self._check_finite(noisy_mean, new_state)
         self.rule_state, self.last_stats = new_state, stats

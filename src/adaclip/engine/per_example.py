@@ -88,6 +88,10 @@ class Part(ABC):
     def materialise(self) -> Tensor:
         """The per-example gradients ``[n, numel]``."""
 
+    def coordinate_square_sums(self) -> Tensor:
+        """``sum_i g_ij^2`` for every coordinate ``j`` of this parameter, shape ``[numel]`` (for diagnostics)."""
+        return self.materialise().square().sum(0)
+
     @abstractmethod
     def zero_examples(self, dropped: Tensor) -> None:
         """Set the per-example data of the ``dropped`` examples (a boolean mask ``[n]``) to 0.
@@ -127,6 +131,9 @@ class MaterialisedPart(Part):
 
     def materialise(self) -> Tensor:
         return self.grads
+
+    def coordinate_square_sums(self) -> Tensor:
+        return self.grads.square().sum(0)
 
     def zero_examples(self, dropped: Tensor) -> None:
         self.grads = _zeroed(self.grads, dropped)
@@ -237,6 +244,12 @@ class LinearWeightPart(Part):
             torch.mm(scaled.t(), x, out=out)
         else:
             torch.mm(scaled.reshape(-1, out.shape[0]).t(), x.reshape(-1, out.shape[1]), out=out)
+
+    def coordinate_square_sums(self) -> Tensor:
+        """``sum_i delta_io^2 x_ij^2 = (delta^2)^T (x^2)``: one product the size of the weight (one position)."""
+        if not self.factors.single:
+            return super().coordinate_square_sums()
+        return torch.mm(self.factors.delta.square().t(), self.factors.x.square()).reshape(-1)
 
     def materialise(self) -> Tensor:
         x, delta = self.factors.x, self.factors.delta

@@ -27,6 +27,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler, TensorDataset
@@ -168,7 +169,7 @@ class TensorPoissonLoader:
     def __iter__(self) -> Iterator[list[Tensor]]:
         tensors = self.dataset.tensors
         for indices in self.batch_sampler.epoch():
-            yield [t.index_select(0, indices.to(t.device)) for t in tensors]
+            yield [gather_rows(t, indices) for t in tensors]
 
     def state_dict(self) -> dict[str, Any]:
         """The sampling state (see :meth:`PoissonBatchSampler.state_dict`)."""
@@ -224,3 +225,31 @@ def load_loader_state_dict(loader: TensorPoissonLoader | DataLoader[Any], state:
     """Restore :func:`loader_state_dict`'s output into a loader for the same dataset and rate."""
     sampler, num_examples = _sampler_of(loader)
     _load_sampler_state(sampler, state, num_examples)
+
+
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    }
+)
+
+
+def gather_rows(tensor: Tensor, indices: Tensor) -> Tensor:
+    """``tensor[indices]`` along dimension 0, as a new tensor.
+
+    On the CPU this goes through ``numpy.take``: NumPy backs large new arrays with huge pages, so the
+    gather does not stall on a page fault per 4 KiB of a freshly allocated batch (a 130 MB batch of
+    ScatterNet features gathers several times faster than with ``index_select``).  Elsewhere, and for
+    dtypes NumPy lacks (bfloat16), ``index_select``.
+    """
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_DTYPES and not tensor.requires_grad:
+        return torch.from_numpy(np.take(tensor.numpy(), indices.numpy(), axis=0))
+    return tensor.index_select(0, indices.to(tensor.device))

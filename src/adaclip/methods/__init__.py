@@ -29,9 +29,12 @@ class Method:
     """One registered clipping method.
 
     ``rule`` is the :class:`~adaclip.methods.base.ClipRule` class; ``label`` its display name;
-    ``scale_parameter`` the rule parameter that sets its (initial) clip scale ``C0`` (``None`` for a
-    method without one, such as AUTO-S); ``canary`` the audit view of :mod:`adaclip.privacy.audit`;
-    ``paper`` the reference.
+    ``scale_parameter`` the rule parameter that sets the scale of its clipping (DP-SGD's ``C``; the
+    variance cap ``h2`` that in effect sets AdaCliP's ``b``; ``None`` for a method without one, such as
+    AUTO-S), the knob a tuning grid sweeps besides the learning rate; ``step_per_scale`` says whether
+    the released gradient is proportional to that parameter (DP-SGD: clipped vectors and noise both
+    scale with ``C``), so that a learning rate is best read per unit of scale (``lr x C``);
+    ``canary`` the audit view of :mod:`adaclip.privacy.audit`; ``paper`` the reference.
     """
 
     rule: type[ClipRule]
@@ -39,15 +42,18 @@ class Method:
     scale_parameter: str | None
     canary: type[CanaryAdapter[Any]]
     paper: str
+    step_per_scale: bool = False
 
 
 METHODS: Mapping[str, Method] = {
-    "fixed": Method(FixedClip, "DP-SGD (fixed C)", "clip_norm", FixedClipAdapter, "Abadi et al. 2016"),
-    "adaclip": Method(AdaCliP, "AdaCliP", "initial_clip", AdaCliPAdapter, "Pichapati et al. 2019, arXiv 1908.07643"),
+    "fixed": Method(FixedClip, "DP-SGD (fixed C)", "clip_norm", FixedClipAdapter, "Abadi et al. 2016", True),
+    "adaclip": Method(AdaCliP, "AdaCliP", "h2", AdaCliPAdapter, "Pichapati et al. 2019, arXiv 1908.07643"),
     "quantile": Method(QuantileClip, "quantile clipping", "initial_clip", QuantileClipAdapter, "Andrew et al. 2021"),
     "auto": Method(AutoClip, "AUTO-S", None, AutoClipAdapter, "Bu et al. 2023"),
-    "geoclip": Method(GeoClip, "GeoClip", "initial_clip", GeoClipAdapter, "Gilani et al. 2025, arXiv 2506.06549"),
-    "psac": Method(PerSampleAdaptiveClip, "DP-PSAC", "clip_norm", PerSampleAdaptiveClipAdapter, "Xia et al. 2023"),
+    "geoclip": Method(GeoClip, "GeoClip", "h1", GeoClipAdapter, "Gilani et al. 2025, arXiv 2506.06549"),
+    "psac": Method(
+        PerSampleAdaptiveClip, "DP-PSAC", "clip_norm", PerSampleAdaptiveClipAdapter, "Xia et al. 2023", True
+    ),
 }
 """Every clipping method by name, in the report's order."""
 

@@ -1,51 +1,41 @@
-"""Run records -> tidy tables and the summary numbers the report states.
+"""Run records -> tidy tables, intervals and the numbers the report states.
 
 Every function here is a pure transformation of the records written by
 :func:`adaclip.research.sweeps.run_sweep`; the notebooks plot and print what these return, and
 :mod:`adaclip.research.report` fills the report's sentences from them.  Accuracies are in percent.
+
+Statistics: a mean over seeds comes with a two-sided 95 % Student-t interval (``t_{0.975, n-1} s /
+sqrt(n)``); a method's difference to DP-SGD is paired by seed (the same seed fixes the same
+initialisation and Poisson batches for both), with the t interval of the mean paired difference; a
+difference is a "win" or a "loss" only when that interval excludes zero, otherwise a "tie".
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy.stats import t as student_t
 
 from adaclip.methods import METHODS
 
 METHOD_ORDER = ("nonprivate", *METHODS)
 """The report's order of methods: the non-private baseline, then the registry's order."""
+BASELINE = "fixed"
+"""Every private method is compared with tuned DP-SGD."""
+CONFIDENCE = 0.95
 
 
-def _metric(record: dict[str, Any], split: str) -> tuple[str, float]:
-    key = f"{split}_accuracy" if f"{split}_accuracy" in record else f"{split}_mse"
-    return key, record[key]
+@dataclass(frozen=True)
+class Hyperparameters:
+    """A learning rate and the value of the method's scale parameter (``None`` if it has none)."""
 
-
-def select_learning_rates(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per dataset and method, the lr with the best mean validation metric (accuracy up, MSE down).
-
-    Ties go to the smaller lr; a diverged lr (a NaN or infinite metric) is never chosen unless every
-    lr diverged.  Returns ``{dataset: {method: lr}}``.
-    """
-    scores: dict[tuple[str, str, float], list[float]] = {}
-    higher_is_better: dict[str, bool] = {}
-    for record in records:
-        key, value = _metric(record, "val")
-        higher_is_better[record["dataset"]] = key.endswith("accuracy")
-        scores.setdefault((record["dataset"], record["method"], record["config"]["lr"]), []).append(value)
-    best: dict[str, dict[str, tuple[float, float]]] = {}
-    for (dataset, method, lr), values in sorted(scores.items()):
-        score = statistics.fmean(values) * (1 if higher_is_better[dataset] else -1)
-        score = score if math.isfinite(score) else -math.inf
-        current = best.setdefault(dataset, {}).get(method)
-        if current is None or score > current[1]:
-            best[dataset][method] = (lr, score)
-    return {dataset: {method: lr for method, (lr, _) in methods.items()} for dataset, methods in best.items()}
+    lr: float
+    scale: float | None
 
 
 def label(method: str) -> str:
@@ -53,18 +43,33 @@ def label(method: str) -> str:
     return "non-private" if method == "nonprivate" else METHODS[method].label if method in METHODS else method
 
 
+def method_sort_key(methods: pd.Series) -> pd.Series:
+    """Sort methods in the report's fixed order."""
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return methods.map(lambda m: order.get(m, len(order)))
+
+
+def _scale_of(record: dict[str, Any]) -> float | None:
+    parameter = METHODS[record["method"]].scale_parameter if record["method"] in METHODS else None
+    if parameter is None:
+        return None
+    value = (record.get("method_params") or {}).get(parameter)
+    return None if value is None else float(value)
+
+
 def runs_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """One row per run: its setting and results; ``metric`` is test accuracy in % or test MSE."""
+    """One row per run; ``metric`` and ``val_metric`` are accuracy in % or MSE (NaN for a diverged run)."""
     rows = []
     for r in records:
         config = r["config"]
         classification = "test_accuracy" in r
         scale = 100.0 if classification else 1.0
-        method_params = r.get("method_params") or {}
-        clip_key = METHODS[r["method"]].scale_parameter if r["method"] in METHODS else None
+        test = r.get("test_accuracy" if classification else "test_mse")
+        val = r.get("val_accuracy" if classification else "val_mse")
         means = r.get("step_stats_mean") or {}
         rows.append(
             {
+                "task": config.get("task") or r["dataset"],
                 "dataset": r["dataset"],
                 "model": r["model"],
                 "method": r["method"],
@@ -75,158 +80,262 @@ def runs_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
                 "accountant": r["accountant"],
                 "noise_multiplier": r["noise_multiplier"],
                 "lr": config["lr"],
+                "scale": _scale_of(r),
                 "batch_size": config["batch_size"],
                 "epochs": config["epochs"],
                 "train_size": r["train_size"],
-                "initial_clip": method_params.get(clip_key) if clip_key else None,
-                "metric_name": "test accuracy (%)" if classification else "test MSE",
-                "metric": r["test_accuracy" if classification else "test_mse"] * scale,
-                "val_metric": r["val_accuracy" if classification else "val_mse"] * scale,
-                "higher_is_better": classification,
-                "wall_time_s": r["wall_time_s"],
                 "steps": r["steps"],
-                "noise_power": means.get("noise_power", math.nan),
-                "clipped_fraction": means.get("clipped_fraction", math.nan),
+                "diverged": bool(r.get("diverged", False)),
+                "metric_name": "test accuracy (%)" if classification else "test MSE",
+                "metric": math.nan if test is None else test * scale,
+                "val_metric": math.nan if val is None else val * scale,
+                "higher_is_better": classification,
+                **{f"mean_{key}": (math.nan if value is None else value) for key, value in means.items()},
             }
         )
     return pd.DataFrame(rows)
 
 
-def method_sort_key(methods: pd.Series) -> pd.Series:
-    """Sort methods in the report's fixed order."""
-    order = {m: i for i, m in enumerate(METHOD_ORDER)}
-    return methods.map(lambda m: order.get(m, len(order)))
+def _score(frame: pd.DataFrame, column: str) -> pd.Series:
+    """The column oriented so that larger is better, diverged (NaN) runs at minus infinity."""
+    oriented = frame[column].where(frame["higher_is_better"], -frame[column])
+    return oriented.fillna(-math.inf)
 
 
-def mean_std(frame: pd.DataFrame, by: Sequence[str], value: str = "metric") -> pd.DataFrame:
-    """Mean, standard deviation (ddof 1; 0 for one seed) and count of ``value`` per group."""
-    grouped = frame.groupby(list(by), dropna=False)[value]
-    summary = grouped.agg(["mean", "std", "count"]).reset_index()
-    summary["std"] = summary["std"].fillna(0.0)
-    return summary
+def select(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], Hyperparameters]:
+    """Per (task, method), the grid cell with the best mean validation metric over seeds.
 
-
-def format_mean_std(mean: float, std: float, count: int, digits: int = 1) -> str:
-    """``"81.2 ± 0.3"`` (or just the mean for one seed)."""
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if count > 1 else f"{mean:.{digits}f}"
-
-
-def accuracy_by_epsilon(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per dataset, method and target epsilon (NaN for non-private): mean ± std of the test metric."""
-    return mean_std(frame, ["dataset", "metric_name", "method", "target_epsilon"])
-
-
-def accuracy_table(frame: pd.DataFrame, digits: dict[str, int] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Rows (dataset, method) and one column per epsilon, cells ``mean ± std`` over seeds."""
-    summary = accuracy_by_epsilon(frame)
-    epsilons = sorted(e for e in summary["target_epsilon"].dropna().unique())
-    header = ["dataset", "metric", "method", *[f"ε = {e:g}" for e in epsilons], "non-private"]
-    rows = []
-    for (dataset, metric_name), block in summary.groupby(["dataset", "metric_name"], sort=True):
-        places = (digits or {}).get(dataset, 1 if "accuracy" in metric_name else 3)
-        private = block[block["method"] != "nonprivate"]
-        baseline = block[block["method"] == "nonprivate"]
-        base_cell = (
-            "" if baseline.empty else format_mean_std(*baseline.iloc[0][["mean", "std", "count"]], digits=places)
-        )
-        for method in sorted(
-            private["method"].unique(), key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else 99
-        ):
-            cells = []
-            for eps in epsilons:
-                hit = private[(private["method"] == method) & (private["target_epsilon"] == eps)]
-                cells.append(
-                    "" if hit.empty else format_mean_std(*hit.iloc[0][["mean", "std", "count"]], digits=places)
-                )
-            rows.append([dataset, metric_name, label(method), *cells, base_cell])
-    return header, rows
-
-
-def best_private_method(frame: pd.DataFrame, dataset: str, epsilon: float) -> tuple[str, float]:
-    """The private method with the best mean test metric on ``dataset`` at target ``epsilon``."""
-    summary = accuracy_by_epsilon(frame)
-    block = summary[(summary["dataset"] == dataset) & (summary["target_epsilon"] == epsilon)]
-    if block.empty:
-        raise ValueError(f"no runs for {dataset} at epsilon = {epsilon}")
-    higher = bool(frame[frame["dataset"] == dataset]["higher_is_better"].iloc[0])
-    row = block.loc[block["mean"].idxmax() if higher else block["mean"].idxmin()]
-    return str(row["method"]), float(row["mean"])
-
-
-def flat_region(frame: pd.DataFrame, tolerance: float = 1.0) -> pd.DataFrame:
-    """Per method, the range of ``C0`` whose mean test accuracy is within ``tolerance`` points of its best.
-
-    The region is the contiguous run of grid points around the best ``C0``; ``decades`` is
-    ``log10(high / low)`` (0 for a single point).  Methods without a clip norm have none.
+    Accuracy up, MSE down; a diverged cell is never chosen unless every cell diverged; ties go to the
+    smaller learning rate, then the smaller scale.
     """
+    frame = runs_frame(records)
+    frame["score"] = _score(frame, "val_metric")
+    frame["scale_key"] = frame["scale"].fillna(-1.0)
+    cells = frame.groupby(["task", "method", "lr", "scale_key"], dropna=False)["score"].mean().reset_index()
+    chosen = {}
+    for (task, method), block in cells.groupby(["task", "method"]):
+        best = block.sort_values(["score", "lr", "scale_key"], ascending=[False, True, True]).iloc[0]
+        chosen[(str(task), str(method))] = Hyperparameters(
+            lr=float(best["lr"]), scale=None if best["scale_key"] < 0 else float(best["scale_key"])
+        )
+    return chosen
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over ``n`` values with its two-sided t interval ``[low, high]``."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+
+def interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+    """Mean and Student-t interval of ``values`` (a zero-width interval for one value; NaN if any diverged)."""
+    data = np.asarray(values, dtype=float)
+    n = len(data)
+    if n == 0:
+        raise ValueError("an interval needs at least one value")
+    mean = float(data.mean())
+    if n == 1 or not np.isfinite(data).all():
+        return Interval(mean, mean, mean, n)
+    half = float(student_t.ppf(1 - (1 - confidence) / 2, n - 1) * data.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def format_interval(value: Interval, digits: int = 1) -> str:
+    """``"89.4 ± 0.3"`` (the half-width of the 95 % interval), or the mean alone for one seed."""
+    if value.n == 1:
+        return f"{value.mean:.{digits}f}"
+    return f"{value.mean:.{digits}f} ± {value.half_width:.{digits}f}"
+
+
+def accuracy_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per task, method and target epsilon (NaN for non-private): mean and 95 % interval of the test metric."""
     rows = []
-    for method, block in frame[frame["initial_clip"].notna()].groupby("method"):
-        curve = block.groupby("initial_clip")["metric"].mean().sort_index()
-        clips, values = curve.index.to_numpy(dtype=float), curve.to_numpy()
-        best = int(np.argmax(values))
-        low = high = best
-        while low > 0 and values[low - 1] >= values[best] - tolerance:
-            low -= 1
-        while high < len(values) - 1 and values[high + 1] >= values[best] - tolerance:
-            high += 1
+    for (task, method, eps), block in frame.groupby(["task", "method", "target_epsilon"], dropna=False):
+        value = interval(block.sort_values("seed")["metric"].tolist())
         rows.append(
             {
+                "task": task,
                 "method": method,
-                "best_clip": clips[best],
-                "best_metric": float(values[best]),
-                "flat_low": clips[low],
-                "flat_high": clips[high],
-                "decades": float(np.log10(clips[high] / clips[low])),
-                "grid_decades": float(np.log10(clips[-1] / clips[0])),
-                "worst_metric": float(values.min()),
+                "target_epsilon": eps,
+                "mean": value.mean,
+                "low": value.low,
+                "high": value.high,
+                "seeds": value.n,
+                "metric_name": block["metric_name"].iloc[0],
+                "higher_is_better": bool(block["higher_is_better"].iloc[0]),
+            }
+        )
+    return pd.DataFrame(rows).sort_values(["task", "target_epsilon"], kind="stable").reset_index(drop=True)
+
+
+def verdict(difference: Interval, higher_is_better: bool) -> str:
+    """``"win"``, ``"loss"`` or ``"tie"`` for a paired difference (method minus DP-SGD)."""
+    if difference.n < 2 or difference.low <= 0 <= difference.high or not math.isfinite(difference.mean):
+        return "tie"
+    better = difference.low > 0 if higher_is_better else difference.high < 0
+    return "win" if better else "loss"
+
+
+def paired_differences(frame: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
+    """Per task, epsilon and private method: the seed-paired difference to ``baseline``, its interval and verdict."""
+    private = frame[frame["method"] != "nonprivate"]
+    rows = []
+    for (task, eps), block in private.groupby(["task", "target_epsilon"]):
+        reference = block[block["method"] == baseline].set_index("seed")["metric"]
+        for method, runs in block.groupby("method"):
+            if method == baseline:
+                continue
+            paired = runs.set_index("seed")["metric"].reindex(reference.index).dropna()
+            differences = (paired - reference.loc[paired.index]).tolist()
+            if not differences:
+                continue
+            value = interval(differences)
+            higher = bool(block["higher_is_better"].iloc[0])
+            rows.append(
+                {
+                    "task": task,
+                    "target_epsilon": eps,
+                    "method": method,
+                    "difference": value.mean,
+                    "low": value.low,
+                    "high": value.high,
+                    "seeds": value.n,
+                    "verdict": verdict(value, higher),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["task", "target_epsilon", "method", "difference", "low", "high", "seeds", "verdict"]
+    )
+
+
+def expected_best_of_k(scores: Sequence[float], k: int) -> float:
+    """Expected maximum of ``k`` cells drawn without replacement from ``scores`` (Dodge et al. 2019's tuning curve).
+
+    With the scores sorted ascending ``s_(1) <= ... <= s_(m)``, the maximum of a uniformly random
+    ``k``-subset is ``s_(i)`` with probability ``C(i - 1, k - 1) / C(m, k)``.
+    """
+    ordered = sorted(scores)
+    m = len(ordered)
+    if not 1 <= k <= m:
+        raise ValueError(f"k must lie in [1, {m}], got {k}")
+    total = math.comb(m, k)
+    return sum(score * math.comb(i - 1, k - 1) / total for i, score in enumerate(ordered, start=1))
+
+
+def tuning_grid(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per task, method and grid cell (lr, scale): the mean validation and test metric over seeds."""
+    grid = frame.assign(scale_key=frame["scale"].fillna(-1.0))
+    cells = (
+        grid.groupby(["task", "method", "lr", "scale_key"])
+        .agg(
+            val_metric=("val_metric", "mean"),
+            metric=("metric", "mean"),
+            higher_is_better=("higher_is_better", "first"),
+            metric_name=("metric_name", "first"),
+        )
+        .reset_index()
+    )
+    cells["scale"] = cells["scale_key"].where(cells["scale_key"] >= 0)
+    return cells.drop(columns="scale_key")
+
+
+def tuning_cost(frame: pd.DataFrame, points: float = 1.0, relative: float = 0.05) -> pd.DataFrame:
+    """Per task and method: grid size, best validation metric, the share of cells near it (within ``points``
+    accuracy points, or within ``relative`` of the best MSE), and the expected best validation metric after
+    k = 1, ..., all random cells (the tuning curve)."""
+    rows = []
+    for (task, method), cells in tuning_grid(frame).groupby(["task", "method"]):
+        higher = bool(cells["higher_is_better"].iloc[0])
+        scores = cells["val_metric"].where(cells["val_metric"].notna(), -math.inf if higher else math.inf)
+        oriented = scores if higher else -scores
+        best = float(oriented.max())
+        tolerance = points if higher else relative * abs(best)
+        near = float((oriented >= best - tolerance).mean())
+        curve = {k: expected_best_of_k(oriented.tolist(), k) for k in range(1, len(oriented) + 1)}
+        rows.append(
+            {
+                "task": task,
+                "method": method,
+                "cells": len(cells),
+                "best": best if higher else -best,
+                "share_near_best": near,
+                "tuning_curve": {k: (v if higher else -v) for k, v in curve.items()},
             }
         )
     result = pd.DataFrame(rows)
-    return result.sort_values("method", key=method_sort_key).reset_index(drop=True) if not result.empty else result
+    return result.sort_values("method", key=method_sort_key, kind="stable").reset_index(drop=True) if rows else result
+
+
+def size_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per method and n: mean and interval of the test metric, and the seed-paired gap to DP-SGD."""
+    rows = []
+    for (method, n), block in frame.groupby(["method", "train_size"]):
+        value = interval(block.sort_values("seed")["metric"].tolist())
+        row = {"method": method, "train_size": int(n), "mean": value.mean, "low": value.low, "high": value.high}
+        reference = frame[(frame["method"] == BASELINE) & (frame["train_size"] == n)].set_index("seed")["metric"]
+        paired = block.set_index("seed")["metric"].reindex(reference.index).dropna()
+        if method != BASELINE and len(paired):
+            gap = interval((paired - reference.loc[paired.index]).tolist())
+            row |= {"gap": gap.mean, "gap_low": gap.low, "gap_high": gap.high, "verdict": verdict(gap, True)}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+DIAGNOSTICS = ("snr", "cosine_release", "cosine_noise_free", "parameter_noise", "heterogeneity", "shape_saving")
+"""The per-step diagnostics the report summarises (see :mod:`adaclip.research.diagnostics`)."""
+
+
+def diagnostics_summary(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Per task and method: the mean over all steps of every diagnostic, and the run's test metric."""
+    rows = []
+    for r in records:
+        stats = r.get("step_stats", {})
+        row: dict[str, Any] = {"task": r["config"].get("task") or r["dataset"], "method": r["method"]}
+        for key in DIAGNOSTICS:
+            values = [v for v in stats.get(key, []) if v is not None]
+            row[key] = float(np.mean(values)) if values else math.nan
+        rows.append(row)
+    result = pd.DataFrame(rows)
+    return result.sort_values(["task", "method"], key=lambda c: method_sort_key(c) if c.name == "method" else c)
 
 
 def step_series(records: Iterable[dict[str, Any]], key: str) -> pd.DataFrame:
-    """Long table (method, step, value) of one per-step statistic of the diagnostics records."""
+    """Long table (task, method, step, value) of one per-step statistic of the diagnostics records."""
     rows = []
     for r in records:
         values = r.get("step_stats", {}).get(key)
         if values is None:
             continue
-        rows.extend({"method": r["method"], "step": i + 1, "value": v} for i, v in enumerate(values))
-    return pd.DataFrame(rows, columns=["method", "step", "value"])
-
-
-def step_summary(records: Iterable[dict[str, Any]], keys: Sequence[str]) -> pd.DataFrame:
-    """Per method, the mean over all steps of each statistic in ``keys`` (and the final test metric)."""
-    rows = []
-    for r in records:
-        stats = r.get("step_stats", {})
-        row: dict[str, Any] = {"method": r["method"], "noise_multiplier": r["noise_multiplier"]}
-        for key in keys:
-            row[key] = float(np.mean(stats[key])) if key in stats else math.nan
-        classification = "test_accuracy" in r
-        row["metric"] = r["test_accuracy"] * 100 if classification else r["test_mse"]
-        rows.append(row)
-    result = pd.DataFrame(rows)
-    return result.sort_values("method", key=method_sort_key).reset_index(drop=True)
+        task = r["config"].get("task") or r["dataset"]
+        rows.extend({"task": task, "method": r["method"], "step": i + 1, "value": v} for i, v in enumerate(values))
+    return pd.DataFrame(rows, columns=["task", "method", "step", "value"])
 
 
 def training_curves(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Long table (dataset, method, target_epsilon, seed, epoch, train_loss, test metric)."""
+    """Long table (task, method, target_epsilon, seed, epoch, train_loss, test metric)."""
     rows = []
     for r in records:
         classification = "test_accuracy" in r
         for epoch in r["per_epoch"]:
+            test = epoch.get("test_accuracy" if classification else "test_mse")
             rows.append(
                 {
-                    "dataset": r["dataset"],
+                    "task": r["config"].get("task") or r["dataset"],
                     "method": r["method"],
                     "target_epsilon": r["target_epsilon"],
                     "seed": r["seed"],
                     "epoch": epoch["epoch"],
                     "train_loss": epoch["train_loss"],
                     "metric_name": "test accuracy (%)" if classification else "test MSE",
-                    "metric": epoch["test_accuracy"] * 100 if classification else epoch["test_mse"],
+                    "metric": math.nan if test is None else test * (100 if classification else 1),
                 }
             )
     return pd.DataFrame(rows)

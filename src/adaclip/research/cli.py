@@ -136,7 +136,13 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("name", choices=SWEEPS)
     sweep.add_argument("--params", type=Path, default=Path("params.yaml"))
     sweep.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="the prepare stage's output folder")
-    sweep.add_argument("--lr-search", type=Path, help="records of the lr_search sweep (needed by every other sweep)")
+    sweep.add_argument(
+        "--features",
+        type=Path,
+        default=Path("data/features/fashion-mnist-scatternet"),
+        help="the features stage's output folder",
+    )
+    sweep.add_argument("--tuning", type=Path, help="records of the tuning sweep (needed by every other sweep)")
     sweep.add_argument("--out", type=Path, required=True, help="JSON-lines file of run records (written atomically)")
     aggregate = commands.add_parser(
         "aggregate", help="summarise the sweeps into the report's numbers and headline metrics"
@@ -178,29 +184,30 @@ def _prepare(args: argparse.Namespace) -> None:
     from adaclip.research.data import prepare
 
     params = load_params(args.params)
-    manifest = prepare(params["data"]["datasets"], args.out)
+    manifest = prepare(list(params.data.datasets), args.out)
     print(f"prepared {sorted(manifest)} in {args.out}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
-    from adaclip.research.analysis import select_learning_rates
+    from adaclip.research.analysis import select
     from adaclip.research.sweeps import run_sweep, sweep_configs
 
     params = load_params(args.params)
-    learning_rates = None
-    if args.name != "lr_search":
-        if args.lr_search is None:
-            raise ValueError(
-                f"the {args.name} sweep needs --lr-search runs/lr_search.jsonl (the lr_search sweep's records)"
-            )
-        learning_rates = select_learning_rates(read_records(args.lr_search))
-    configs = sweep_configs(args.name, params, learning_rates)
+    selected, tuning = None, []
+    if args.name != "tuning":
+        if args.tuning is None:
+            raise ValueError(f"the {args.name} sweep needs --tuning runs/tuning.jsonl (the tuning sweep's records)")
+        tuning = read_records(args.tuning)
+        selected = select(tuning)
     records = run_sweep(
-        configs,
+        sweep_configs(args.name, params, selected),
         args.out,
-        workers=params["runtime"]["workers"],
+        workers=params.runtime.workers,
         prepared_dir=args.prepared,
+        features_dir=args.features,
         keep_step_stats=args.name == "diagnostics",
+        label=args.name,
+        reuse=tuning,
     )
     print(f"{args.name}: {len(records)} runs written to {args.out}")
 

@@ -9,13 +9,23 @@
   mirror into ``data/raw/<name>/``.  The decompressed content of every file is checked
   against its SHA-256 wherever it came from.  The official test set is the test split; the
   validation split is carved from the training set.
+* ``fashion-mnist-scatternet``: the ScatterNet features of Fashion-MNIST (:mod:`adaclip.research.features`),
+  read from ``data_dir/features.pt`` (default ``data/features/fashion-mnist-scatternet``), with the same splits.
 * ``breast-cancer`` (classification) and ``diabetes`` (regression) from scikit-learn, 80/10/10.
 * ``synthetic``: logistic regression whose feature scales spread log-uniformly over
   ``feature_spread``, so per-coordinate gradient magnitudes differ by that factor (AdaCliP's case).
 
-Features are standardised with statistics of the training split only (images: one scalar mean and
-standard deviation; tabular data: per feature; the diabetes target too, so MSE is in units of the
-training target's variance).
+The split into training, validation and test examples is fixed (the same for every run seed), so that
+every run of a sweep is selected on and evaluated against the same examples; the run seed draws the
+``train_size`` subsample.
+
+Preprocessing is data-independent, so it releases nothing about the training set and costs no privacy:
+images are scaled to ``[0, 1]`` (no mean or deviation of the training set), ScatterNet features are
+normalised per example, breast-cancer features are used as published (their scales span five orders of
+magnitude: a strongly heterogeneous task), diabetes comes with features scikit-learn already scaled and its target is
+divided by the constant ``DIABETES_TARGET_SCALE`` (so the test MSE is in units of ``(y / 100)^2``).
+Statistics of the training set (a standardisation, say) would have to be released with noise and
+accounted for.
 """
 
 from __future__ import annotations
@@ -40,7 +50,23 @@ from torch.utils.data import TensorDataset
 
 Task = Literal["classification", "regression"]
 IDX_PARTS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-DATASETS = ("fashion-mnist", "mnist", "breast-cancer", "diabetes", "synthetic")
+DATASETS = ("fashion-mnist", "mnist", "fashion-mnist-scatternet", "breast-cancer", "diabetes", "synthetic")
+SPLIT_SEED = 0
+"""Fixes the train / validation / test split of every dataset (independent of the run seed)."""
+VALIDATION_SIZE = 5000
+"""Validation examples carved from the 60 000 training images of Fashion-MNIST and MNIST."""
+SYNTHETIC_SIZE = 10000
+TRAIN_SIZES = {
+    "fashion-mnist": 60000 - VALIDATION_SIZE,
+    "mnist": 60000 - VALIDATION_SIZE,
+    "fashion-mnist-scatternet": 60000 - VALIDATION_SIZE,
+    "breast-cancer": 569 - 2 * round(0.1 * 569),
+    "diabetes": 442 - 2 * round(0.1 * 442),
+    "synthetic": SYNTHETIC_SIZE - 2 * round(0.1 * SYNTHETIC_SIZE),
+}
+"""Training examples of each dataset (before any ``train_size`` subsample): validation needs no loading."""
+DIABETES_TARGET_SCALE = 100.0
+SCATTERNET_DIR = Path("data/features/fashion-mnist-scatternet")
 
 
 @dataclass(frozen=True)
@@ -77,6 +103,10 @@ IDX_SOURCES = {
         },
     ),
 }
+
+
+FILE_DATASETS = (*IDX_SOURCES, "fashion-mnist-scatternet")
+"""The datasets read from files, the only ones a ``data_dir`` applies to."""
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -229,14 +259,8 @@ def _subsample(indices: Tensor, train_size: int | None, generator: torch.Generat
     return indices[torch.randperm(len(indices), generator=generator)[:train_size]]
 
 
-def _standardise(train: Tensor, *others: Tensor, per_feature: bool) -> list[Tensor]:
-    dims = 0 if per_feature else tuple(range(train.dim()))
-    mean, std = train.mean(dim=dims), train.std(dim=dims).clamp_min(1e-8)
-    return [(x - mean) / std for x in (train, *others)]
-
-
 @functools.lru_cache(maxsize=2)
-def _idx_arrays(directory: Path, name: str, verify: bool) -> dict[str, np.ndarray]:
+def idx_arrays(directory: Path, name: str, verify: bool) -> dict[str, np.ndarray]:
     """The four verified IDX arrays of ``name`` in ``directory``, read once per process (sweeps reuse them)."""
     digests = IDX_SOURCES[name].sha256 if verify else {}
     return {part: read_idx(directory / f"{part}.gz", digests.get(part)) for part in IDX_PARTS}
@@ -246,15 +270,15 @@ def load_idx_dataset(
     name: str,
     *,
     seed: int = 0,
-    validation_size: int = 5000,
+    validation_size: int = VALIDATION_SIZE,
     train_size: int | None = None,
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
     verify: bool = True,
 ) -> Splits:
-    """Fashion-MNIST or MNIST as ``[n, 1, 28, 28]`` float tensors and int64 labels."""
+    """Fashion-MNIST or MNIST as ``[n, 1, 28, 28]`` float tensors in ``[0, 1]`` and int64 labels."""
     directory = locate_idx(name, data_dir, download).resolve()
-    arrays = _idx_arrays(directory, name, verify)
+    arrays = idx_arrays(directory, name, verify)
     train_x = torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.float32) / 255).unsqueeze(1)
     train_y = torch.from_numpy(arrays["train-labels-idx1-ubyte"].astype(np.int64))
     test_x = torch.from_numpy(arrays["t10k-images-idx3-ubyte"].astype(np.float32) / 255).unsqueeze(1)
@@ -263,31 +287,79 @@ def load_idx_dataset(
         raise CorruptDataError(f"{directory}: image and label files disagree on the number of examples")
     if not 1 <= validation_size < len(train_x):
         raise ValueError(f"validation_size must lie in [1, {len(train_x) - 1}], got {validation_size}")
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train_x), generator=generator)
-    train_idx = _subsample(order[validation_size:], train_size, generator)
+    return _image_splits(
+        name, train_x, train_y, test_x, test_y, seed=seed, train_size=train_size, validation_size=validation_size
+    )
+
+
+def _image_splits(
+    name: str,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    *,
+    seed: int,
+    train_size: int | None,
+    validation_size: int = VALIDATION_SIZE,
+) -> Splits:
+    """The fixed split (``SPLIT_SEED``) of the official training set into training and validation examples."""
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    train_idx = _subsample(order[validation_size:], train_size, torch.Generator().manual_seed(seed))
     val_idx = order[:validation_size]
-    tr, va, te = _standardise(train_x[train_idx], train_x[val_idx], test_x, per_feature=False)
     return Splits(
         name,
         "classification",
         10,
-        TensorDataset(tr, train_y[train_idx]),
-        TensorDataset(va, train_y[val_idx]),
-        TensorDataset(te, test_y),
+        TensorDataset(train_x[train_idx], train_y[train_idx]),
+        TensorDataset(train_x[val_idx], train_y[val_idx]),
+        TensorDataset(test_x, test_y),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _scatternet_features(path: Path) -> dict[str, Tensor]:
+    """The features file written by :mod:`adaclip.research.features`, read once per process."""
+    if not path.is_file():
+        raise DataNotFoundError(
+            f"{path} not found: compute the ScatterNet features first "
+            "(`dvc repro features`, or python -m adaclip.research.features --data-dir ... --out ...)"
+        )
+    loaded: dict[str, Tensor] = torch.load(path, weights_only=True)
+    return loaded
+
+
+def load_scatternet(
+    *,
+    seed: int,
+    train_size: int | None,
+    data_dir: str | os.PathLike[str] | None,
+    validation_size: int = VALIDATION_SIZE,
+) -> Splits:
+    """ScatterNet features of Fashion-MNIST, ``[n, K, h, w]``, with Fashion-MNIST's fixed split."""
+    features = _scatternet_features(
+        (Path(data_dir) if data_dir is not None else SCATTERNET_DIR).resolve() / "features.pt"
+    )
+    return _image_splits(
+        "fashion-mnist-scatternet",
+        features["train_x"],
+        features["train_y"],
+        features["test_x"],
+        features["test_y"],
+        seed=seed,
+        train_size=train_size,
+        validation_size=validation_size,
     )
 
 
 def _tabular_splits(name: str, task: Task, x: np.ndarray, y: np.ndarray, seed: int, train_size: int | None) -> Splits:
+    """80/10/10 split (fixed by ``SPLIT_SEED``); the run seed draws the ``train_size`` subsample."""
     features = torch.as_tensor(x, dtype=torch.float32)
     targets = torch.as_tensor(y, dtype=torch.int64 if task == "classification" else torch.float32)
-    generator = torch.Generator().manual_seed(seed)
-    train_idx, val_idx, test_idx = _split_indices(len(features), (0.1, 0.1), generator)
-    train_idx = _subsample(train_idx, train_size, generator)
-    x_tr, x_va, x_te = _standardise(features[train_idx], features[val_idx], features[test_idx], per_feature=True)
+    train_idx, val_idx, test_idx = _split_indices(len(features), (0.1, 0.1), torch.Generator().manual_seed(SPLIT_SEED))
+    train_idx = _subsample(train_idx, train_size, torch.Generator().manual_seed(seed))
+    x_tr, x_va, x_te = features[train_idx], features[val_idx], features[test_idx]
     y_tr, y_va, y_te = targets[train_idx], targets[val_idx], targets[test_idx]
-    if task == "regression":
-        y_tr, y_va, y_te = _standardise(y_tr, y_va, y_te, per_feature=False)
     num_classes = int(targets.max()) + 1 if task == "classification" else None
     return Splits(
         name, task, num_classes, TensorDataset(x_tr, y_tr), TensorDataset(x_va, y_va), TensorDataset(x_te, y_te)
@@ -316,16 +388,20 @@ def load_dataset(
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
     verify: bool = True,
-    synthetic_size: int = 10000,
+    synthetic_size: int = SYNTHETIC_SIZE,
     synthetic_dim: int = 50,
     feature_spread: float = 100.0,
 ) -> Splits:
-    """Load dataset ``name`` (one of :data:`DATASETS`) with the split fixed by ``seed``.
+    """Load dataset ``name`` (one of :data:`DATASETS`); ``seed`` draws the ``train_size`` subsample
+    (and, for ``synthetic``, the data).
 
-    ``data_dir`` is for the image datasets only; for any other it is refused rather than ignored.
+    ``data_dir`` is for the datasets read from files (:data:`FILE_DATASETS`); for any other it is
+    refused rather than ignored.
     """
-    if data_dir is not None and name not in IDX_SOURCES:
-        raise ValueError(f"data_dir is for the image datasets {sorted(IDX_SOURCES)} only; {name!r} needs no files")
+    if data_dir is not None and name not in FILE_DATASETS:
+        raise ValueError(f"data_dir is for the datasets read from files {list(FILE_DATASETS)}; {name!r} needs no files")
+    if name == "fashion-mnist-scatternet":
+        return load_scatternet(seed=seed, train_size=train_size, data_dir=data_dir)
     if name in IDX_SOURCES:
         return load_idx_dataset(
             name, seed=seed, train_size=train_size, data_dir=data_dir, download=download, verify=verify
@@ -339,7 +415,7 @@ def load_dataset(
         from sklearn.datasets import load_diabetes
 
         x, y = load_diabetes(return_X_y=True)
-        return _tabular_splits(name, "regression", x, y, seed, train_size)
+        return _tabular_splits(name, "regression", x, y / DIABETES_TARGET_SCALE, seed, train_size)
     if name == "synthetic":
         x, y = synthetic_logistic(synthetic_size, synthetic_dim, feature_spread, seed)
         return _tabular_splits(name, "classification", x, y, seed, train_size)

@@ -1,33 +1,42 @@
-"""The report pipeline's parameters: one strictly validated ``params.yaml``.
+"""The report pipeline's parameters: one ``params.yaml``, read once into frozen, keyword-only dataclasses.
 
-Every knob of ``dvc repro`` lives in ``params.yaml`` (the quick profile) or ``profiles/paper.yaml``
-(the full-size profile; same keys).  :func:`load_params` reads such a file and rejects unknown or
-missing keys with the key's dotted path and the accepted keys, so a misspelt parameter is an error
-before any run starts.  Sections owned by other modules (``audit``, ``bench``) are checked by
-validators those modules register in :data:`SECTION_VALIDATORS`.
+Every knob of ``dvc repro`` lives in ``params.yaml`` (the quick profile) or ``profiles/paper.yaml`` (the
+full-size profile; same keys).  :func:`load_params` reads such a file into a :class:`Params` and
+validates everything before any run starts: unknown or missing keys, types and ranges, and the
+settings that only make sense together (a task's batch size against its training-set size, delta
+against ``1 / N``, every method with a learning rate and a scale).  Every error names the dotted key
+and what it accepts.
+
+Sections: ``runtime`` (device, parallel workers), ``data`` (the datasets the prepare stage copies),
+``features`` (the ScatterNet stage), ``setting`` (methods, accountant, delta, the main epsilon and
+the tasks), ``tuning`` (the joint grid learning rate x scale per method at the main epsilon: claims 2
+and 3), ``accuracy`` (claim 3), ``size`` (claim 4), ``diagnostics`` (claim 1), ``theory``,
+``accounting``, ``audit`` (:class:`adaclip.privacy.audit.AuditConfig`) and ``bench`` (validated by
+``benchmarks/bench.py``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
 
 import torch
 import yaml
 
+from adaclip._validate import as_int, as_real, is_finite
 from adaclip.methods import METHODS, check_method
 from adaclip.privacy.accounting import ACCOUNTANTS
-from adaclip.privacy.audit import audit_config
-from adaclip.research.data import DATASETS
+from adaclip.privacy.audit import AuditConfig, audit_config
+from adaclip.research.data import DATASETS, TRAIN_SIZES
 from adaclip.research.models import MODELS
 
-SWEEPS = ("lr_search", "accuracy", "clip", "size", "diagnostics")
+SWEEPS = ("tuning", "accuracy", "size", "diagnostics")
 """The training sweeps of the pipeline, each a section of the params file and a ``runs/<name>.jsonl``."""
 
-# section -> key -> (checker, description); a key whose checker accepts None is optional
 Checker = Callable[[Any], bool]
+S = TypeVar("S")
 
 
 def is_device_name(value: Any) -> bool:
@@ -38,20 +47,18 @@ def is_device_name(value: Any) -> bool:
         return False
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _positive(value: Any) -> bool:
-    return _number(value) and value > 0
+    return is_finite(value) and as_real(value) > 0  # type: ignore[operator]
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    number = as_int(value)
+    return number is not None and number >= 1
 
 
-def _non_negative_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _seed(value: Any) -> bool:
+    number = as_int(value)
+    return number is not None and number >= 0
 
 
 def _list_of(check: Checker) -> Checker:
@@ -59,167 +66,321 @@ def _list_of(check: Checker) -> Checker:
 
 
 def _one_of(options: tuple[str, ...]) -> Checker:
-    return lambda value: value in options
+    return lambda value: isinstance(value, str) and value in options
 
 
 def _optional(check: Checker) -> Checker:
     return lambda value: value is None or check(value)
 
 
-def _string(value: Any) -> bool:
-    return isinstance(value, str) and value != ""
+def _checked(check: Checker, description: str) -> dict[str, Any]:
+    """Field metadata: the key of the field's name, validated by ``check`` (``description`` says what it accepts)."""
+    return {"check": check, "description": description}
 
 
-_DATASET_SETTING = {
-    "model": (_optional(_one_of(MODELS)), f"null or one of {list(MODELS)}"),
-    "epochs": (_optional(_positive_int), "null or an int >= 1"),
-    "batch_size": (_optional(_positive_int), "null or an int >= 1"),
-    "train_size": (_optional(_positive_int), "null or an int >= 1"),
-    "method_params": (
-        lambda v: isinstance(v, dict) and set(v) <= set(METHODS) and all(isinstance(p, dict) for p in v.values()),
-        f"a mapping from methods in {sorted(METHODS)} to their parameters, e.g. {{geoclip: {{rank: 64}}}}",
-    ),
-}
-_PRIVATE = tuple(sorted(METHODS))
-_SEEDS = (_list_of(_non_negative_int), "a non-empty list of ints >= 0")
-
-SCHEMA: dict[str, dict[str, tuple[Checker, str]]] = {
-    "runtime": {
-        "device": (is_device_name, "'cpu', 'cuda' or 'cuda:i'"),
-        "workers": (_positive_int, "an int >= 1 (runs in parallel, one process each)"),
-    },
-    "data": {"datasets": (_list_of(_one_of(DATASETS)), f"a non-empty list of {list(DATASETS)}")},
-    "setting": {
-        "methods": (_list_of(_one_of(_PRIVATE)), f"a non-empty list of {list(_PRIVATE)}"),
-        "accountant": (_one_of(ACCOUNTANTS), f"one of {list(ACCOUNTANTS)}"),
-        "delta": (_optional(lambda v: _number(v) and 0 < v < 1), "null (1e-5 or N^-1.1) or a number in (0, 1)"),
-        "epsilon": (_positive, "a number > 0 (the budget of the lr, clip and size sweeps)"),
-        "datasets": (
-            lambda v: isinstance(v, dict) and len(v) > 0 and set(v) <= set(DATASETS),
-            f"a mapping from datasets in {list(DATASETS)} to their settings",
-        ),
-    },
-    "lr_search": {
-        "multipliers": (_list_of(_positive), "a non-empty list of numbers > 0 (times the default lr)"),
-        "seeds": _SEEDS,
-    },
-    "accuracy": {"epsilons": (_list_of(_positive), "a non-empty list of numbers > 0"), "seeds": _SEEDS},
-    "clip": {
-        "dataset": (_one_of(DATASETS), f"one of {list(DATASETS)}"),
-        "initial_clips": (_list_of(_positive), "a non-empty list of numbers > 0"),
-        "seeds": _SEEDS,
-    },
-    "size": {
-        "dataset": (_one_of(DATASETS), f"one of {list(DATASETS)}"),
-        "train_sizes": (_list_of(_positive_int), "a non-empty list of ints >= 1"),
-        "seeds": _SEEDS,
-    },
-    "diagnostics": {
-        "dataset": (_one_of(DATASETS), f"one of {list(DATASETS)}"),
-        "noise_multiplier": (_positive, "a number > 0 (the same sigma for every method)"),
-        "epochs": (_positive_int, "an int >= 1"),
-        "seed": (_non_negative_int, "an int >= 0"),
-    },
-    "theory": {
-        "dim": (_positive_int, "an int >= 1 (coordinates of the synthetic gradients)"),
-        "spreads": (
-            _list_of(lambda v: _number(v) and v >= 1),
-            "a non-empty list of numbers >= 1 (largest / smallest std)",
-        ),
-        "batch_size": (_positive_int, "an int >= 1"),
-        "steps": (_positive_int, "an int >= 1"),
-        "seed": (_non_negative_int, "an int >= 0"),
-    },
-    "accounting": {
-        "dataset_size": (_positive_int, "an int >= 1"),
-        "expected_batch_size": (_positive_int, "an int >= 1"),
-        "epochs": (_positive_int, "an int >= 1"),
-        "delta": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
-        "noise_multipliers": (_list_of(_positive), "a non-empty list of numbers > 0"),
-        "curve_noise_multiplier": (_positive, "a number > 0 (sigma of the epsilon-against-steps figure)"),
-    },
-}
-TOP_LEVEL = {"profile": (_string, "a name, e.g. 'quick' or 'paper'")}
+def _frozen(value: Any) -> Any:
+    """Lists become tuples (the sections are immutable)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
-def _bench_section(section: Any) -> None:
-    """``benchmarks/bench.py --params-file`` checks every key and value of ``bench`` itself when its stage runs."""
-    if not isinstance(section, dict):
-        raise ValueError(
-            "must be a mapping of benchmarks/bench.py options (models, batch_sizes, methods, repeats, ...)"
-        )
-
-
-SECTION_VALIDATORS: dict[str, Callable[[Mapping[str, Any]], object]] = {
-    "audit": lambda section: audit_config(section, complete=True),
-    "bench": _bench_section,
-}
-"""Validators for sections owned by other modules; each raises ``ValueError`` naming the key."""
-
-
-def _check_section(name: str, values: Any, schema: Mapping[str, tuple[Checker, str]], source: str) -> None:
-    if not isinstance(values, dict):
-        raise ValueError(f"{source}: '{name}' must be a mapping with keys {sorted(schema)}")
-    unknown = sorted(set(values) - set(schema))
+def parse(kind: type[S], values: Any, path: str) -> S:
+    """Build section ``kind`` from the mapping ``values`` found at dotted ``path``; every error names the key."""
+    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
+    prefix = f"{path}." if path else ""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{path or 'the params file'} must be a mapping with keys {names}, got {values!r}")
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(
-            f"{source}: unknown key(s) {[f'{name}.{k}' for k in unknown]}; '{name}' accepts {sorted(schema)}"
-        )
-    missing = sorted(set(schema) - set(values))
+        raise ValueError(f"unknown key(s) {[prefix + str(k) for k in unknown]}; '{path or 'params'}' accepts {names}")
+    missing = [name for name in names if name not in values]
     if missing:
-        raise ValueError(f"{source}: missing key(s) {[f'{name}.{k}' for k in missing]}")
-    for key, (check, description) in schema.items():
-        if not check(values[key]):
-            raise ValueError(f"{source}: {name}.{key} must be {description}, got {values[key]!r}")
-
-
-def validate_params(params: Any, source: str = "params") -> dict[str, Any]:
-    """Check a whole params mapping; return it unchanged or raise ``ValueError`` naming the key."""
-    if not isinstance(params, dict):
-        raise ValueError(f"{source} must hold a mapping of sections, got {type(params).__name__}")
-    accepted = sorted({*TOP_LEVEL, *SCHEMA, *SECTION_VALIDATORS})
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise ValueError(f"{source}: unknown section(s) {unknown}; accepted: {accepted}")
-    missing = sorted(set(accepted) - set(params))
-    if missing:
-        raise ValueError(f"{source}: missing section(s) {missing}")
-    for key, (check, description) in TOP_LEVEL.items():
-        if not check(params[key]):
-            raise ValueError(f"{source}: {key} must be {description}, got {params[key]!r}")
-    for name, schema in SCHEMA.items():
-        _check_section(name, params[name], schema, source)
-    for name, settings in params["setting"]["datasets"].items():
-        _check_section(f"setting.datasets.{name}", settings, _DATASET_SETTING, source)
-        for method, method_params in settings["method_params"].items():
+        raise ValueError(f"missing key(s) {[prefix + k for k in missing]}")
+    converted = {}
+    for item in fields(kind):  # type: ignore[arg-type]
+        value, where = values[item.name], prefix + item.name
+        if "parser" in item.metadata:
             try:
-                check_method(method, method_params)
+                converted[item.name] = item.metadata["parser"](value)
             except ValueError as error:
-                raise ValueError(f"{source}: setting.datasets.{name}.method_params: {error}") from None
-    for name in ("clip", "size", "diagnostics"):
-        dataset = params[name]["dataset"]
-        if dataset not in params["setting"]["datasets"]:
-            raise ValueError(
-                f"{source}: {name}.dataset={dataset!r} needs an entry in setting.datasets {sorted(params['setting']['datasets'])}"
-            )
-    not_prepared = sorted(set(params["setting"]["datasets"]) - set(params["data"]["datasets"]))
-    if not_prepared:
-        raise ValueError(
-            f"{source}: setting.datasets {not_prepared} must also be listed in data.datasets (the prepare stage)"
+                raise ValueError(f"{where}: {error}") from None
+        elif "section" in item.metadata:
+            converted[item.name] = parse(item.metadata["section"], value, where)
+        elif "named" in item.metadata:
+            if not isinstance(value, Mapping) or not value:
+                raise ValueError(f"{where} must be a non-empty mapping of names to sections, got {value!r}")
+            converted[item.name] = {
+                str(name): parse(item.metadata["named"], entry, f"{where}.{name}") for name, entry in value.items()
+            }
+        else:
+            if not item.metadata["check"](value):
+                raise ValueError(f"{where} must be {item.metadata['description']}, got {value!r}")
+            converted[item.name] = _frozen(value)
+    return kind(**converted)
+
+
+_METHOD_NAMES = tuple(METHODS)
+_SEEDS = (_list_of(_seed), "a non-empty list of ints >= 0 (each fixes init, sampling and noise)")
+
+
+def _number_map(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(k, str) and _positive(v) for k, v in value.items())
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime:
+    device: str = field(metadata=_checked(is_device_name, "'cpu', 'cuda' or 'cuda:i'"))
+    workers: int = field(
+        metadata=_checked(_positive_int, "an int >= 1 (runs in parallel, one process and one torch thread each)")
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Data:
+    datasets: tuple[str, ...] = field(
+        metadata=_checked(
+            _list_of(_one_of(("fashion-mnist", "mnist", "breast-cancer", "diabetes"))),
+            "a non-empty list of the datasets the prepare stage copies (fashion-mnist, mnist, breast-cancer, diabetes)",
         )
-    for name, validator in SECTION_VALIDATORS.items():
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Features:
+    """The ScatterNet stage (:mod:`adaclip.research.features`)."""
+
+    scales: int = field(metadata=_checked(_positive_int, "an int >= 1 (J)"))
+    orientations: int = field(metadata=_checked(_positive_int, "an int >= 1 (L)"))
+    groups: int = field(
+        metadata=_checked(_positive_int, "an int >= 1 (GroupNorm groups; must divide the channel count)")
+    )
+    limit: int = field(metadata=_checked(_seed, "an int >= 0: 0 for every image, else only the first images (tests)"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Task:
+    """One learning task: a dataset, a model, the optimisation setting, and the grid centre of every method.
+
+    ``lr`` maps each method (and ``nonprivate``) to the centre of its learning-rate grid; for a method
+    whose release scales with its scale parameter (``METHODS[m].step_per_scale``) the value is the step
+    per unit of scale, ``lr x scale``, and the learning rate used is ``lr / scale``.  ``scale`` maps each
+    method with a scale parameter to the centre of that parameter's grid.
+    """
+
+    dataset: str = field(metadata=_checked(_one_of(DATASETS), f"one of {list(DATASETS)}"))
+    model: str = field(metadata=_checked(_one_of(MODELS), f"one of {list(MODELS)}"))
+    epochs: int = field(metadata=_checked(_positive_int, "an int >= 1"))
+    batch_size: int = field(metadata=_checked(_positive_int, "an int >= 1 (the expected Poisson batch size B)"))
+    momentum: float = field(metadata=_checked(lambda v: is_finite(v) and 0 <= v < 1, "a number in [0, 1)"))
+    train_size: int | None = field(
+        metadata=_checked(_optional(_positive_int), "null (all training examples) or an int >= 1")
+    )
+    methods: tuple[str, ...] = field(
+        metadata=_checked(_list_of(_one_of(_METHOD_NAMES)), f"a non-empty list of {list(_METHOD_NAMES)}")
+    )
+    lr: dict[str, float] = field(
+        metadata=_checked(_number_map, "a mapping from method (and nonprivate) to a number > 0")
+    )
+    scale: dict[str, float] = field(
+        metadata=_checked(_number_map, "a mapping from method to a number > 0 (its scale parameter)")
+    )
+    method_params: dict[str, dict[str, Any]] = field(
+        metadata=_checked(
+            lambda v: isinstance(v, Mapping) and all(isinstance(p, Mapping) for p in v.values()),
+            "a mapping from method to its fixed parameters, e.g. {geoclip: {rank: 16}}",
+        )
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    methods: tuple[str, ...] = field(
+        metadata=_checked(_list_of(_one_of(_METHOD_NAMES)), f"a non-empty list of {list(_METHOD_NAMES)}")
+    )
+    accountant: str = field(metadata=_checked(_one_of(ACCOUNTANTS), f"one of {list(ACCOUNTANTS)}"))
+    delta: float = field(
+        metadata=_checked(lambda v: is_finite(v) and 0 < v < 1, "a number in (0, 1), below 1/N of every task")
+    )
+    epsilon: float = field(
+        metadata=_checked(_positive, "a number > 0 (the main budget: tuning, size and diagnostics run at it)")
+    )
+    main_task: str = field(metadata=_checked(lambda v: isinstance(v, str), "the name of one entry of setting.tasks"))
+    tasks: dict[str, Task] = field(metadata={"named": Task})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tuning:
+    """The joint grid (claims 2 and 3): for every task and method, learning rate x scale at ``setting.epsilon``."""
+
+    lr_factors: tuple[float, ...] = field(
+        metadata=_checked(_list_of(_positive), "a non-empty list of numbers > 0 (times the lr centre)")
+    )
+    scale_factors: tuple[float, ...] = field(
+        metadata=_checked(_list_of(_positive), "a non-empty list of numbers > 0 (times the scale centre)")
+    )
+    nonprivate_lr_factors: tuple[float, ...] = field(
+        metadata=_checked(
+            _list_of(_positive),
+            "a non-empty list of numbers > 0 (the non-private lr grid: as many cells as a private method's grid)",
+        )
+    )
+    seeds: tuple[int, ...] = field(metadata=_checked(*_SEEDS))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Accuracy:
+    epsilons: tuple[float, ...] = field(metadata=_checked(_list_of(_positive), "a non-empty list of numbers > 0"))
+    seeds: tuple[int, ...] = field(metadata=_checked(*_SEEDS))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Size:
+    """Claim 4: test metric against the training-set size ``n`` at a fixed sampling rate and number of steps."""
+
+    task: str = field(metadata=_checked(lambda v: isinstance(v, str), "the name of one entry of setting.tasks"))
+    train_sizes: tuple[int, ...] = field(metadata=_checked(_list_of(_positive_int), "a non-empty list of ints >= 1"))
+    seeds: tuple[int, ...] = field(metadata=_checked(*_SEEDS))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Diagnostics:
+    """Claim 1: per-step signal-to-noise ratio, cosines and heterogeneity over whole runs at the tuned setting."""
+
+    tasks: tuple[str, ...] = field(
+        metadata=_checked(_list_of(lambda v: isinstance(v, str)), "a non-empty list of setting.tasks names")
+    )
+    seed: int = field(metadata=_checked(_seed, "an int >= 0"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Theory:
+    dim: int = field(metadata=_checked(_positive_int, "an int >= 1 (coordinates of the synthetic gradients)"))
+    spreads: tuple[float, ...] = field(
+        metadata=_checked(
+            _list_of(lambda v: is_finite(v) and v >= 1), "a non-empty list of numbers >= 1 (largest / smallest std)"
+        )
+    )
+    batch_size: int = field(metadata=_checked(_positive_int, "an int >= 1"))
+    steps: int = field(metadata=_checked(_positive_int, "an int >= 1"))
+    seed: int = field(metadata=_checked(_seed, "an int >= 0"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccountingTable:
+    dataset_size: int = field(metadata=_checked(_positive_int, "an int >= 1"))
+    expected_batch_size: int = field(metadata=_checked(_positive_int, "an int >= 1"))
+    epochs: int = field(metadata=_checked(_positive_int, "an int >= 1"))
+    delta: float = field(metadata=_checked(lambda v: is_finite(v) and 0 < v < 1, "a number in (0, 1)"))
+    noise_multipliers: tuple[float, ...] = field(
+        metadata=_checked(_list_of(_positive), "a non-empty list of numbers > 0")
+    )
+    curve_noise_multiplier: float = field(
+        metadata=_checked(_positive, "a number > 0 (sigma of the epsilon-against-steps figure)")
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Params:
+    """A whole validated params file (see the module docstring)."""
+
+    profile: str = field(metadata=_checked(lambda v: isinstance(v, str) and v != "", "a name, e.g. 'quick' or 'paper'"))
+    runtime: Runtime = field(metadata={"section": Runtime})
+    data: Data = field(metadata={"section": Data})
+    features: Features = field(metadata={"section": Features})
+    setting: Setting = field(metadata={"section": Setting})
+    tuning: Tuning = field(metadata={"section": Tuning})
+    accuracy: Accuracy = field(metadata={"section": Accuracy})
+    size: Size = field(metadata={"section": Size})
+    diagnostics: Diagnostics = field(metadata={"section": Diagnostics})
+    theory: Theory = field(metadata={"section": Theory})
+    accounting: AccountingTable = field(metadata={"section": AccountingTable})
+    audit: AuditConfig = field(metadata={"parser": lambda value: audit_config(value, complete=True)})
+    bench: dict[str, Any] = field(metadata={"parser": lambda value: _bench_section(value)})
+
+    def task(self, name: str) -> Task:
+        """The task called ``name``."""
+        return self.setting.tasks[name]
+
+
+def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ...]) -> None:
+    where = f"setting.tasks.{name}"
+    source = {"fashion-mnist-scatternet": "fashion-mnist"}.get(task.dataset, task.dataset)
+    if source in ("fashion-mnist", "mnist", "breast-cancer", "diabetes") and source not in prepared:
+        raise ValueError(f"{where}.dataset={task.dataset!r} needs {source!r} in data.datasets (the prepare stage)")
+    available = TRAIN_SIZES[task.dataset]
+    size = task.train_size if task.train_size is not None else available
+    if size > available:
+        raise ValueError(f"{where}.train_size={size} exceeds the {available} training examples of {task.dataset}")
+    if task.batch_size > size:
+        raise ValueError(f"{where}.batch_size={task.batch_size} exceeds the {size} training examples; lower it")
+    if setting.delta >= 1 / size:
+        raise ValueError(f"setting.delta={setting.delta} must be below 1/N = {1 / size:.3g} for {where} (N = {size})")
+    if task.model == "cnn" and task.dataset not in ("fashion-mnist", "mnist"):
+        raise ValueError(f"{where}.model='cnn' needs 28x28 images (fashion-mnist or mnist), not {task.dataset}")
+    if task.model == "scatter_cnn" and task.dataset != "fashion-mnist-scatternet":
+        raise ValueError(f"{where}.model='scatter_cnn' needs dataset fashion-mnist-scatternet, not {task.dataset}")
+    unknown = sorted(set(task.methods) - set(setting.methods))
+    if unknown:
+        raise ValueError(f"{where}.methods {unknown} must also be listed in setting.methods")
+    for method in (*task.methods, "nonprivate"):
+        if method not in task.lr:
+            raise ValueError(f"{where}.lr needs a learning-rate centre for {method!r}")
+    for method in task.methods:
+        if METHODS[method].scale_parameter is not None and method not in task.scale:
+            raise ValueError(f"{where}.scale needs a centre for {method!r} (its {METHODS[method].scale_parameter})")
+    for method, params in task.method_params.items():
         try:
-            validator(params[name])
+            check_method(method, params)
         except ValueError as error:
-            raise ValueError(f"{source}: {name}: {error}") from None
+            raise ValueError(f"{where}.method_params: {error}") from None
+
+
+def validate(params: Params) -> Params:
+    """The checks across sections (each names the key); returns ``params``."""
+    setting = params.setting
+    if setting.main_task not in setting.tasks:
+        raise ValueError(f"setting.main_task={setting.main_task!r} must be one of setting.tasks {list(setting.tasks)}")
+    for name, task in setting.tasks.items():
+        _check_task(name, task, setting, params.data.datasets)
+    if params.size.task not in setting.tasks:
+        raise ValueError(f"size.task={params.size.task!r} must be one of setting.tasks {list(setting.tasks)}")
+    size_task = setting.tasks[params.size.task]
+    available = TRAIN_SIZES[size_task.dataset]
+    for index, n in enumerate(params.size.train_sizes):
+        if n > available:
+            raise ValueError(f"size.train_sizes[{index}]={n} exceeds the {available} training examples")
+        if setting.delta >= 1 / n:
+            raise ValueError(f"size.train_sizes[{index}]={n}: setting.delta={setting.delta} must be below 1/n")
+    unknown = sorted(set(params.diagnostics.tasks) - set(setting.tasks))
+    if unknown:
+        raise ValueError(f"diagnostics.tasks {unknown} must be names of setting.tasks {list(setting.tasks)}")
     return params
 
 
-def load_params(path: str | os.PathLike[str] = "params.yaml") -> dict[str, Any]:
-    """Read and validate a params file (see :func:`validate_params`)."""
-    with open(path, encoding="utf-8") as handle:
-        params = yaml.safe_load(handle)
-    return validate_params(params, source=str(path))
+def _bench_section(section: Any) -> dict[str, Any]:
+    """``benchmarks/bench.py --params-file`` checks every key and value of ``bench`` itself when its stage runs."""
+    if not isinstance(section, Mapping):
+        raise ValueError("must be a mapping of benchmarks/bench.py options (models, batch_sizes, methods, ...)")
+    return dict(section)
+
+
+def params_from_mapping(values: Any) -> Params:
+    """A :class:`Params` from a parsed YAML mapping, fully validated (every error names the dotted key)."""
+    return validate(parse(Params, values, ""))
+
+
+def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
+    """Read and validate a params file; errors start with the file name and name the dotted key."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    try:
+        return params_from_mapping(values)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def check_notebook_parameters(namespace: Mapping[str, Any], allowed: set[str]) -> None:

@@ -1,135 +1,201 @@
 """The report's numbers and its generated ``reports/README.md``.
 
 :func:`summarise` turns the sweeps' records (and the benchmark's and audit's results) into one
-JSON-ready summary; :func:`headline_metrics` picks from it the small ``{method: value}`` files
-that ``dvc metrics show`` prints as a question x method table; :func:`render_readme` writes each
-question's finding as a sentence whose every number comes from the summary.
+JSON-ready summary; :func:`headline_metrics` picks from it the small ``{method: value}`` files that
+``dvc metrics show`` prints as a question x method table; :func:`findings` writes each question's
+answer as sentences whose every number comes from the summary, and which call a difference a win or
+a loss only when its 95 % interval excludes zero (a "tie" otherwise); :func:`render_readme` assembles
+``reports/README.md``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from adaclip.privacy.accounting import epsilon as epsilon_of
 from adaclip.research import analysis
+from adaclip.research.data import load_dataset
+from adaclip.research.params import Params
 from adaclip.research.theory import dpsgd_noise_power, log_spaced_std, optimal_noise_power
 
-DIAGNOSTIC_KEYS = ("noise_power", "cosine_to_clean", "clipped_fraction")
+
+@dataclass(frozen=True)
+class Anchor:
+    """A published Fashion-MNIST result at epsilon = 3, delta = 1e-5."""
+
+    model: str
+    reference: str
+    accuracy: float
+    accountant: str
+    note: str
+
+
+ANCHORS = (
+    Anchor(
+        "end-to-end tanh CNN, DP-SGD",
+        "Tramèr & Boneh 2021",
+        86.0,
+        "RDP",
+        "B = 2048, lr 4, momentum 0.9, C = 0.1, σ = 2.15, 40 epochs",
+    ),
+    Anchor(
+        "ScatterNet + linear, DP-SGD",
+        "Tramèr & Boneh 2021",
+        89.7,
+        "RDP",
+        "B = 8192, lr 16, momentum 0.9, C = 0.1, σ = 4.05, 40 epochs, N = 60 000",
+    ),
+    Anchor("ScatterNet + CNN, DP-SGD", "Tramèr & Boneh 2021", 89.0, "RDP", "B = 2048, lr 4, σ = 2.15, 40 epochs"),
+    Anchor("end-to-end tanh CNN, DP-SGD", "Papernot et al. 2021", 86.1, "RDP", "tempered sigmoid activations"),
+    Anchor("end-to-end CNN, AUTO-S", "Bu et al. 2023", 86.36, "RDP", "automatic clipping"),
+)
+"""Published numbers the report sets ours beside (each with the accountant its authors used)."""
+
+
+def mean_prediction_mse(params: Params, task: str) -> float:
+    """Test MSE of predicting the training targets' mean: the reference line a regression must beat."""
+    settings = params.task(task)
+    splits = load_dataset(settings.dataset, seed=0, train_size=settings.train_size)
+    mean = splits.train.tensors[1].float().mean()
+    return float((splits.test.tensors[1].float() - mean).square().mean())
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN to None."""
+    """JSON-safe: numpy scalars to Python, NaN to None, tuple keys joined."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {("/".join(k) if isinstance(k, tuple) else str(k)): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     if isinstance(value, (np.floating, float)):
         return None if math.isnan(float(value)) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
     return value
 
 
-def _accuracy(records: Sequence[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
-    frame = analysis.runs_frame(records)
-    summary = analysis.accuracy_by_epsilon(frame)
+def _tuning(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    cost = analysis.tuning_cost(analysis.runs_frame(records))
+    chosen = analysis.select(records)
     result: dict[str, Any] = {}
-    for dataset, block in summary.groupby("dataset"):
-        entry: dict[str, Any] = {
-            "metric": block["metric_name"].iloc[0],
-            "higher_is_better": bool(frame[frame["dataset"] == dataset]["higher_is_better"].iloc[0]),
+    for row in cost.itertuples():
+        pick = chosen[(row.task, row.method)]
+        result.setdefault(row.task, {})[row.method] = {
+            "cells": row.cells,
+            "best": row.best,
+            "share_near_best": row.share_near_best,
+            "expected_best_of_1": row.tuning_curve[1],
+            "lr": pick.lr,
+            "scale": pick.scale,
         }
-        entry["by_epsilon"] = {
-            f"{eps:g}": {
-                row.method: {"mean": row.mean, "std": row.std, "seeds": int(row.count)}
-                for row in block[block["target_epsilon"] == eps].itertuples()
-            }
-            for eps in sorted(block["target_epsilon"].dropna().unique())
-        }
-        baseline = block[block["method"] == "nonprivate"]
-        entry["nonprivate"] = (
-            None if baseline.empty else {"mean": baseline["mean"].iloc[0], "std": baseline["std"].iloc[0]}
-        )
-        main = params["setting"]["epsilon"]
-        if f"{main:g}" in entry["by_epsilon"]:
-            entry["best_at_main_epsilon"] = dict(
-                zip(("method", "mean"), analysis.best_private_method(frame, dataset, main), strict=True)
-            )
-        result[dataset] = entry
     return result
 
 
-def _clip(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _accuracy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     frame = analysis.runs_frame(records)
-    regions = analysis.flat_region(frame)
-    without = frame[frame["initial_clip"].isna()].groupby("method")["metric"].mean()
+    summary = analysis.accuracy_summary(frame)
+    differences = analysis.paired_differences(frame)
+    result: dict[str, Any] = {}
+    for task, block in summary.groupby("task"):
+        entry: dict[str, Any] = {
+            "metric": block["metric_name"].iloc[0],
+            "higher_is_better": bool(block["higher_is_better"].iloc[0]),
+            "by_epsilon": {},
+            "nonprivate": None,
+        }
+        for row in block.itertuples():
+            cell = {"mean": row.mean, "low": row.low, "high": row.high, "seeds": row.seeds}
+            if row.method == "nonprivate":
+                entry["nonprivate"] = cell
+            else:
+                entry["by_epsilon"].setdefault(f"{row.target_epsilon:g}", {})[row.method] = cell
+        for row in differences[differences["task"] == task].itertuples():
+            cell = entry["by_epsilon"][f"{row.target_epsilon:g}"][row.method]
+            cell["vs_dpsgd"] = {"difference": row.difference, "low": row.low, "high": row.high, "verdict": row.verdict}
+        result[str(task)] = entry
+    return result
+
+
+def _anchors(records: Sequence[dict[str, Any]], params: Params) -> dict[str, Any]:
+    frame = analysis.runs_frame(records)
+    ours = frame[
+        (frame["task"] == params.setting.main_task)
+        & (frame["method"] == "fixed")
+        & (frame["target_epsilon"] == params.setting.epsilon)
+    ]
+    if ours.empty:
+        return {"published": [a.__dict__ for a in ANCHORS]}
+    first = ours.iloc[0]
+    value = analysis.interval(ours["metric"].tolist())
+    rdp = epsilon_of(
+        noise_multiplier=float(first["noise_multiplier"]),
+        sample_rate=float(first["batch_size"]) / float(first["train_size"]),
+        steps=int(first["steps"]),
+        delta=float(first["delta"]),
+        accountant="rdp",
+    )
     return {
-        "flat_regions": {row.method: row._asdict() for row in regions.itertuples(index=False)},
-        "without_clip_norm": {m: float(v) for m, v in without.items()},
-        "grid": sorted(float(c) for c in frame["initial_clip"].dropna().unique()),
+        "published": [a.__dict__ for a in ANCHORS],
+        "ours": {
+            "mean": value.mean,
+            "low": value.low,
+            "high": value.high,
+            "seeds": value.n,
+            "epsilon": float(first["epsilon"]),
+            "accountant": str(first["accountant"]),
+            "epsilon_rdp": rdp,
+            "noise_multiplier": float(first["noise_multiplier"]),
+            "epochs": int(first["epochs"]),
+            "batch_size": int(first["batch_size"]),
+            "train_size": int(first["train_size"]),
+        },
     }
 
 
-def _size(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    frame = analysis.runs_frame(records)
-    summary = analysis.mean_std(frame, ["method", "train_size"])
-    return {
-        str(method): {str(int(row.train_size)): {"mean": row.mean, "std": row.std} for row in block.itertuples()}
-        for method, block in summary.groupby("method")
-    }
+def _size(records: Sequence[dict[str, Any]], accuracy: Sequence[dict[str, Any]], params: Params) -> dict[str, Any]:
+    full = [
+        r
+        for r in accuracy
+        if r["config"].get("task") == params.size.task and r["target_epsilon"] in (params.setting.epsilon, None)
+    ]
+    summary = analysis.size_summary(analysis.runs_frame([*records, *full]))
+    result: dict[str, Any] = {}
+    for row in summary.to_dict("records"):
+        cell = {k: row[k] for k in ("mean", "low", "high")}
+        if isinstance(row.get("verdict"), str):
+            cell |= {
+                "gap": row["gap"],
+                "gap_low": row["gap_low"],
+                "gap_high": row["gap_high"],
+                "verdict": row["verdict"],
+            }
+        result.setdefault(row["method"], {})[str(int(row["train_size"]))] = cell
+    return result
 
 
 def _diagnostics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    table = analysis.step_summary(records, DIAGNOSTIC_KEYS)
-    return {
-        row.method: {k: getattr(row, k) for k in (*DIAGNOSTIC_KEYS, "metric", "noise_multiplier")}
-        for row in table.itertuples()
-    }
+    table = analysis.diagnostics_summary(records)
+    result: dict[str, Any] = {}
+    for row in table.to_dict("records"):
+        result.setdefault(row["task"], {})[row["method"]] = {key: row[key] for key in analysis.DIAGNOSTICS}
+    return result
 
 
-def _theory(params: dict[str, Any]) -> dict[str, Any]:
-    section = params["theory"]
+def _theory(params: Params) -> dict[str, Any]:
+    section = params.theory
     ratios = {}
-    for spread in section["spreads"]:
-        std = log_spaced_std(section["dim"], spread)
+    for spread in section.spreads:
+        std = log_spaced_std(section.dim, spread)
         ratios[f"{spread:g}"] = optimal_noise_power(std) / dpsgd_noise_power(std)
-    return {"dim": section["dim"], "noise_power_ratio": ratios}
-
-
-def summarise(
-    params: dict[str, Any],
-    sweeps: dict[str, Sequence[dict[str, Any]]],
-    bench: Sequence[dict[str, Any]] | None = None,
-    audit: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Everything the report states, from the sweeps' records (``{sweep name: records}``), the benchmark's and the audit's."""
-    any_record = next(r for records in sweeps.values() for r in records if r["method"] != "nonprivate")
-    summary: dict[str, Any] = {
-        "profile": params["profile"],
-        "privacy": {
-            "delta": any_record["delta"],
-            "accountant": any_record["accountant"],
-            "main_epsilon": params["setting"]["epsilon"],
-        },
-        "learning_rates": analysis.select_learning_rates(sweeps["lr_search"]),
-        "accuracy": _accuracy(sweeps["accuracy"], params),
-        "clip": _clip(sweeps["clip"]),
-        "size": _size(sweeps["size"]),
-        "diagnostics": _diagnostics(sweeps["diagnostics"]),
-        "theory": _theory(params),
-    }
-    if bench is not None:
-        summary["compute"] = _compute(bench)
-    if audit is not None:
-        summary["audit"] = _audit(audit)
-    return _clean(summary)
+    return {"dim": section.dim, "noise_power_ratio": ratios}
 
 
 def _audit(audit: dict[str, Any]) -> dict[str, Any]:
-    """Per audit row (see :mod:`adaclip.privacy.audit`): kind, verdict, theoretical epsilon and the audited lower bound."""
+    """Per audit row (:mod:`adaclip.privacy.audit`): kind, verdict, theoretical epsilon and the audited lower bound."""
     return {
         row["name"]: {
             "kind": row["kind"],
@@ -159,136 +225,212 @@ def _compute(bench: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def summarise(
+    params: Params,
+    sweeps: dict[str, Sequence[dict[str, Any]]],
+    bench: Sequence[dict[str, Any]] | None = None,
+    audit: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything the report states: from the sweeps' records (``{sweep: records}``), the benchmark and the audit."""
+    setting = params.setting
+    summary: dict[str, Any] = {
+        "profile": params.profile,
+        "privacy": {"delta": setting.delta, "accountant": setting.accountant, "main_epsilon": setting.epsilon},
+        "main_task": setting.main_task,
+        "tuning": _tuning(sweeps["tuning"]),
+        "accuracy": _accuracy(sweeps["accuracy"]),
+        "anchors": _anchors(sweeps["accuracy"], params),
+        "size": _size(sweeps["size"], sweeps["accuracy"], params),
+        "size_task": params.size.task,
+        "diagnostics": _diagnostics(sweeps["diagnostics"]),
+        "theory": _theory(params),
+    }
+    if bench is not None:
+        summary["compute"] = _compute(bench)
+    if audit is not None:
+        summary["audit"] = _audit(audit)
+    cleaned: dict[str, Any] = _clean(summary)
+    return cleaned
+
+
 def headline_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Small ``{method: value}`` tables, one per question, for ``dvc metrics show``."""
     main = f"{summary['privacy']['main_epsilon']:g}"
     metrics: dict[str, dict[str, float]] = {}
-    for dataset, entry in summary["accuracy"].items():
+    for task, entry in summary["accuracy"].items():
         values = {m: v["mean"] for m, v in entry["by_epsilon"].get(main, {}).items()}
         if entry["nonprivate"] is not None:
             values["nonprivate"] = entry["nonprivate"]["mean"]
-        metrics[f"q3_{dataset}_eps{main}"] = values
-    metrics["q2_flat_decades"] = {m: r["decades"] for m, r in summary["clip"]["flat_regions"].items()}
-    metrics["q1_noise_power"] = {m: r["noise_power"] for m, r in summary["diagnostics"].items()}
-    metrics["q1_cosine_to_clean"] = {m: r["cosine_to_clean"] for m, r in summary["diagnostics"].items()}
-    if "compute" in summary:
-        largest = max(
-            (k for k in summary["compute"] if k.startswith("mlp/")), key=lambda k: int(k.split("B=")[1]), default=None
-        )
-        if largest is not None:
-            metrics["q5_step_time_ratio_mlp"] = {
-                setup.split("/")[0]: row["ratio_to_nonprivate"]
-                for setup, row in summary["compute"][largest].items()
-                if setup.endswith("/fast")
-            }
-    smallest = {m: min(v, key=int) for m, v in summary["size"].items()}
-    metrics["q4_smallest_n"] = {m: summary["size"][m][n]["mean"] for m, n in smallest.items()}
+        metrics[f"q3_{task}_eps{main}"] = values
+    for task, methods in summary["tuning"].items():
+        metrics[f"q2_{task}_share_near_best"] = {m: v["share_near_best"] for m, v in methods.items()}
+    for task, methods in summary["diagnostics"].items():
+        metrics[f"q1_{task}_snr"] = {m: v["snr"] for m, v in methods.items()}
+    if summary["size"]:
+        smallest = min((n for cells in summary["size"].values() for n in cells), key=int)
+        metrics[f"q4_n{smallest}"] = {
+            m: cells[smallest]["mean"] for m, cells in summary["size"].items() if smallest in cells
+        }
     return {name: {k: round(v, 5) for k, v in values.items() if v is not None} for name, values in metrics.items()}
 
 
 def _ordered(by_method: dict[str, Any]) -> list[str]:
-    return sorted(
-        by_method,
-        key=lambda m: analysis.METHOD_ORDER.index(m) if m in analysis.METHOD_ORDER else len(analysis.METHOD_ORDER),
+    order = analysis.METHOD_ORDER
+    return sorted(by_method, key=lambda m: order.index(m) if m in order else len(order))
+
+
+def _fmt(cell: dict[str, Any], higher_is_better: bool) -> str:
+    digits = 1 if higher_is_better else 3
+    unit = " %" if higher_is_better else ""
+    if cell.get("seeds", 2) > 1 and cell["high"] != cell["low"]:
+        return f"{cell['mean']:.{digits}f} ± {(cell['high'] - cell['low']) / 2:.{digits}f}{unit}"
+    return f"{cell['mean']:.{digits}f}{unit}"
+
+
+def _versus(cell: dict[str, Any], higher_is_better: bool) -> str:
+    versus = cell["vs_dpsgd"]
+    digits = 1 if higher_is_better else 3
+    word = {"win": "better than", "loss": "worse than", "tie": "a tie with"}[versus["verdict"]]
+    return (
+        f"{versus['difference']:+.{digits}f} [{versus['low']:+.{digits}f}, {versus['high']:+.{digits}f}], {word} DP-SGD"
     )
 
 
-def _pct(value: float) -> str:
-    return f"{value:.1f} %"
-
-
 def findings(summary: dict[str, Any]) -> dict[str, str]:
-    """One sentence per question, every number read from ``summary``."""
-    privacy = summary["privacy"]
+    """Sentences per question, every number read from ``summary``; a win only when the interval excludes 0."""
+    privacy, main = summary["privacy"], summary["main_task"]
     caption = f"ε = {privacy['main_epsilon']:g}, δ = {privacy['delta']:g}, {privacy['accountant'].upper()}"
+    main_eps = f"{privacy['main_epsilon']:g}"
     result: dict[str, str] = {}
 
-    diag = summary["diagnostics"]
-    if "fixed" in diag and "adaclip" in diag:
-        sigma = diag["fixed"]["noise_multiplier"]
-        ratio = diag["adaclip"]["noise_power"] / diag["fixed"]["noise_power"]
-        cosines = ", ".join(f"{analysis.label(m)} {diag[m]['cosine_to_clean']:.2f}" for m in _ordered(diag))
+    diagnostics = summary["diagnostics"]
+    if main in diagnostics:
+        diag = diagnostics[main]
+        snr = ", ".join(
+            f"{analysis.label(m)} {diag[m]['snr']:.3g}" for m in _ordered(diag) if diag[m]["snr"] is not None
+        )
+        cosine = ", ".join(
+            f"{analysis.label(m)} {diag[m]['cosine_noise_free']:.2f}/{diag[m]['cosine_release']:.2f}"
+            for m in _ordered(diag)
+            if diag[m]["cosine_release"] is not None
+        )
+        savings = []
+        for task, methods in diagnostics.items():
+            h = next((v["heterogeneity"] for v in methods.values() if v["heterogeneity"] is not None), None)
+            if h is None:
+                continue
+            achieved = methods.get("adaclip", {}).get("shape_saving")
+            saving = f"; AdaCliP's b saved {100 * achieved:.0f} %" if achieved is not None else ""
+            savings.append(f"{task}: h = {h:.2f}, at most {100 * (1 - h):.0f} % to gain{saving}")
         spreads = summary["theory"]["noise_power_ratio"]
-        widest, narrowest = max(spreads, key=float), min(spreads, key=float)
+        widest = max(spreads, key=float)
         result["noise"] = (
-            f"At the same σ = {sigma:g}, AdaCliP injected {ratio:.3g}× the noise power of DP-SGD (fixed C) when training "
-            f"(mean over steps); the mean cosine between the released step and the clean batch gradient was {cosines}. "
-            f"In theory the optimal AdaCliP transform needs {spreads[widest]:.2f}× DP-SGD's noise power when per-coordinate "
-            f"gradient std spreads over a factor {float(widest):g} (d = {summary['theory']['dim']}), and {spreads[narrowest]:.2f}× "
-            f"at a spread of {float(narrowest):g}."
+            f"On {main}, each method at its tuned hyperparameters ({caption}): the release's signal-to-noise ratio "
+            f"(‖noise-free release‖² / E‖noise‖², mean over steps) was {snr}; the cosine of the noise-free "
+            f"release and of the release with the clean batch gradient was {cosine}. Coordinate-wise clipping can "
+            f"only help as much as "
+            f"the gradients are heterogeneous: {'; '.join(savings)}. (Synthetic gradients whose per-coordinate std "
+            f"spreads over a factor {float(widest):g} would allow the optimal transform {spreads[widest]:.2f}× "
+            f"DP-SGD's "
+            f"noise power.)"
         )
 
-    regions = summary["clip"]["flat_regions"]
-    if regions:
-        grid = summary["clip"]["grid"]
+    tuning = summary["tuning"].get(main)
+    if tuning:
         parts = [
-            f"{analysis.label(m)} {regions[m]['decades']:.0f} decade(s) (C0 from {regions[m]['flat_low']:g} to {regions[m]['flat_high']:g})"
-            for m in _ordered(regions)
+            f"{analysis.label(m)} {100 * v['share_near_best']:.0f} % of {v['cells']} cells "
+            f"(best {v['best']:.1f}, one random cell {v['expected_best_of_1']:.1f} expected)"
+            for m, v in tuning.items()
+            if m != "nonprivate"
         ]
-        result["clip"] = (
-            f"Across C0 from {grid[0]:g} to {grid[-1]:g} ({math.log10(grid[-1] / grid[0]):.0f} decades, {caption}), final accuracy stayed "
-            f"within 1 point of each method's best over: " + "; ".join(parts) + "."
+        result["tuning"] = (
+            f"On {main} at {caption}, the share of the learning rate × scale grid within 1 point of each method's best "
+            f"validation accuracy: " + "; ".join(parts) + "."
         )
 
     sentences = []
-    for dataset, entry in summary["accuracy"].items():
-        best = entry.get("best_at_main_epsilon")
-        if not best:
+    for task, entry in summary["accuracy"].items():
+        at_main = entry["by_epsilon"].get(main_eps)
+        if not at_main or "fixed" not in at_main:
             continue
-        at_main = entry["by_epsilon"][f"{privacy['main_epsilon']:g}"]
-        unit = "%" if entry["higher_is_better"] else " MSE"
-        fmt = (lambda v: f"{v:.1f}{unit}") if entry["higher_is_better"] else (lambda v: f"{v:.3f}{unit}")
-        others = ", ".join(
-            f"{analysis.label(m)} {fmt(at_main[m]['mean'])}" for m in _ordered(at_main) if m != best["method"]
+        higher = entry["higher_is_better"]
+        others = "; ".join(
+            f"{analysis.label(m)} {_fmt(at_main[m], higher)} ({_versus(at_main[m], higher)})"
+            for m in _ordered(at_main)
+            if m != "fixed" and "vs_dpsgd" in at_main[m]
         )
-        baseline = f"; non-private {fmt(entry['nonprivate']['mean'])}" if entry["nonprivate"] else ""
-        sentences.append(
-            f"{dataset}: {analysis.label(best['method'])} was best with {fmt(best['mean'])} ({others}{baseline})"
-        )
+        baseline = f"; non-private {_fmt(entry['nonprivate'], higher)}" if entry["nonprivate"] else ""
+        sentences.append(f"{task}: DP-SGD {_fmt(at_main['fixed'], higher)}; {others}{baseline}")
     if sentences:
-        result["accuracy"] = f"At {caption}, test " + "; ".join(sentences) + "."
+        result["accuracy"] = (
+            f"At {caption}, test metric (mean ± half-width of the 95 % interval; paired difference to DP-SGD "
+            f"[95 % interval]): " + ". ".join(sentences) + "."
+        )
+
+    anchors = summary["anchors"]
+    if "ours" in anchors:
+        ours = anchors["ours"]
+        published = "; ".join(
+            f"{a['model']} {a['accuracy']:g} % ({a['reference']}, {a['accountant']})" for a in anchors["published"]
+        )
+        result["anchors"] = (
+            f"Our DP-SGD ScatterNet + linear reached {_fmt(ours, True)} at {ours['accountant'].upper()} ε = "
+            f"{ours['epsilon']:.2f} (RDP ε = {ours['epsilon_rdp']:.2f} for the same run; "
+            f"σ = {ours['noise_multiplier']:.3g}, "
+            f"{ours['epochs']} epochs, B = {ours['batch_size']}, N = {ours['train_size']}). Published: {published}."
+        )
 
     size = summary["size"]
     if "fixed" in size and "adaclip" in size:
-        sizes = sorted(size["fixed"], key=int)
-        small, large = sizes[0], sizes[-1]
-        gap_small = size["adaclip"][small]["mean"] - size["fixed"][small]["mean"]
-        gap_large = size["adaclip"][large]["mean"] - size["fixed"][large]["mean"]
-        result["size"] = (
-            f"AdaCliP minus DP-SGD test accuracy was {gap_small:+.1f} points at n = {small} and {gap_large:+.1f} points at n = {large} "
-            f"({caption}); DP-SGD went from {_pct(size['fixed'][small]['mean'])} to {_pct(size['fixed'][large]['mean'])}."
-        )
+        sizes = sorted(size["adaclip"], key=int)
+        parts = []
+        for n in (sizes[0], sizes[-1]):
+            cell = size["adaclip"][n]
+            if "verdict" in cell:
+                word = {"win": "better than", "loss": "worse than", "tie": "a tie with"}[cell["verdict"]]
+                parts.append(
+                    f"{cell['gap']:+.1f} [{cell['gap_low']:+.1f}, {cell['gap_high']:+.1f}] points "
+                    f"at n = {n} ({word} DP-SGD)"
+                )
+        if parts:
+            result["size"] = (
+                f"On {summary['size_task']} at {caption}, with the same sampling rate and number of steps for every n, "
+                f"AdaCliP minus DP-SGD was " + " and ".join(parts) + "."
+            )
 
     compute = summary.get("compute")
     if compute:
         parts = []
         for key in sorted(compute, key=lambda k: (k.split("/B=")[0], int(k.split("B=")[1]))):
             rows = compute[key]
-            ours = {
-                name.split("/")[0]: row["ratio_to_nonprivate"] for name, row in rows.items() if name.endswith("/fast")
-            }
-            low, high = min(ours, key=ours.get), max(ours, key=ours.get)
+            ours_fast = {n.split("/")[0]: r["ratio_to_nonprivate"] for n, r in rows.items() if n.endswith("/fast")}
+            if not ours_fast:
+                continue
+            low, high = min(ours_fast, key=ours_fast.get), max(ours_fast, key=ours_fast.get)
             opacus = ", ".join(
-                f"{name} {row['ratio_to_nonprivate']:.2f}×"
-                for name, row in sorted(rows.items())
-                if name.startswith("opacus/")
+                f"{n} {r['ratio_to_nonprivate']:.2f}×" for n, r in sorted(rows.items()) if n.startswith("opacus/")
             )
             parts.append(
-                f"{key}: {ours[low]:.2f}× ({analysis.label(low)}) to {ours[high]:.2f}× ({analysis.label(high)}) on the fast path ({opacus})"
+                f"{key}: {ours_fast[low]:.2f}× ({analysis.label(low)}) to "
+                f"{ours_fast[high]:.2f}× ({analysis.label(high)}) "
+                f"on the fast path ({opacus})"
             )
-        result["compute"] = (
-            "Step time relative to non-private training, measured in one process: " + "; ".join(parts) + "."
-        )
+        if parts:
+            result["compute"] = (
+                "Step time relative to non-private training, measured in one process: " + "; ".join(parts) + "."
+            )
 
     audit = summary.get("audit")
     if audit:
         correct = {n: r for n, r in audit.items() if r["kind"] != "control"}
         controls = {n: r for n, r in audit.items() if r["kind"] == "control"}
-        worst = max(correct, key=lambda n: correct[n]["lower_bound"] / correct[n]["theoretical_epsilon"])
+        tightest = max(correct, key=lambda n: correct[n]["lower_bound"] / correct[n]["theoretical_epsilon"])
         result["audit"] = (
-            f"{sum(r['passed'] for r in correct.values())} of {len(correct)} audits of correct methods passed (largest audited lower "
-            f"bound: {correct[worst]['lower_bound']:.2f} against ε = {correct[worst]['theoretical_epsilon']:.2f} for {worst}); "
-            f"{sum(not r['passed'] for r in controls.values())} of {len(controls)} deliberately broken controls were caught."
+            f"No violation was found by this adversary in {sum(r['passed'] for r in correct.values())} of "
+            f"{len(correct)} audits of correct methods (the tightest audited lower bound: "
+            f"{correct[tightest]['lower_bound']:.2f} against ε = {correct[tightest]['theoretical_epsilon']:.2f} for "
+            f"{tightest}); {sum(not r['passed'] for r in controls.values())} of {len(controls)} deliberately broken "
+            f"controls were caught. A pass bounds ε from below for this adversary only; it does not prove privacy."
         )
     return result
 
@@ -297,24 +439,25 @@ QUESTIONS = (
     (
         "noise",
         "1. Less noise?",
-        ["figures/noise_power", "figures/cosine", "figures/theory_noise"],
+        ["figures/snr", "figures/cosine_noise_free", "figures/heterogeneity", "figures/theory_noise"],
         "noise",
         "tables/noise.md",
     ),
     (
-        "clip",
-        "2. No hand tuning of the clip norm?",
-        ["figures/clip_sensitivity"],
-        "clipping",
-        "tables/clip_sensitivity.md",
+        "tuning",
+        "2. No hand tuning?",
+        ["figures/tuning_heatmaps", "figures/tuning_curves"],
+        "tuning",
+        "tables/tuning.md",
     ),
     (
         "accuracy",
         "3. Better accuracy at the same (ε, δ)?",
-        ["figures/accuracy", "figures/training_curves"],
+        ["figures/accuracy", "figures/paired", "figures/training_curves"],
         "accuracy",
-        "tables/accuracy.md",
+        "tables/paired.md",
     ),
+    ("anchors", "Beside the published state of the art", [], "accuracy", "tables/anchors.md"),
     ("size", "4. How much data?", ["figures/data_size"], "data_size", "tables/data_size.md"),
     ("compute", "5. What does it cost in compute?", ["figures/bench"], "bench", "tables/bench.md"),
     ("audit", "Is it private? The white-box privacy audit", ["figures/audit"], "audit", "tables/audit.md"),
@@ -325,19 +468,16 @@ QUESTIONS = (
 
 def source_of(notebook: str) -> str:
     """Where a section's artefacts come from."""
-    return (
-        "`benchmarks/bench.py` (stage `bench`)"
-        if notebook == "bench"
-        else f"`notebooks/{notebook}.ipynb` (stage `{notebook}`)"
-    )
+    if notebook == "bench":
+        return "`benchmarks/bench.py` (stage `bench`)"
+    return f"`notebooks/{notebook}.ipynb` (stage `{notebook}`)"
 
 
 def render_readme(summary: dict[str, Any], tables: dict[str, str]) -> str:
-    """``reports/README.md``: each question, its finding from ``summary``, its figures and its table.
+    """``reports/README.md``: each question, its findings from ``summary``, its figures and its table.
 
-    ``tables`` maps a section's table path (as in :data:`QUESTIONS`) to its Markdown, for the
-    sections whose table is shown inline (the audit and accounting ones); sections whose table is
-    missing from the profile are left out.
+    ``tables`` maps a section's table path (as in :data:`QUESTIONS`) to its Markdown, for the sections whose
+    table is shown inline; sections with neither a finding nor an inline table are left out.
     """
     found = findings(summary)
     privacy = summary["privacy"]
@@ -346,9 +486,11 @@ def render_readme(summary: dict[str, Any], tables: dict[str, str]) -> str:
         "",
         f"Generated by `dvc repro` from the `{summary['profile']}` profile; do not edit by hand. Every number in the "
         f"findings is read from the runs by `adaclip.research.report.findings`. Privacy: δ = {privacy['delta']:g}, "
-        f"{privacy['accountant'].upper()} accountant. Learning rates were chosen per dataset and method on the validation "
-        f"split ([`tables/learning_rates.md`](tables/learning_rates.md)); test metrics are reported. Executed notebooks are in "
-        f"`notebooks/`, every figure is PNG and SVG, and the whole report is one self-contained HTML file, `report.html`.",
+        f"{privacy['accountant'].upper()} accountant. Each method runs at its own hyperparameters, tuned on the "
+        f"validation split at ε = {privacy['main_epsilon']:g} ([`tables/tuning.md`](tables/tuning.md)); test metrics "
+        f"are reported with 95 % intervals over seeds, and differences to DP-SGD are paired by seed: a win or a loss "
+        f"only when the interval excludes zero, a tie otherwise. Executed notebooks are in `notebooks/`, every figure "
+        f"is PNG and SVG, and the whole report is one self-contained HTML file, `report.html`.",
         "",
     ]
     for key, title, figures, notebook, table in QUESTIONS:

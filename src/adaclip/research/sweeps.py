@@ -1,20 +1,21 @@
-"""The report's training sweeps: validated params in, one JSON-lines file of run records out.
+"""The report's training sweeps: a validated :class:`~adaclip.research.params.Params` in, run records out.
 
-A sweep is a list of :class:`adaclip.research.train.TrainConfig` dictionaries built from ``params.yaml``
-(see :mod:`adaclip.research.params`), each run by :func:`adaclip.research.train.run`:
+A sweep is a list of :class:`adaclip.research.train.TrainConfig` dictionaries, each run by
+:func:`adaclip.research.train.run`:
 
-Per-dataset method parameters (``setting.datasets.<name>.method_params``, e.g. GeoClip's ``rank``)
-go to every run of that dataset and method.
-
-* ``lr_search`` – each (dataset, method, multiplier of the default lr) at ``setting.epsilon``;
-  :func:`select_learning_rates` keeps, per (dataset, method), the lr with the best mean
-  *validation* metric, and every other sweep trains with it.
-* ``accuracy`` – dataset x method x epsilon x seed, plus a non-private run per dataset and seed.
-* ``clip`` – method x initial clip norm ``C0`` x seed at ``setting.epsilon`` (the methods
-  without a clip norm, e.g. AUTO-S, run once per seed).
-* ``size`` – method x training-set size x seed at ``setting.epsilon``, plus non-private.
-* ``diagnostics`` – every method at the *same* noise multiplier, keeping every step's statistics
-  (noise power, clipped fraction, cosine to the clean gradient).
+* ``tuning`` – for every task and private method, the joint grid learning rate x scale (the method's
+  ``scale_parameter``, e.g. DP-SGD's ``C``, AdaCliP's ``h2``) at ``setting.epsilon``, plus the
+  non-private baseline's learning-rate grid (as many cells).  For a method whose release scales with
+  its scale parameter (``step_per_scale``: DP-SGD, DP-PSAC) the learning-rate axis is the step per unit
+  of scale, so that the grid does not confound the clip norm with the step size.  :func:`select`
+  keeps, per task and method, the cell with the best mean *validation* metric.
+* ``accuracy`` – task x method x epsilon x seed at the selected hyperparameters (tuned at
+  ``setting.epsilon``), plus the non-private baseline per task and seed.
+* ``size`` – the size task's method x n x seed at the selected hyperparameters and ``setting.epsilon``,
+  at the task's sampling rate ``q = B / N`` and number of epochs (so the same number of steps and the
+  same sigma for every ``n``: the batch is ``q n``), plus non-private at the same steps.
+* ``diagnostics`` – every method of the diagnostics tasks at its selected hyperparameters and
+  ``setting.epsilon``, recording :mod:`adaclip.research.diagnostics` every step.
 
 Every config is resolved (validated) before the first run.  Runs execute in ``runtime.workers``
 processes with one torch thread each, so the records do not depend on the number of workers.
@@ -22,126 +23,147 @@ processes with one torch thread each, so the records do not depend on the number
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import multiprocessing
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from adaclip.methods import METHODS
-from adaclip.research.params import SWEEPS
+from adaclip.research.analysis import Hyperparameters
+from adaclip.research.params import SWEEPS, Params, Task
 from adaclip.research.records import write_records
-from adaclip.research.train import TrainConfig, default_lr, resolve, run
+from adaclip.research.train import TrainConfig, resolve, run
+
+IMAGE_DATASETS = ("fashion-mnist", "mnist")
+TIMINGS = ("wall_time_s", "examples_per_s")
+"""Record fields that change from run to run of the same config: kept apart (:func:`timings_path`), so that a
+sweep's records are byte-identical whenever its numbers are and regeneration can be checked with a diff."""
 
 
-def _base(params: dict[str, Any], dataset: str, method: str, seed: int, lr: float | None) -> dict[str, Any]:
-    setting = params["setting"]
+def timings_path(out: str | os.PathLike[str]) -> Path:
+    """Where the timings of the sweep written to ``out`` go: ``runs/x.jsonl`` -> ``runs/x.timings.jsonl``."""
+    path = Path(out)
+    return path.with_name(path.stem + ".timings" + path.suffix)
+
+
+def _base(params: Params, name: str, method: str, seed: int) -> dict[str, Any]:
+    task = params.task(name)
     config: dict[str, Any] = {
-        "dataset": dataset,
+        "dataset": task.dataset,
+        "task": name,
+        "model": task.model,
         "method": method,
         "seed": seed,
-        "accountant": setting["accountant"],
-        "delta": setting["delta"],
-        "epsilon": setting["epsilon"],
-        "device": params["runtime"]["device"],
-        "lr": lr,
+        "accountant": params.setting.accountant,
+        "delta": params.setting.delta,
+        "epsilon": None if method == "nonprivate" else params.setting.epsilon,
+        "device": params.runtime.device,
+        "epochs": task.epochs,
+        "batch_size": task.batch_size,
+        "momentum": task.momentum,
+        "train_size": task.train_size,
         "progress": False,
-        **{k: v for k, v in setting["datasets"][dataset].items() if v is not None and k != "method_params"},
+        "method_params": dict(task.method_params.get(method, {})),
     }
-    method_params = setting["datasets"][dataset]["method_params"].get(method)
-    if method_params:
-        config["method_params"] = dict(method_params)
-    if dataset in ("fashion-mnist", "mnist"):
-        config["data_dir"] = None  # filled by run_sweep from the prepared data folder
+    if task.dataset in IMAGE_DATASETS or task.dataset == "fashion-mnist-scatternet":
+        config["data_dir"] = None  # filled by run_sweep from the prepared data or features folder
     return config
 
 
-def lr_search_configs(params: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every (dataset, method including non-private, lr multiplier, seed) at ``setting.epsilon``."""
+def grid_point(task: Task, method: str, lr_factor: float, scale_factor: float | None) -> Hyperparameters:
+    """The learning rate and scale of one grid cell (see the module docstring)."""
+    entry = METHODS[method]
+    if entry.scale_parameter is None or scale_factor is None:
+        return Hyperparameters(lr=task.lr[method] * lr_factor, scale=None)
+    scale = task.scale[method] * scale_factor
+    step = task.lr[method] * lr_factor
+    return Hyperparameters(lr=step / scale if entry.step_per_scale else step, scale=scale)
+
+
+def _with(config: dict[str, Any], method: str, chosen: Hyperparameters) -> dict[str, Any]:
+    parameter = METHODS[method].scale_parameter if method in METHODS else None
+    result = {**config, "lr": chosen.lr}
+    if parameter is not None and chosen.scale is not None:
+        result["method_params"] = {**config["method_params"], parameter: chosen.scale}
+    return result
+
+
+def tuning_configs(params: Params) -> list[dict[str, Any]]:
+    """Every task x method x grid cell x seed at ``setting.epsilon``, and the non-private lr grid."""
     configs = []
-    for dataset in params["setting"]["datasets"]:
-        for method in [*params["setting"]["methods"], "nonprivate"]:
-            lr = default_lr(dataset, method)
-            for multiplier in params["lr_search"]["multipliers"]:
-                for seed in params["lr_search"]["seeds"]:
-                    configs.append(_base(params, dataset, method, seed, lr * multiplier))
+    grid = params.tuning
+    for name, task in params.setting.tasks.items():
+        for seed in grid.seeds:
+            for method in task.methods:
+                has_scale = METHODS[method].scale_parameter is not None
+                for scale_factor in grid.scale_factors if has_scale else (None,):
+                    for lr_factor in grid.lr_factors:
+                        point = grid_point(task, method, lr_factor, scale_factor)
+                        configs.append(_with(_base(params, name, method, seed), method, point))
+            for lr_factor in grid.nonprivate_lr_factors:
+                point = Hyperparameters(lr=task.lr["nonprivate"] * lr_factor, scale=None)
+                configs.append(_with(_base(params, name, "nonprivate", seed), "nonprivate", point))
     return configs
 
 
-def _lr(learning_rates: dict[str, dict[str, float]], dataset: str, method: str) -> float:
+def _chosen(selected: dict[tuple[str, str], Hyperparameters], task: str, method: str) -> Hyperparameters:
     try:
-        return learning_rates[dataset][method]
+        return selected[(task, method)]
     except KeyError:
         raise ValueError(
-            f"no selected learning rate for {dataset}/{method}: re-run the lr_search stage with this dataset and method"
+            f"no tuned hyperparameters for task {task!r}, method {method!r}: "
+            "re-run the tuning stage with this task and method"
         ) from None
 
 
 def sweep_configs(
-    name: str, params: dict[str, Any], learning_rates: dict[str, dict[str, float]] | None = None
+    name: str, params: Params, selected: dict[tuple[str, str], Hyperparameters] | None = None
 ) -> list[dict[str, Any]]:
-    """The configs of sweep ``name`` (one of :data:`SWEEPS`), with the selected learning rates."""
+    """The configs of sweep ``name`` (one of :data:`SWEEPS`), at the hyperparameters ``select`` chose."""
     if name not in SWEEPS:
         raise ValueError(f"sweep must be one of {SWEEPS}, got {name!r}")
-    if name == "lr_search":
-        return lr_search_configs(params)
-    if learning_rates is None:
-        raise ValueError(f"the {name} sweep needs the learning rates selected by the lr_search sweep")
-    methods = params["setting"]["methods"]
-    section = params[name]
+    if name == "tuning":
+        return tuning_configs(params)
+    if selected is None:
+        raise ValueError(f"the {name} sweep needs the hyperparameters selected from the tuning sweep")
     configs: list[dict[str, Any]] = []
     if name == "accuracy":
-        for dataset in params["setting"]["datasets"]:
-            for seed in section["seeds"]:
-                for method in methods:
-                    for eps in section["epsilons"]:
-                        configs.append(
-                            {
-                                **_base(params, dataset, method, seed, _lr(learning_rates, dataset, method)),
-                                "epsilon": eps,
-                            }
-                        )
-                configs.append(
-                    {
-                        **_base(params, dataset, "nonprivate", seed, _lr(learning_rates, dataset, "nonprivate")),
-                        "epsilon": None,
-                    }
-                )
-    elif name == "clip":
-        dataset = section["dataset"]
-        for seed in section["seeds"]:
-            for method in methods:
-                base = _base(params, dataset, method, seed, _lr(learning_rates, dataset, method))
-                scale_parameter = METHODS[method].scale_parameter
-                if scale_parameter is None:  # e.g. AUTO-S: nothing to sweep
-                    configs.append(base)
-                    continue
-                for clip in section["initial_clips"]:
-                    configs.append({**base, "method_params": {**base.get("method_params", {}), scale_parameter: clip}})
+        for task_name, task in params.setting.tasks.items():
+            for seed in params.accuracy.seeds:
+                for method in task.methods:
+                    point = _chosen(selected, task_name, method)
+                    for eps in params.accuracy.epsilons:
+                        configs.append({**_with(_base(params, task_name, method, seed), method, point), "epsilon": eps})
+                point = _chosen(selected, task_name, "nonprivate")
+                configs.append(_with(_base(params, task_name, "nonprivate", seed), "nonprivate", point))
     elif name == "size":
-        dataset = section["dataset"]
-        for seed in section["seeds"]:
-            for size in section["train_sizes"]:
-                for method in [*methods, "nonprivate"]:
-                    config = {
-                        **_base(params, dataset, method, seed, _lr(learning_rates, dataset, method)),
-                        "train_size": size,
-                    }
-                    configs.append({**config, "epsilon": None} if method == "nonprivate" else config)
+        task_name = params.size.task
+        task = params.task(task_name)
+        full = task.train_size if task.train_size is not None else _train_size(task)
+        for seed in params.size.seeds:
+            for n in params.size.train_sizes:
+                batch = max(1, round(task.batch_size * n / full))
+                for method in (*task.methods, "nonprivate"):
+                    config = _with(_base(params, task_name, method, seed), method, _chosen(selected, task_name, method))
+                    configs.append({**config, "train_size": n, "batch_size": batch})
     else:  # diagnostics
-        dataset = section["dataset"]
-        for method in methods:
-            config = _base(params, dataset, method, section["seed"], _lr(learning_rates, dataset, method))
-            configs.append(
-                {
-                    **config,
-                    "epsilon": None,
-                    "noise_multiplier": section["noise_multiplier"],
-                    "epochs": section["epochs"],
-                    "diagnostics": True,
-                }
-            )
+        for task_name in params.diagnostics.tasks:
+            for method in params.task(task_name).methods:
+                config = _base(params, task_name, method, params.diagnostics.seed)
+                configs.append({**_with(config, method, _chosen(selected, task_name, method)), "diagnostics": True})
     return configs
+
+
+def _train_size(task: Task) -> int:
+    from adaclip.research.data import TRAIN_SIZES
+
+    return TRAIN_SIZES[task.dataset]
 
 
 def _run_one(task: tuple[dict[str, Any], bool]) -> dict[str, Any]:
@@ -155,31 +177,82 @@ def _run_one(task: tuple[dict[str, Any], bool]) -> dict[str, Any]:
     return record
 
 
+def _key(config: dict[str, Any]) -> str:
+    """A resolved config as a comparable string (the progress bar does not change a run)."""
+    return json.dumps({k: v for k, v in config.items() if k != "progress"}, sort_keys=True)
+
+
+def _data_dir(config: dict[str, Any], prepared_dir: Path | None, features_dir: Path | None) -> str | None:
+    if config["dataset"] == "fashion-mnist-scatternet":
+        return None if features_dir is None else str(features_dir)
+    return None if prepared_dir is None else str(prepared_dir / config["dataset"])
+
+
 def run_sweep(
     configs: Sequence[dict[str, Any]],
     out: str | os.PathLike[str],
     *,
     workers: int = 1,
     prepared_dir: str | os.PathLike[str] | None = None,
+    features_dir: str | os.PathLike[str] | None = None,
     keep_step_stats: bool = False,
+    progress: bool = True,
+    label: str = "sweep",
+    reuse: Iterable[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
-    """Run every config (validated first) and write the records as JSON lines to ``out`` atomically.
+    """Run every config (all validated first) and write the records as JSON lines to ``out`` atomically.
 
-    Image datasets read their verified IDX files from ``prepared_dir/<dataset>`` (the prepare
-    stage's output).  Nothing is written unless every run succeeds.
+    Image datasets read their verified IDX files from ``prepared_dir/<dataset>`` (the prepare stage's
+    output) and the ScatterNet features from ``features_dir``.  Nothing is written unless every run
+    succeeds.  ``progress`` prints runs done / total and the time left (a line per run when stderr is
+    not a terminal, e.g. under ``dvc repro``).  A run whose resolved config equals that of a record in ``reuse``
+    (e.g. the tuning sweep's run at the selected cell) is not run again: the same config and seed give the same
+    record on the CPU.
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    prepared = None if prepared_dir is None else Path(prepared_dir)
+    features = None if features_dir is None else Path(features_dir)
     configs = [dict(c) for c in configs]
-    for config in configs:
-        if "data_dir" in config and config["data_dir"] is None and prepared_dir is not None:
-            config["data_dir"] = str(Path(prepared_dir) / config["dataset"])
-        resolve(TrainConfig.from_dict(config))
-    tasks = [(config, keep_step_stats) for config in configs]
-    if workers == 1 or len(tasks) == 1:
-        records = [_run_one(task) for task in tasks]
-    else:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
-            records = pool.map(_run_one, tasks, chunksize=1)
+    known = {_key(record["config"]): record for record in reuse}
+    reused: dict[int, dict[str, Any]] = {}
+    for index, config in enumerate(configs):
+        if "data_dir" in config and config["data_dir"] is None:
+            config["data_dir"] = _data_dir(config, prepared, features)
+        try:
+            resolved = resolve(TrainConfig.from_dict(config))
+        except ValueError as error:
+            where = f"{config.get('task')}/{config.get('method')}"
+            raise ValueError(f"{label} run {index} ({where}, seed {config.get('seed')}): {error}") from None
+        match = known.get(_key(dataclasses.asdict(resolved)))
+        if match is not None and (not keep_step_stats or "step_stats" in match):
+            reused[index] = {k: v for k, v in match.items() if keep_step_stats or k != "step_stats"}
+    tasks = [(config, keep_step_stats) for index, config in enumerate(configs) if index not in reused]
+    computed = iter(list(_map(tasks, workers, progress and not os.environ.get("TQDM_DISABLE"), label)))
+    records = [reused[index] if index in reused else next(computed) for index in range(len(configs))]
+    timings = [{key: record.pop(key) for key in TIMINGS if key in record} for record in records]
+    write_records(timings_path(out), timings)
     write_records(out, records)
     return records
+
+
+def _map(
+    tasks: list[tuple[dict[str, Any], bool]], workers: int, progress: bool, label: str
+) -> Iterable[dict[str, Any]]:
+    """The records in the order of ``tasks``, computed by ``workers`` processes, with a progress bar."""
+    bar = tqdm(total=len(tasks), desc=label, unit="run", disable=not progress, mininterval=5.0)
+    start = time.perf_counter()
+    try:
+        if workers == 1 or len(tasks) == 1:
+            for task in tasks:
+                yield _run_one(task)
+                bar.update()
+            return
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+            for record in pool.imap(_run_one, tasks, chunksize=1):
+                yield record
+                bar.update()
+    finally:
+        bar.close()
+        if progress:
+            print(f"{label}: {len(tasks)} runs in {time.perf_counter() - start:.0f} s", flush=True)

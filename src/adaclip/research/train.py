@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset, TensorDataset
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from adaclip._validate import as_int, as_real
 from adaclip.engine import AdaptiveClipDPOptimizer, make_private
@@ -58,7 +58,8 @@ from adaclip.engine import distributed as dist_utils
 from adaclip.engine.sampling import load_loader_state_dict, loader_state_dict
 from adaclip.methods import METHODS, build_rule
 from adaclip.privacy.accounting import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, Spent, account
-from adaclip.research.data import DATASETS, IDX_SOURCES, Splits, load_dataset
+from adaclip.research.data import DATASETS, FILE_DATASETS, Splits, load_dataset
+from adaclip.research.diagnostics import ReleaseProbe
 from adaclip.research.models import MODELS, build_model
 from adaclip.research.params import is_device_name
 from adaclip.research.records import check_destination, to_json
@@ -84,6 +85,15 @@ IMAGE_DEFAULTS: dict[str, Any] = {
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "fashion-mnist": IMAGE_DEFAULTS,
     "mnist": IMAGE_DEFAULTS,
+    # ScatterNet + linear (Tramèr & Boneh 2021's setting has B = 8192, momentum 0.9 and lr 16 with C = 0.1)
+    "fashion-mnist-scatternet": {
+        "model": "logistic",
+        "batch_size": 8192,
+        "epochs": 30,
+        "lr": 1.6,
+        "nonprivate_lr": 1.0,
+        "method_lr": {"adaclip": 0.1, "quantile": 0.05, "geoclip": 0.1},
+    },
     "breast-cancer": {
         "model": "logistic",
         "batch_size": 32,
@@ -123,6 +133,8 @@ class TrainingDiverged(ValueError):
 class TrainConfig:
     """Everything one run needs; ``None`` means the dataset's default (see ``DATASET_DEFAULTS``).
 
+    ``task`` is a label only (the pipeline's name for the dataset, model and setting, e.g. ``scatternet``).
+    ``diagnostics`` records :mod:`adaclip.research.diagnostics` every step (not private: a research tool).
     For ``method="nonprivate"`` the privacy settings (``epsilon``, ``noise_multiplier``, ``delta``) are
     checked but not used (a sweep may share one setting across methods); the command line refuses them.
     ``on_divergence``: ``"raise"`` (a :class:`TrainingDiverged` error) or ``"record"`` (stop and record
@@ -130,6 +142,7 @@ class TrainConfig:
     """
 
     dataset: str
+    task: str | None = None
     method: str = "adaclip"
     model: str | None = None
     epsilon: float | None = 3.0
@@ -269,8 +282,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         f"data_dir must be a folder path, got {resolved.data_dir!r}",
     )
     _check(
-        resolved.data_dir is None or resolved.dataset in IDX_SOURCES,
-        f"data_dir is for the image datasets {sorted(IDX_SOURCES)}; {resolved.dataset!r} needs no files",
+        resolved.data_dir is None or resolved.dataset in FILE_DATASETS,
+        f"data_dir is for the datasets read from files {list(FILE_DATASETS)}; {resolved.dataset!r} needs no files",
     )
     _check(is_device_name(resolved.device), f"device must be 'cpu', 'cuda' or 'cuda:i', got {resolved.device!r}")
     for name in ("diagnostics", "check_replicas", "progress"):
@@ -337,26 +350,6 @@ def _evaluate(model: nn.Module, dataset: TensorDataset, task: str, device: str) 
     if world_size > 1:
         total, count = dist_utils.all_reduce_sums([total, count], device)
     return total / count
-
-
-def _flat_grad(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad])
-
-
-def _alignment(clean: torch.Tensor, released: torch.Tensor) -> dict[str, float]:
-    """How the released step relates to the clean (non-private) mean gradient of the same batch.
-
-    A diagnostic for the report only: it reads the un-noised gradient, so it is not private and
-    never feeds back into training.  The clean gradient is autograd's ``p.grad``, which only the
-    materialised per-example path leaves in place, so diagnostic runs use that path (same results
-    up to float rounding, slower).
-    """
-    cosine = torch.nn.functional.cosine_similarity(clean, released, dim=0, eps=1e-30)
-    return {
-        "cosine_to_clean": float(cosine),
-        "clean_norm": float(clean.norm()),
-        "released_norm": float(released.norm()),
-    }
 
 
 def _versions() -> dict[str, str]:
@@ -556,7 +549,7 @@ def run(
             delta=delta,
             accountant=config.accountant,
             seed=config.seed,
-            per_example="materialise" if config.diagnostics else "fast",
+            per_example="fast",
             distributed=world_size > 1,
             check_replicas=config.check_replicas,
             **config.method_params,
@@ -568,6 +561,7 @@ def run(
     if resume and checkpoint is not None:
         progress = _load_checkpoint(checkpoint, config, model, optimizer, loader, device)
     metric = "accuracy" if task == "classification" else "mse"
+    probe = ReleaseProbe(optimizer, config.lr) if config.diagnostics and config.method != "nonprivate" else None
     start = time.perf_counter()
     show = config.progress and not os.environ.get("TQDM_DISABLE") and dist_utils.rank() == 0
     with warnings.catch_warnings():
@@ -584,7 +578,8 @@ def run(
                 optimizer.zero_grad()
                 loss = loss_fn(model(features), targets)
                 loss.backward()
-                clean = _flat_grad(model) if config.diagnostics and config.method != "nonprivate" else None
+                if probe is not None:
+                    probe.before_step()
                 optimizer.step()
                 progress.steps += 1
                 if len(targets):
@@ -596,9 +591,9 @@ def run(
                             f"the training loss is {loss_value} at epoch {epoch}, step {progress.steps}"
                         )
                         break
-                stats = dict(getattr(optimizer, "last_stats", {}))
-                if clean is not None:
-                    stats.update(_alignment(clean, _flat_grad(model)))
+                stats: dict[str, Any] = dict(getattr(optimizer, "last_stats", {}))
+                if probe is not None:
+                    stats.update(probe.after_step())
                 for key, value in stats.items():
                     progress.step_stats.setdefault(key, []).append(_finite_or_none(value))
             if world_size > 1:
@@ -689,6 +684,7 @@ def _record(
     }
 
 
-def _mean(values: list[float | None]) -> float | None:
-    finite = [v for v in values if v is not None]
-    return sum(finite) / len(finite) if finite else None
+def _mean(values: list[Any]) -> float | None:
+    """The mean of the defined values (a diagnostic is ``None`` on a step where it is undefined or not finite)."""
+    defined = [v for v in values if v is not None]
+    return sum(defined) / len(defined) if defined else None

@@ -1,0 +1,54 @@
+"""ScatterNet features: shape, per-example normalisation, independence from other examples, the stage's file."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from adaclip.research import data, features
+from test_data import write_fake_idx
+
+
+def test_scattering_gives_81_channels_of_7x7_normalised_per_example_group():
+    images = torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(0))
+    out = features.scatter_features(images, batch_size=2)
+    assert out.shape == (5, 81, 7, 7) and out.dtype == torch.float32
+    # GroupNorm written out: 27 groups of 3 consecutive channels x 49 positions, (x - mean) / sqrt(var + 1e-5)
+    raw = features.scattering()(images).reshape(5, 27, -1).double()
+    mean, var = raw.mean(-1, keepdim=True), raw.var(-1, unbiased=False, keepdim=True)
+    expected = ((raw - mean) / (var + 1e-5).sqrt()).reshape(5, 81, 7, 7)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_an_example_s_features_do_not_depend_on_the_other_examples():
+    images = torch.rand(6, 28, 28, generator=torch.Generator().manual_seed(1))
+    together = features.scatter_features(images, batch_size=6)
+    alone = torch.cat([features.scatter_features(images[i : i + 1]) for i in range(6)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    changed = images.clone()
+    changed[0] = torch.rand(28, 28)
+    torch.testing.assert_close(features.scatter_features(changed)[1:], together[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_groups_must_divide_the_channels():
+    with pytest.raises(ValueError, match="groups=4 must divide the 81"):
+        features.scatter_features(torch.rand(1, 28, 28), groups=4)
+
+
+def test_the_stage_writes_features_that_load_as_a_dataset_with_fashion_mnist_s_split(tmp_path, monkeypatch):
+    digests = write_fake_idx(tmp_path / "idx", n_train=40, n_test=10)  # not Fashion-MNIST: its own digests
+    monkeypatch.setitem(
+        data.IDX_SOURCES, "fashion-mnist", dataclasses.replace(data.IDX_SOURCES["fashion-mnist"], sha256=digests)
+    )
+    data.idx_arrays.cache_clear()
+    assert features.main(["--data-dir", str(tmp_path / "idx"), "--out", str(tmp_path / "out")]) == 0
+    data.idx_arrays.cache_clear()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["features.pt"]  # no temporary file left
+    splits = data.load_scatternet(seed=0, train_size=None, data_dir=tmp_path / "out", validation_size=8)
+    assert splits.input_shape == (81, 7, 7)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (32, 8, 10)
+
+
+def test_missing_features_name_the_stage(tmp_path):
+    with pytest.raises(data.DataNotFoundError, match="dvc repro features"):
+        data.load_scatternet(seed=0, train_size=None, data_dir=tmp_path)
