@@ -131,8 +131,8 @@ def test_bad_command_line_input_is_one_line_exit_2_and_leaves_nothing(row, extra
 # (row id, the whole command line after ``python -m adaclip``, text the one-line error must contain)
 PIPELINE_ROWS = [
     (
-        "malformed lr_search records",
-        ["sweep", "accuracy", "--params", "{fixtures}/params-tiny.yaml", "--lr-search", "{tmp}/file.txt"],
+        "malformed tuning records",
+        ["sweep", "accuracy", "--params", "{fixtures}/params-tiny.yaml", "--tuning", "{tmp}/file.txt"],
         "file.txt, line 1: not a JSON record",
     ),
     ("missing params file", ["prepare", "--params", "{tmp}/none.yaml", "--out", "{tmp}/out"], "none.yaml"),
