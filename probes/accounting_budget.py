@@ -11,6 +11,7 @@ which slows it) where the predicted grid is at most ``--max-points``; the budget
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import tracemalloc
 from pathlib import Path
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/probes/accounting_budget.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()[0]
     rows = []
     for sigma, q, steps in SETTINGS:
         for accountant in ("prv", "pld"):
@@ -89,7 +91,9 @@ def main() -> None:
     header = ["sigma", "q", "steps", "accountant", "step grid", "composed grid", "seconds", "peak MB", "within budget"]
     text = (
         "One epsilon evaluation (delta = 1e-5) per setting and accountant on one CPU thread of a shared 2-core "
-        "machine (probes/accounting_budget.py); peak MB is tracemalloc's peak of a second evaluation.  Grids are "
+        f"machine whose 1-minute load average was {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the "
+        "end (other jobs: the seconds are inflated and noisy, the memory is not) (probes/accounting_budget.py); "
+        "peak MB is tracemalloc's peak of a second evaluation.  Grids are "
         f"the predictions of grid_points; budgets: PRV {PRV_MAX_POINTS:.0e} points, PLD {PLD_MAX_STEP_POINTS:.0e} "
         f"per step and {PLD_MAX_POINTS:.0e} composed; 'RDP' means the accountant falls back to RDP there.\n\n"
         + markdown_table(header, rows)

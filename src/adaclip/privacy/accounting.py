@@ -21,16 +21,17 @@ accountants' own recipes for the price of two RDP evaluations:
 
 * PRV: Opacus's domain, ``2 L / mesh`` with ``L`` its RDP bound on the loss range (Gopi et al. 2021,
   Remark 5.6) and ``mesh = eps_error / sqrt(T log(12 / delta_error) / 2)``, ``delta_error = delta / 1000``;
-* PLD: the larger of one step's grid (dp-accounting's connect-the-dots loss range over the interval
-  ``1e-4``) and the composed one (the same ``2 L`` over ``1e-4``; for ``q = 1`` the composition is one
-  Gaussian with ``sigma / sqrt(T)``, which is exact).
+* PLD: one step's grid (dp-accounting's connect-the-dots loss range over the interval ``1e-4``) and
+  the composed one (the same ``2 L`` over ``1e-4``; for ``q = 1`` the composition is one Gaussian with
+  ``sigma / sqrt(T)``, built directly, which is exact).
 
-Above :data:`PRV_MAX_POINTS` or :data:`PLD_MAX_POINTS` (a few hundred MB and a few seconds on one
-core) RDP answers instead: it costs milliseconds and is an upper bound on epsilon, so the reported
-value stays safe, only looser.  An :class:`AccountingFallbackWarning` names the fallback, the reason
-and the value reported, and :func:`account` returns which accountant answered.  Such grids arise
-only where epsilon is in the tens or more (``sigma`` well below 0.5).  Noise multipliers above
-:data:`MAX_NOISE_MULTIPLIER` are refused.
+Above :data:`PRV_MAX_POINTS` or the PLD budgets (:data:`PLD_MAX_STEP_POINTS`, :data:`PLD_MAX_POINTS`;
+``reports/probes/accounting_budget.md`` has the measured cost per point) RDP answers instead: it costs
+milliseconds and is an upper bound on epsilon, so the reported value stays safe, only looser.  An
+:class:`AccountingFallbackWarning` names the fallback, the reason and the value reported, and
+:func:`account` returns which accountant answered.  Such grids arise only where epsilon is in the
+tens or more (``sigma`` well below 0.5).  Noise multipliers above :data:`MAX_NOISE_MULTIPLIER` are
+refused.
 """
 
 from __future__ import annotations
@@ -55,11 +56,11 @@ ACCOUNTANTS: tuple[str, ...] = ("prv", "pld", "rdp")
 MAX_NOISE_MULTIPLIER = 1e6
 """Largest noise multiplier accepted; calibration never goes beyond it either."""
 PRV_MAX_POINTS = 2_000_000
-"""Largest PRV grid computed (about 140 MB of work arrays and 1–2 s on one core); above it RDP answers."""
+"""Largest PRV grid computed; above it RDP answers (cost per point: ``reports/probes/accounting_budget.md``)."""
 PLD_MAX_STEP_POINTS = 400_000
-"""Largest grid of one subsampled PLD step (about 6 µs per point to build: 2–3 s); above it RDP answers."""
+"""Largest grid of one subsampled PLD step (the slowest part to build); above it RDP answers."""
 PLD_MAX_POINTS = 4_000_000
-"""Largest composed PLD grid (FFTs of that length: a few seconds); above it RDP answers."""
+"""Largest composed PLD grid (the length of its FFTs); above it RDP answers."""
 PRV_EPS_ERROR = 0.01
 """Opacus's default ``eps_error`` of the PRV accountant (``delta_error = delta / 1000``)."""
 PLD_INTERVAL = 1e-4
@@ -137,7 +138,7 @@ def grid_points(
     (no step grid).  Cheap (two RDP evaluations); see the module docstring."""
     if accountant == "rdp":
         return 0.0, 0.0
-    if accountant == "pld" and sample_rate == 1:  # one Gaussian PLD, built vectorised (about 1 µs per point)
+    if accountant == "pld" and sample_rate == 1:  # one Gaussian PLD, built directly (no step grid)
         return 0.0, _pld_step_points(noise_multiplier / math.sqrt(steps), 1.0)
     loss_range = _safe_loss_range(noise_multiplier, sample_rate, steps, delta)
     if accountant == "prv":
