@@ -276,6 +276,17 @@ def test_a_small_sigma_trains_and_records_the_fallback_accountant(tmp_path):
     assert strict_json((tmp_path / "x.json").read_text())["epsilon"] == record["epsilon"] > 100
 
 
+def test_a_huge_target_epsilon_trains_with_one_line_warnings(tmp_path, capsys):
+    """``--epsilon 1000`` raised MemoryError: now RDP calibrates it, and says so on one line per warning."""
+    out = tmp_path / "x.json"
+    args = ["train", "--dataset", "breast-cancer", "--method", "fixed", "--epsilon", "1000", "--epochs", "1"]
+    assert main([*args, "--no-progress", "--out", str(out)]) == 0
+    warnings_printed = capsys.readouterr().err.strip().splitlines()
+    assert warnings_printed and all(line.startswith("warning: the PRV accountant would") for line in warnings_printed)
+    record = strict_json(out.read_text())
+    assert record["epsilon_accountant"] == "rdp" and record["epsilon"] <= 1000
+
+
 # --- checkpoints and resume ---------------------------------------------------------------------------------------
 
 KILLER = """
