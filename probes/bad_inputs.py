@@ -55,7 +55,7 @@ def outcome(src: str, extra: list[str]) -> dict[str, object]:
             "lines": len(lines),
             "traceback": any(line.startswith("Traceback") for line in lines),
             "left": ", ".join(left) or "-",
-            "last": (lines[-1] if lines else done.stdout.strip().splitlines()[-1:] or [""])[-1][:110],
+            "last": (lines or done.stdout.strip().splitlines() or [""])[-1][:110],
         }
 
 
