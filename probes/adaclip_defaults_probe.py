@@ -21,14 +21,19 @@ Poisson sampling and the noise) and records the final validation accuracy, plus 
    {0.5, 2, 8}.  With a fixed clip the update is about lr * C, so the SGD learning rate is
    base / C (the same effective step for both C).
 2. AdaCliP base configuration (initial_clip=1, beta1=0.99, beta2=0.9, h1=1e-12, h2=1, kappa=1,
-   variance_target='per_example', clamp='before_average') with lr in {0.1, 0.3, 1, 3}.  AdaCliP
+   estimator='per_example') with lr in {0.1, 0.3, 1, 3}.  AdaCliP
    releases a gradient in gradient units, so its lr is not rescaled.  Both learning-rate searches
    add one grid point beyond the edge when the best lr lies at an edge of the grid.
 3. At the best AdaCliP lr (by mean validation accuracy), one factor at a time is changed from
-   the base: variance_target, clamp, h2, beta1, beta2, kappa, initial_clip.  If a variant beats
+   the base: estimator, h2, beta1, beta2, kappa, initial_clip.  If a variant beats
    the base, it is also run at lr / 3 and lr * 3, since the base's lr need not suit it.
 4. Test accuracy of the best fixed-clip and the best AdaCliP configuration (both chosen on
    validation accuracy).
+
+The committed ``reports/probes/adaclip_defaults.md`` was produced before the estimators were named:
+its ``variance_target=batch_mean`` row is today's ``estimator="paper"``, and its ``clamp=after_average``
+row has no successor (``estimator="bias_free"`` replaced it; ``probes/adaclip_variants.py`` compares the
+estimators).
 
 Why: the defaults of ``adaclip.AdaCliP`` should be the configuration that works best (or is
 never far from best) in a small, standard, fully reproducible setting, and each open choice the
@@ -72,15 +77,13 @@ ADACLIP_BASE = dict(
     h1=1e-12,
     h2=1.0,
     kappa=1.0,
-    variance_target="per_example",
-    clamp="before_average",
+    estimator="per_example",
 )
 FIXED_CLIPS = (0.1, 1.0)
 FIXED_BASE_LRS = (0.5, 2.0, 8.0)  # SGD lr = base / C
 ADACLIP_LRS = (0.1, 0.3, 1.0, 3.0)
 ONE_FACTOR = [
-    ("variance_target", "batch_mean"),
-    ("clamp", "after_average"),
+    ("estimator", "paper"),
     ("h2", 1e-2),
     ("h2", 1e-1),
     ("h2", 10.0),

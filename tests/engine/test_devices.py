@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from adaclip import make_private
 from adaclip.engine.per_example import product_epsilon
 from adaclip.methods import METHODS
+from adaclip.research.analysis import Hyperparameters
 from adaclip.research.data import load_dataset
 from adaclip.research.params import SWEEPS, load_params
 from adaclip.research.sweeps import sweep_configs
 from adaclip.research.theory import log_spaced_std
-from adaclip.research.train import TrainConfig, default_lr, resolve
+from adaclip.research.train import TrainConfig, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = [
@@ -311,13 +312,14 @@ def test_theory_std_is_float64_to_the_last_coordinate():
 def test_paper_profile_sends_every_training_run_to_cuda():
     """Every run of every sweep of profiles/paper.yaml trains on the profile's device and resolves."""
     params = load_params(ROOT / "profiles" / "paper.yaml")
-    assert params["runtime"]["device"] == "cuda" and params["bench"]["device"] == "cuda"
-    learning_rates = {
-        dataset: {m: default_lr(dataset, m) for m in (*METHODS, "nonprivate")}
-        for dataset in params["setting"]["datasets"]
+    assert params.runtime.device == "cuda" and params.bench["device"] == "cuda"
+    centres = {  # the tuning grid's centre stands in for the selected cell
+        (name, m): Hyperparameters(lr=task.lr[m], scale=task.scale.get(m))
+        for name, task in params.setting.tasks.items()
+        for m in (*task.methods, "nonprivate")
     }
     for sweep in SWEEPS:
-        configs = sweep_configs(sweep, params, learning_rates)
+        configs = sweep_configs(sweep, params, centres)
         assert configs and {c["device"] for c in configs} == {"cuda"}, sweep
         for config in configs[:: max(1, len(configs) // 20)]:
             assert resolve(TrainConfig.from_dict(config)).device == "cuda"
@@ -326,7 +328,7 @@ def test_paper_profile_sends_every_training_run_to_cuda():
 def test_dvc_runs_depend_on_the_device():
     """Changing runtime.device (or the bench's device) re-runs the stages that train."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    assert "runtime.device" in stages["lr_search"]["params"]
+    assert "runtime.device" in stages["tuning"]["params"]
     assert "runtime.device" in stages["sweep"]["do"]["params"]
     assert "bench" in stages["bench"]["params"]
 

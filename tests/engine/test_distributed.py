@@ -33,11 +33,13 @@ WORLD = 2
 BATCH = 8.0  # the global expected batch size B
 METHOD_PARAMS = {
     "fixed": {"clip_norm": 0.5},
-    "adaclip": {"initial_clip": 0.5},
+    "adaclip": {"initial_clip": 0.5, "count_noise_std": 4.0},  # the default estimator (quantile_scale) has a count
     "quantile": {"initial_clip": 0.5, "count_noise_std": 4.0},
     "auto": {},
     "geoclip": {"initial_clip": 0.5},
     "psac": {"clip_norm": 0.5},
+    "macadam": {"initial_clip": 0.5},
+    "adambc": {"clip_norm": 0.5},
 }
 # Global batches of three steps (indices into the 16 examples); the third is all even, so rank 1's share is empty.
 STEPS = [list(range(16)), [1, 2, 3, 5, 8, 13, 14], [0, 2, 4]]
@@ -135,7 +137,7 @@ def test_one_distributed_step_equals_the_single_process_step_for_every_method(tm
 def _expected_noise_std(method, sigma, batch):
     """Per-coordinate standard deviation of the first update's noise, from each paper's formula (step 0: isotropic)."""
     params = METHOD_PARAMS[method]
-    if method == "quantile":  # Andrew et al. 2021, Thm. 1: sigma_delta = (sigma^-2 - (2 sigma_b)^-2)^-1/2, clip C0
+    if method in ("quantile", "adaclip"):  # Andrew et al. 2021, Thm. 1: sigma_delta = (sigma^-2 - (2 sigma_b)^-2)^-1/2
         sigma_b = params["count_noise_std"]
         return (sigma**-2 - (2 * sigma_b) ** -2) ** -0.5 * params["initial_clip"] / batch
     if method == "auto":  # AUTO-S: sensitivity 1
@@ -164,7 +166,10 @@ def _noise_worker(rank, dim_in, results):
         features = torch.randn(4, dim_in)
         (0.0 * module(features).sum()).backward()  # zero gradients: the update is the noise alone
         optimizer.step()
-        update = model.weight.grad.reshape(-1)
+        # the released noisy gradient as the audit reads it (DP-MacAdam and DP-AdamBC step by Adam's function of it)
+        start = rule.init_state(dim_in * 5)
+        update = METHODS[method].canary().observe(rule, start, model.weight.grad.reshape(-1), optimizer.rule_state)
+        update = update[: dim_in * 5]
         ratio = float(update.square().mean()) / _expected_noise_std(method, sigma, BATCH) ** 2
         if rank == 0:
             results[method] = ratio

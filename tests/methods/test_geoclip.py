@@ -83,7 +83,7 @@ def test_diagonal_covariance_gives_adaclips_transform():
     )
 
     geoclip = GeoClip(noise_multiplier=sigma, expected_batch_size=batch, gamma=kappa**-2)
-    adaclip = AdaCliP(noise_multiplier=sigma, expected_batch_size=batch, kappa=kappa)
+    adaclip = AdaCliP(noise_multiplier=sigma, expected_batch_size=batch, kappa=kappa, estimator="per_example")
     grads = 2 * torch.randn(10, dim, generator=gen)
     noise = torch.randn(dim, generator=gen)
     geo_out, _, geo_stats = geoclip.step(grads, geo_state, noise)

@@ -44,7 +44,9 @@ STD = torch.tensor([1.0, 0.25, 0.04, 0.01], dtype=torch.float64)
 def make_rules(sigma: float = 1.0, batch: float = 4.0) -> dict:
     return {
         "fixed": FixedClip(clip_norm=1.0, noise_multiplier=sigma, expected_batch_size=batch),
-        "adaclip": AdaCliP(noise_multiplier=sigma, expected_batch_size=batch, initial_clip=1.0),
+        "adaclip": AdaCliP(
+            estimator="per_example", noise_multiplier=sigma, expected_batch_size=batch, initial_clip=1.0
+        ),
         "quantile": QuantileClip(
             noise_multiplier=sigma, expected_batch_size=batch, initial_clip=1.0, count_noise_std=batch
         ),
@@ -144,7 +146,14 @@ def test_quantile_count_noise_uses_the_last_draw():
 def test_adaclip_by_hand():
     sigma, batch, beta1, beta2 = 1.0, 4.0, 0.5, 0.5
     rule = AdaCliP(
-        noise_multiplier=sigma, expected_batch_size=batch, initial_clip=1.0, beta1=beta1, beta2=beta2, h1=1e-12, h2=10.0
+        estimator="per_example",
+        noise_multiplier=sigma,
+        expected_batch_size=batch,
+        initial_clip=1.0,
+        beta1=beta1,
+        beta2=beta2,
+        h1=1e-12,
+        h2=10.0,
     )
     state = rule.init_state(2)
     out, new_state, stats = rule.step(ROWS, state, torch.zeros(2))
@@ -162,17 +171,16 @@ def test_adaclip_by_hand():
     assert stats["noise_power"] == pytest.approx(2 * (sigma / batch) ** 2)
 
 
-def test_adaclip_variance_options_by_hand():
+def test_adaclip_paper_and_per_example_estimators_by_hand():
+    """``"paper"`` averages the batch-mean variance ``r``, ``"per_example"`` ``B r``; both clamp before averaging."""
     common = dict(noise_multiplier=0.0, expected_batch_size=4, beta2=0.5, h1=1e-12, h2=0.01)
-    state = AdaCliP(**common).init_state(2)
+    state = AdaCliP(**common, estimator="per_example").init_state(2)
     released = torch.tensor([0.9, 1.7]) / 4
     r_batch = released.square()
-    per_example = AdaCliP(**common).step(ROWS, state, torch.zeros(2))[1].variance
-    batch_mean = AdaCliP(**common, variance_target="batch_mean").step(ROWS, state, torch.zeros(2))[1].variance
-    after = AdaCliP(**common, clamp="after_average").step(ROWS, state, torch.zeros(2))[1].variance
+    per_example = AdaCliP(**common, estimator="per_example").step(ROWS, state, torch.zeros(2))[1].variance
+    paper = AdaCliP(**common, estimator="paper").step(ROWS, state, torch.zeros(2))[1].variance
     torch.testing.assert_close(per_example, 0.5 * state.variance + 0.5 * (4 * r_batch).clamp(max=0.01))
-    torch.testing.assert_close(batch_mean, 0.5 * state.variance + 0.5 * r_batch.clamp(max=0.01))
-    torch.testing.assert_close(after, (0.5 * state.variance + 0.5 * 4 * r_batch).clamp(max=0.01))
+    torch.testing.assert_close(paper, 0.5 * state.variance + 0.5 * r_batch.clamp(max=0.01))
 
 
 @pytest.mark.parametrize("name", ["fixed", "adaclip", "quantile", "auto"])
@@ -196,7 +204,7 @@ def test_adaclip_with_zero_shift_and_constant_scale_equals_fixed_clip():
     grads = 3 * torch.randn(32, 10, generator=gen)
     noise = torch.randn(10, generator=gen)
     clip, sigma, batch = 2.5, 1.3, 30.0
-    adaclip = AdaCliP(noise_multiplier=sigma, expected_batch_size=batch, initial_clip=clip)
+    adaclip = AdaCliP(estimator="per_example", noise_multiplier=sigma, expected_batch_size=batch, initial_clip=clip)
     fixed = FixedClip(clip_norm=clip, noise_multiplier=sigma, expected_batch_size=batch)
     held = AdaClipState(mean=torch.zeros(10), variance=torch.rand(10, generator=gen), scale=torch.full((10,), clip))
     torch.testing.assert_close(adaclip.step(grads, held, noise)[0], fixed.step(grads, None, noise)[0])
@@ -292,7 +300,7 @@ def test_noise_variance_subtraction_is_unbiased():
     mean = 0.2 * torch.randn(dim, generator=gen)
     scale = torch.rand(dim, generator=gen) + 0.2
     state = AdaClipState(mean=mean, variance=torch.ones(dim), scale=scale)
-    rule = AdaCliP(noise_multiplier=sigma, expected_batch_size=batch)
+    rule = AdaCliP(estimator="per_example", noise_multiplier=sigma, expected_batch_size=batch)
     noise = torch.randn(draws, dim, generator=gen)
     estimates = torch.stack(
         [noise_corrected_second_moment(rule.step(grads, state, z)[0], mean, scale, sigma, batch) for z in noise]
@@ -314,7 +322,14 @@ def test_adaclip_scale_converges_to_the_optimal_transform():
     batch, kappa = 64, 4.0
     true_mean = torch.tensor([1.0, -0.5, 0.2, 0.0])
     rule = AdaCliP(
-        noise_multiplier=0.0, expected_batch_size=batch, kappa=kappa, beta1=0.9, beta2=0.995, h1=1e-12, h2=100.0
+        estimator="per_example",
+        noise_multiplier=0.0,
+        expected_batch_size=batch,
+        kappa=kappa,
+        beta1=0.9,
+        beta2=0.995,
+        h1=1e-12,
+        h2=100.0,
     )
     state = rule.init_state(4)
     scales = []
@@ -374,8 +389,7 @@ def test_quantile_split_infeasible_fails_early_and_names_the_fix():
         (lambda: AutoClip(noise_multiplier=1.0, expected_batch_size=0), "expected_batch_size"),
         (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, beta1=1.0), "beta1"),
         (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, h1=2.0, h2=1.0), "h1"),
-        (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, variance_target="batch"), "variance_target"),
-        (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, clamp="never"), "clamp"),
+        (lambda: AdaCliP(noise_multiplier=1.0, expected_batch_size=4, estimator="batch"), "estimator"),
         (lambda: QuantileClip(noise_multiplier=1.0, expected_batch_size=4, target_quantile=1.5), "target_quantile"),
     ],
 )
@@ -390,7 +404,7 @@ def test_bad_step_inputs_are_named():
         rule.step(torch.zeros(3), None, torch.zeros(3))
     with pytest.raises(ValueError, match="noise"):
         rule.step(torch.zeros(2, 3), None, torch.zeros(4))
-    adaclip = AdaCliP(noise_multiplier=1.0, expected_batch_size=4)
+    adaclip = AdaCliP(estimator="per_example", noise_multiplier=1.0, expected_batch_size=4)
     with pytest.raises(ValueError, match="state"):
         adaclip.step(torch.zeros(2, 3), adaclip.init_state(5), torch.zeros(3))
 
@@ -402,7 +416,15 @@ def test_adaclip_next_state_depends_only_on_the_released_gradient():
     """Two different batches whose noisy releases coincide must lead to the same next state."""
     gen = torch.Generator().manual_seed(6)
     sigma, batch, dim = 1.5, 8.0, 5
-    rule = AdaCliP(noise_multiplier=sigma, expected_batch_size=batch, beta1=0.7, beta2=0.6, h1=1e-6, h2=50.0)
+    rule = AdaCliP(
+        estimator="per_example",
+        noise_multiplier=sigma,
+        expected_batch_size=batch,
+        beta1=0.7,
+        beta2=0.6,
+        h1=1e-6,
+        h2=50.0,
+    )
     state = AdaClipState(
         mean=torch.randn(dim, generator=gen),
         variance=torch.rand(dim, generator=gen),

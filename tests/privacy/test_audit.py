@@ -21,7 +21,8 @@ from test_accounting_conformance import gaussian_delta as closed_form_delta
 from test_accounting_conformance import gaussian_epsilon
 
 import adaclip
-from adaclip.methods import METHODS, AdaClipState, CanaryAdapter, build_rule
+from adaclip.methods import METHODS, AdaCliP, AdaClipState, CanaryAdapter, build_rule
+from adaclip.methods.adaclip import ESTIMATORS, AdaCliPAdapter
 from adaclip.privacy import audit
 from adaclip.privacy.accounting import epsilon
 from adaclip.privacy.audit import (
@@ -30,6 +31,7 @@ from adaclip.privacy.audit import (
     audit_config,
     audit_method,
     audit_optimizer,
+    audit_rule,
     clopper_pearson_upper,
     epsilon_lower_bound,
     gaussian_delta,
@@ -41,8 +43,8 @@ from adaclip.privacy.audit import (
 from adaclip.privacy.audit import gaussian_epsilon as audit_gaussian_epsilon
 from adaclip.privacy.audit.controls import CONTROLS, FixedClipWithoutClipping, audit_control, build_control
 
-OPTIMIZER_METHODS = ["fixed", "adaclip"]
-CHECKS = len(METHODS) + len(OPTIMIZER_METHODS)
+OPTIMIZER_METHODS = ["fixed", "adaclip", "macadam", "adambc"]  # the Adam rules: g~ read back from the state
+CHECKS = len(METHODS) + len(OPTIMIZER_METHODS) + len(ESTIMATORS)  # every AdaCliP estimator is audited as well
 CONFIDENCE = 1 - 0.05 / CHECKS
 CONFIG = audit_config(
     {
@@ -66,6 +68,15 @@ CONFIG = audit_config(
 @functools.cache
 def method_audit(method: str):
     return audit_method(method, CONFIG)
+
+
+@functools.cache
+def estimator_audit(estimator: str):
+    """AdaCliP with ``estimator``, built with the parameters the audit gives it (AdaCliPAdapter.variant_params)."""
+    sigma, batch = CONFIG.noise_multiplier, CONFIG.expected_batch_size
+    params = AdaCliPAdapter.variant_params(estimator, sigma)
+    rule = AdaCliP(noise_multiplier=sigma, expected_batch_size=batch, **params)
+    return audit_rule(rule, METHODS["adaclip"].canary(), CONFIG, name=f"adaclip ({estimator})")
 
 
 @functools.cache
@@ -212,12 +223,34 @@ def test_implied_noise_recovers_the_draws_and_the_canary_adds_exactly_its_shift(
     torch.testing.assert_close(implied - noise, adapter.canary_shift(rule, state, 12), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_adaclip_estimator_has_an_exact_inverse_and_shift(estimator):
+    """The adapter reads each estimator's releases (for quantile_scale also the noisy count off the next scale)."""
+    adapter = METHODS["adaclip"].canary()
+    rule = AdaCliP(noise_multiplier=1.5, expected_batch_size=16, **AdaCliPAdapter.variant_params(estimator, 1.5))
+    state = warm_state(rule, 12, steps=10, batch_size=16, generator=torch.Generator().manual_seed(0))
+    shift = adapter.canary_shift(rule, state, 12)
+    assert torch.linalg.vector_norm(shift).item() == pytest.approx(1 / 1.5, rel=1e-12)
+    assert shift.numel() == rule.noise_size(12)
+    background, canary = adapter.background(rule, state, 12, 16), adapter.canary(rule, state, 12)
+    noise = torch.randn(rule.noise_size(12), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    null_release, null_next, _ = rule.step(background, state, torch.zeros_like(noise))
+    null = adapter.observe(rule, state, null_release, null_next)
+    release, next_state, _ = rule.step(background, state, noise)
+    implied = adapter.implied_noise(rule, state, adapter.observe(rule, state, release, next_state) - null)
+    torch.testing.assert_close(implied, noise, rtol=0, atol=1e-9)
+    release, next_state, _ = rule.step(torch.cat([background, canary[None]]), state, noise)
+    implied = adapter.implied_noise(rule, state, adapter.observe(rule, state, release, next_state) - null)
+    torch.testing.assert_close(implied - noise, shift, rtol=0, atol=1e-9)
+
+
 def test_warm_state_is_not_the_initial_one():
-    _, _, state = rule_and_state("adaclip")
+    _, rule, state = rule_and_state("adaclip")  # the default estimator, quantile_scale
     assert isinstance(state, AdaClipState)
     assert state.mean.abs().min() > 0  # a != 0
-    # b non-uniform: b ~ v^(1/4), so a ratio of 1.2 means per-coordinate variance estimates a factor 2 apart
-    assert state.scale.max() / state.scale.min() > 1.2
+    # b non-uniform: b ~ v^(1/4), so a ratio of 1.15 means per-coordinate variance estimates a factor 1.75 apart
+    assert state.scale.max() / state.scale.min() > 1.15
+    assert state.clip_norm != rule.initial_clip  # and its global scale has moved
     _, rule, state = rule_and_state("quantile")
     assert state.clip_norm != rule.initial_clip
 
@@ -235,6 +268,14 @@ def test_correct_method_passes_the_audit(method):
     assert result.lower_bound.epsilon <= result.theoretical_epsilon
     assert result.threshold_bound.epsilon <= result.theoretical_epsilon
     # the canary saturates the bound: mu_hat matches sqrt(steps) / sigma (and the audit is tight for this adversary)
+    assert result.mean_shift.low <= result.expected_mu <= result.mean_shift.high
+    assert result.verdict == "pass" and not result.violation
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_adaclip_estimator_passes_the_audit(estimator):
+    result = estimator_audit(estimator)
+    assert result.lower_bound.epsilon <= result.theoretical_epsilon
     assert result.mean_shift.low <= result.expected_mu <= result.mean_shift.high
     assert result.verdict == "pass" and not result.violation
 
@@ -279,6 +320,7 @@ def test_state_leaks_are_seen_where_they_are_released():
     assert audit_control("AdaCliP statistics from raw gradients", one_step).verdict == "pass"
     assert control_audit("AdaCliP statistics from raw gradients").violation
     assert audit_control("quantile count without noise", one_step).violation
+    assert audit_control("AdaCliP quantile-scale count without noise", one_step).violation
 
 
 def test_results_are_reported_as_json_and_table_rows():

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 import torch
+from test_data import write_fake_idx
 
 from adaclip.research import data, features
-from test_data import write_fake_idx
 
 
 def test_scattering_gives_81_channels_of_7x7_normalised_per_example_group():

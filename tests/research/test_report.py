@@ -1,59 +1,140 @@
-"""The generated report states numbers read from the summary, and lists every question."""
+"""The generated report: findings whose every number is read from the summary, which never call a tie a win."""
 
-from adaclip.research.report import QUESTIONS, findings, headline_metrics, render_readme
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adaclip.research import analysis, report
+from adaclip.research.report import QUESTIONS, findings, headline_metrics, render_readme, source_of
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _versus(difference, low, high, verdict, seeds=3):
+    return {"difference": difference, "low": low, "high": high, "seeds": seeds, "verdict": verdict}
+
+
+def _cell(mean, low, high, seeds=3, versus=None):
+    cell = {"mean": mean, "low": low, "high": high, "seeds": seeds}
+    return cell if versus is None else {**cell, "vs_dpsgd": versus}
+
 
 SUMMARY = {
     "profile": "quick",
     "privacy": {"delta": 1e-5, "accountant": "prv", "main_epsilon": 3.0},
+    "main_task": "scatternet",
+    "size_task": "scatternet",
+    "diagnostics": {
+        "scatternet": {
+            "fixed": {
+                "snr": 0.0371,
+                "cosine_release": 0.183,
+                "cosine_noise_free": 0.912,
+                "parameter_noise": 0.1234,
+                "heterogeneity": 0.81,
+                "shape_saving": None,
+            },
+            "adaclip": {
+                "snr": 0.0362,
+                "cosine_release": 0.171,
+                "cosine_noise_free": 0.874,
+                "parameter_noise": 0.0217,
+                "heterogeneity": 0.86,
+                "shape_saving": 0.0625,
+            },
+        },
+        "diabetes": {
+            "fixed": {
+                "snr": 2.5,
+                "cosine_release": 0.5,
+                "cosine_noise_free": 0.9,
+                "parameter_noise": 0.01,
+                "heterogeneity": 0.64,
+                "shape_saving": None,
+            }
+        },
+    },
+    "theory": {"dim": 100, "noise_power_ratio": {"1": 1.0, "1000": 0.29}},
+    "tuning": {
+        "scatternet": {
+            "fixed": {
+                "cells": 9,
+                "best": 89.37,
+                "share_near_best": 0.444,
+                "expected_best_of_1": 80.25,
+                "lr": 16.0,
+                "scale": 0.1,
+            },
+            "auto": {"cells": 3, "best": 88.9, "share_near_best": 1 / 3, "expected_best_of_1": 70.5, "lr": 1.6},
+            "nonprivate": {"cells": 9, "best": 91.0, "share_near_best": 0.5, "expected_best_of_1": 85.0, "lr": 1.0},
+        }
+    },
     "accuracy": {
-        "fashion-mnist": {
+        "scatternet": {
             "metric": "test accuracy (%)",
             "higher_is_better": True,
             "by_epsilon": {
                 "3": {
-                    "fixed": {"mean": 80.25, "std": 0.1, "seeds": 2},
-                    "adaclip": {"mean": 79.5, "std": 0.2, "seeds": 2},
-                }
+                    "fixed": _cell(89.37, 89.12, 89.62),
+                    "adaclip": _cell(88.91, 88.5, 89.32, versus=_versus(-0.46, -0.81, -0.11, "loss")),
+                    "auto": _cell(89.45, 89.1, 89.8, versus=_versus(0.08, -0.21, 0.37, "tie")),
+                    "psac": _cell(89.6, 89.5, 89.7, versus=_versus(0.23, 0.12, 0.34, "win")),
+                },
+                "1": {"fixed": _cell(86.0, 85.5, 86.5), "adaclip": _cell(85.0, 84.0, 86.0)},
             },
-            "nonprivate": {"mean": 84.0, "std": 0.0},
-            "best_at_main_epsilon": {"method": "fixed", "mean": 80.25},
+            "nonprivate": _cell(91.23, 91.0, 91.46),
         },
         "diabetes": {
             "metric": "test MSE",
             "higher_is_better": False,
             "by_epsilon": {
-                "3": {"fixed": {"mean": 0.61, "std": 0.0, "seeds": 2}, "adaclip": {"mean": 0.6, "std": 0.0, "seeds": 2}}
+                "3": {
+                    "fixed": _cell(0.612, 0.6, 0.624),
+                    "adaclip": _cell(0.587, 0.58, 0.594, versus=_versus(-0.025, -0.031, -0.019, "win")),
+                    "quantile": _cell(0.655, 0.64, 0.67, versus=_versus(0.043, 0.031, 0.055, "loss")),
+                    "auto": _cell(0.6, 0.55, 0.65, versus=_versus(-0.012, -0.05, 0.026, "tie")),
+                }
             },
-            "nonprivate": None,
-            "best_at_main_epsilon": {"method": "adaclip", "mean": 0.6},
+            "nonprivate": _cell(0.5, 0.49, 0.51),
         },
     },
-    "clip": {
-        "flat_regions": {
-            "fixed": {"decades": 1.0, "flat_low": 0.1, "flat_high": 1.0},
-            "adaclip": {"decades": 3.0, "flat_low": 0.01, "flat_high": 10.0},
+    "anchors": {
+        "published": [
+            {"model": "ScatterNet + linear, DP-SGD", "reference": "T&B", "accuracy": 89.7, "accountant": "RDP"},
+        ],
+        "ours": {
+            "task": "scatternet",
+            "dataset": "fashion-mnist-scatternet",
+            "model": "logistic",
+            "mean": 89.37,
+            "low": 89.12,
+            "high": 89.62,
+            "seeds": 3,
+            "epsilon": 2.99,
+            "accountant": "prv",
+            "epsilon_rdp": 3.41,
+            "noise_multiplier": 2.97,
+            "epochs": 30,
+            "batch_size": 8192,
+            "train_size": 55000,
         },
-        "grid": [0.001, 100.0],
     },
     "size": {
-        "fixed": {"1000": {"mean": 70.0}, "30000": {"mean": 82.0}},
-        "adaclip": {"1000": {"mean": 72.5}, "30000": {"mean": 81.0}},
+        "fixed": {"1000": _cell(70.0, 69.0, 71.0), "30000": _cell(88.0, 87.5, 88.5)},
+        "adaclip": {
+            "1000": {**_cell(72.5, 71.0, 74.0), "gap": 2.5, "gap_low": 1.25, "gap_high": 3.75, "gap_seeds": 3},
+            "30000": {**_cell(87.0, 86.0, 88.0), "gap": -1.0, "gap_low": -2.5, "gap_high": 0.5, "gap_seeds": 3},
+        },
     },
-    "diagnostics": {
-        "fixed": {"noise_power": 0.5, "cosine_to_clean": 0.25, "clipped_fraction": 1.0, "noise_multiplier": 1.0},
-        "adaclip": {"noise_power": 2.0, "cosine_to_clean": 0.125, "clipped_fraction": 0.5, "noise_multiplier": 1.0},
-    },
-    "theory": {"dim": 100, "noise_power_ratio": {"1": 1.0, "1000": 0.25}},
     "compute": {
         "mlp/B=64": {
             "adaclip/fast": {"ratio_to_nonprivate": 9.0},
             "fixed/fast": {"ratio_to_nonprivate": 3.0},
             "opacus/hooks": {"ratio_to_nonprivate": 12.0},
-        },
-        "mlp/B=600": {
-            "adaclip/fast": {"ratio_to_nonprivate": 1.75},
-            "fixed/materialise": {"ratio_to_nonprivate": 50.0},
-            "nonprivate/-": {"ratio_to_nonprivate": 1.0},
         },
     },
     "audit": {
@@ -65,43 +146,290 @@ SUMMARY = {
 }
 
 
-def test_findings_read_every_number_from_the_summary():
-    found = findings(SUMMARY)
-    assert "AdaCliP injected 4× the noise power of DP-SGD" in found["noise"]
-    assert "DP-SGD (fixed C) 0.25, AdaCliP 0.12" in found["noise"]  # report order, 2 decimals
-    assert "0.25× DP-SGD's noise power when per-coordinate gradient std spreads over a factor 1000" in found["noise"]
-    assert "from 0.001 to 100 (5 decades" in found["clip"]
-    assert "DP-SGD (fixed C) 1 decade(s) (C0 from 0.1 to 1); AdaCliP 3 decade(s) (C0 from 0.01 to 10)" in found["clip"]
-    assert "fashion-mnist: DP-SGD (fixed C) was best with 80.2% (AdaCliP 79.5%; non-private 84.0%)" in found["accuracy"]
-    assert "diabetes: AdaCliP was best with 0.600 MSE (DP-SGD (fixed C) 0.610 MSE)" in found["accuracy"]
-    assert "+2.5 points at n = 1000 and -1.0 points at n = 30000" in found["size"]
-    assert found["compute"] == (
-        "Step time relative to non-private training, measured in one process: mlp/B=64: 3.00× (DP-SGD (fixed C)) to 9.00× (AdaCliP) "
-        "on the fast path (opacus/hooks 12.00×); mlp/B=600: 1.75× (AdaCliP) to 1.75× (AdaCliP) on the fast path ()."
-    )
-    assert found["audit"] == (
-        "2 of 2 audits of correct methods passed (largest audited lower bound: 1.50 against ε = 6.00 for "
-        "adaclip (optimizer)); 1 of 2 deliberately broken controls were caught."
-    )
+def _clause(text, method):
+    """The part of the accuracy sentence about ``method`` (up to the next method's clause)."""
+    start = text.index(f"{analysis.label(method)} ")
+    return text[start : text.find(";", start) if ";" in text[start:] else None]
 
 
-def test_readme_lists_every_question_with_its_figures_and_inline_tables():
-    text = render_readme(SUMMARY, {"tables/accounting.md": "| a |\n|---|\n"})
-    for _key, title, figures, _, _table in QUESTIONS:
-        assert f"## {title}" in text
-        assert all(f"({stem}.png)" in text for stem in figures)
-    assert "| a |" in text and "`quick` profile" in text
+def test_a_tie_is_never_called_a_win_and_the_words_follow_the_interval():
+    text = findings(SUMMARY)["accuracy"]
+    assert "AdaCliP 88.9 ± 0.4 % (-0.5 [-0.8, -0.1], worse than DP-SGD)" in text
+    assert "AUTO-S 89.5 ± 0.4 % (+0.1 [-0.2, +0.4], a tie with DP-SGD)" in text
+    assert "DP-PSAC 89.6 ± 0.1 % (+0.2 [+0.1, +0.3], better than DP-SGD)" in text
+    # MSE: lower is better, so a negative difference whose interval excludes 0 is the better one
+    assert "AdaCliP 0.587 ± 0.007 (-0.025 [-0.031, -0.019], better than DP-SGD)" in text
+    assert "quantile clipping 0.655 ± 0.015 (+0.043 [+0.031, +0.055], worse than DP-SGD)" in text
+    assert "AUTO-S 0.600 ± 0.050 (-0.012 [-0.050, +0.026], a tie with DP-SGD)" in text
+    assert "diabetes: DP-SGD 0.612 ± 0.012" in text and "non-private 0.500 ± 0.010" in text
 
 
-def test_headline_metrics_are_method_keyed_tables():
-    metrics = headline_metrics(SUMMARY)
-    assert metrics["q3_fashion-mnist_eps3"] == {"fixed": 80.25, "adaclip": 79.5, "nonprivate": 84.0}
-    assert metrics["q2_flat_decades"] == {"fixed": 1.0, "adaclip": 3.0}
-    assert metrics["q4_smallest_n"] == {"fixed": 70.0, "adaclip": 72.5}
-    assert metrics["q5_step_time_ratio_mlp"] == {"adaclip": 1.75}
+@pytest.mark.parametrize(
+    ("low", "high", "seeds", "stored", "words"),
+    [
+        (-0.2, 0.6, 3, "win", "a tie with"),  # a stored "win" whose interval covers 0 is still a tie
+        (0.0, 0.6, 3, "win", "a tie with"),  # 0 on the boundary is covered
+        (0.1, 0.6, 1, "win", "a tie with"),  # one seed: no interval
+        (0.1, 0.6, 3, "tie", "better than"),
+        (-0.6, -0.1, 3, "win", "worse than"),
+        (None, None, 3, "undefined", "no verdict against"),  # a diverged seed: no finite interval
+    ],
+)
+def test_the_verdict_words_are_decided_from_the_printed_interval(low, high, seeds, stored, words):
+    summary = copy.deepcopy(SUMMARY)
+    cell = summary["accuracy"]["scatternet"]["by_epsilon"]["3"]["auto"]
+    cell["vs_dpsgd"] = _versus(None if low is None else (low + high) / 2, low, high, stored, seeds)
+    clause = _clause(findings(summary)["accuracy"], "auto")
+    assert clause.endswith(f"{words} DP-SGD)"), clause
+    if low is None:
+        assert "undefined [undefined, undefined]" in clause
 
 
-def test_a_section_without_finding_or_table_is_left_out():
-    summary = {k: v for k, v in SUMMARY.items() if k != "audit"}
+def test_size_finding_pairs_with_dpsgd_and_says_tie_when_the_gap_covers_zero():
+    text = findings(SUMMARY)["size"]
+    assert "+2.5 [+1.2, +3.8] points at n = 1000 (better than DP-SGD)" in text
+    assert "-1.0 [-2.5, +0.5] points at n = 30000 (a tie with DP-SGD)" in text
+    summary = copy.deepcopy(SUMMARY)
+    summary["size_task"] = "diabetes"  # MSE: a positive gap is worse, and no "points"
+    assert "+2.500 [+1.250, +3.750] at n = 1000 (worse than DP-SGD)" in findings(summary)["size"]
+
+
+def test_the_noise_finding_states_the_comparable_units_and_adaclips_own_bound():
+    text = findings(SUMMARY)["noise"]
+    assert "DP-SGD (fixed C) 0.0371, AdaCliP 0.0362" in text  # SNR, report order, 3 significant digits
+    assert "DP-SGD (fixed C) 0.91/0.18, AdaCliP 0.87/0.17" in text  # noise-free / release cosines
+    assert "DP-SGD (fixed C) 0.123, AdaCliP 0.0217" in text  # lr^2 E||noise||^2
+    # AdaCliP's saving is set against 1 - h of its own run (0.86), not DP-SGD's (0.81)
+    assert "scatternet: h = 0.86, at most 14 % to gain; AdaCliP's b saved 6 %" in text
+    assert "diabetes: h = 0.64, at most 36 % to gain" in text
+    assert "spreads over a factor 1000 would allow the optimal transform 0.29× DP-SGD's noise power" in text
+
+
+def test_the_tuning_finding_reads_the_grid_and_its_metric():
+    text = findings(SUMMARY)["tuning"]
+    assert "within 1 point of each method's best validation accuracy" in text
+    assert "DP-SGD (fixed C) 44 % of 9 cells (best 89.4, one random cell 80.2 expected)" in text
+    assert "AUTO-S 33 % of 3 cells" in text and "non-private" not in text
+    summary = copy.deepcopy(SUMMARY)
+    summary["tuning"]["scatternet"]["fixed"]["expected_best_of_1"] = None  # a diverged cell: infinite expectation
+    assert "one random cell undefined: a random cell can diverge" in findings(summary)["tuning"]
+    summary["accuracy"]["scatternet"]["higher_is_better"] = False
+    assert "within 5 % of each method's best validation MSE" in findings(summary)["tuning"]
+
+
+def test_the_anchor_finding_names_our_task_and_both_accountants():
+    text = findings(SUMMARY)["anchors"]
+    assert text.startswith("Our DP-SGD on scatternet (logistic model, fashion-mnist-scatternet) reached 89.4 ± 0.2 %")
+    assert "PRV ε = 2.99 (RDP ε = 3.41 for the same run; σ = 2.97, 30 epochs, B = 8192, N = 55000)" in text
+    assert "ScatterNet + linear, DP-SGD 89.7 % (T&B, RDP)" in text
+
+
+# every numeric leaf of the summary that the findings state: perturbing it must change the text
+NOT_STATED = {
+    "theory.dim",
+    "theory.noise_power_ratio.1",  # only the widest spread is quoted
+    "tuning.scatternet.fixed.lr",  # the chosen cell is in the tuning table, not the sentence
+    "tuning.scatternet.fixed.scale",
+    "tuning.scatternet.auto.lr",
+    "tuning.scatternet.nonprivate",  # the baseline's grid is in the table
+    "diagnostics.scatternet.fixed.heterogeneity",  # AdaCliP's own run's h is quoted
+    "diagnostics.diabetes.fixed.snr",  # only the main task's release statistics are quoted
+    "diagnostics.diabetes.fixed.cosine",
+    "diagnostics.diabetes.fixed.parameter_noise",
+    "accuracy.scatternet.by_epsilon.1",  # only the main epsilon is quoted
+    "size.fixed",  # the finding quotes AdaCliP's gap to DP-SGD
+    "size.adaclip.1000.mean",
+    "size.adaclip.1000.low",
+    "size.adaclip.1000.high",
+    "size.adaclip.30000.mean",
+    "size.adaclip.30000.low",
+    "size.adaclip.30000.high",
+    "audit.fixed",  # the audit quotes the tightest bound (adaclip's) and counts the others
+    "audit.control",
+}
+
+
+def _numeric_leaves(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _numeric_leaves(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, list):
+        for index, value in enumerate(tree):
+            yield from _numeric_leaves(value, f"{prefix}[{index}]")
+    elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+        yield prefix
+
+
+def _set(tree, path, value):
+    keys = re.findall(r"[^.\[\]]+|\[\d+\]", path)
+    for key in keys[:-1]:
+        tree = tree[int(key[1:-1])] if key.startswith("[") else tree[key]
+    last = keys[-1]
+    if last.startswith("["):
+        tree[int(last[1:-1])] = value
+    else:
+        tree[last] = value
+
+
+def _get(tree, path):
+    for key in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        tree = tree[int(key[1:-1])] if key.startswith("[") else tree[key]
+    return tree
+
+
+def test_every_stated_number_comes_from_the_summary():
+    before = findings(SUMMARY)
+    stated = [
+        p
+        for p in _numeric_leaves(SUMMARY)
+        if not any(p.startswith(n) for n in NOT_STATED) and not p.endswith("seeds")  # counts decide the format only
+    ]
+    assert len(stated) > 60
+    for path in stated:
+        summary = copy.deepcopy(SUMMARY)
+        value = _get(summary, path)
+        # a visible change at every precision the report uses, keeping the sign and intervals in order
+        _set(summary, path, value + 7 if isinstance(value, int) else value * 1.37 + 0.0731 * (1 if value >= 0 else -1))
+        assert findings(summary) != before, f"{path} is not stated in any finding"
+
+
+def test_perturbing_a_summary_value_changes_exactly_that_number_in_the_sentence():
+    summary = copy.deepcopy(SUMMARY)
+    summary["accuracy"]["scatternet"]["by_epsilon"]["3"]["psac"]["mean"] = 90.84
+    summary["diagnostics"]["scatternet"]["adaclip"]["snr"] = 0.0518
+    found = findings(summary)
+    assert "DP-PSAC 90.8 ± 0.1 %" in found["accuracy"] and "DP-PSAC 89.6" not in found["accuracy"]
+    assert "AdaCliP 0.0518" in found["noise"] and "0.0362" not in found["noise"]
+
+
+def test_a_section_without_its_data_is_left_out():
+    summary = {k: v for k, v in SUMMARY.items() if k not in ("audit", "compute")}
+    found = findings(summary)
+    assert "audit" not in found and "compute" not in found and "accuracy" in found
     text = render_readme(summary, {})
-    assert "privacy audit" not in text and "## 5. What does it cost in compute?" in text
+    assert "privacy audit" not in text and "What does it cost in compute" not in text
+
+
+def _stage_outputs():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    outputs = {}
+    for name, stage in stages.items():
+        outputs[name] = {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
+    return stages, outputs
+
+
+def test_each_question_names_files_its_stage_writes():
+    stages, outputs = _stage_outputs()
+    for key, _title, figures, notebook, table in QUESTIONS:
+        stage = re.search(r"\(stage `([^`]+)`\)", source_of(notebook)).group(1)
+        assert stage in stages, (key, stage)
+        if notebook != "bench":
+            assert f"notebooks/{notebook}.ipynb" in stages[stage]["cmd"], (key, stage)
+        for path in [f"{stem}.png" for stem in figures] + [table]:
+            assert f"reports/{path}" in outputs[stage], (key, path)
+
+
+def test_readme_links_only_files_listed_in_questions():
+    tables = {"tables/accounting.md": "| a |\n|---|\n| 1 |\n"}
+    text = render_readme(SUMMARY, tables)
+    listed = {f"{stem}.png" for _, _, figures, _, _ in QUESTIONS for stem in figures}
+    listed |= {table for *_, table in QUESTIONS}
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert links and set(links) <= listed, set(links) - listed
+    for key, title, figures, _, table in QUESTIONS:
+        if key in findings(SUMMARY) or table in tables:
+            assert f"## {title}" in text and all(f"({stem}.png)" in text for stem in figures)
+    assert "| 1 |" in text and "`quick` profile" in text
+    assert "stage `tuning_cost`" in text  # the tuning notebook's stage (`tuning` is the sweep)
+
+
+def test_headline_metrics_are_method_keyed_tables_from_the_summary():
+    metrics = headline_metrics(SUMMARY)
+    assert metrics["q3_scatternet_eps3"] == {
+        "fixed": 89.37,
+        "adaclip": 88.91,
+        "auto": 89.45,
+        "psac": 89.6,
+        "nonprivate": 91.23,
+    }
+    assert metrics["q3_diabetes_eps3"]["adaclip"] == 0.587
+    assert metrics["q2_scatternet_share_near_best"] == {"fixed": 0.444, "auto": 0.33333, "nonprivate": 0.5}
+    assert metrics["q1_scatternet_snr"] == {"fixed": 0.0371, "adaclip": 0.0362}
+    assert metrics["q4_n1000"] == {"fixed": 70.0, "adaclip": 72.5}
+
+
+def test_clean_makes_the_summary_json_safe():
+    cleaned = report._clean({("t", "m"): [float("nan"), float("inf"), -float("inf"), 1.5, True, 2]})
+    assert cleaned == {"t/m": [None, None, None, 1.5, True, 2]}
+
+
+def _run(task, method, seed, accuracy, *, epsilon=3.0, lr=0.1, scale=None, n=55000, batch=8192, stats=None):
+    parameter = {"fixed": "clip_norm", "adaclip": "initial_clip"}.get(method)
+    return {
+        "config": {"task": task, "lr": lr, "batch_size": batch, "epochs": 30},
+        "dataset": "fashion-mnist-scatternet",
+        "model": "logistic",
+        "method": method,
+        "seed": seed,
+        "target_epsilon": None if method == "nonprivate" else epsilon,
+        "epsilon": None if method == "nonprivate" else 0.998 * epsilon,
+        "delta": 1e-5,
+        "accountant": "prv",
+        "noise_multiplier": None if method == "nonprivate" else 2.97,
+        "method_params": {} if scale is None else {parameter: scale},
+        "train_size": n,
+        "steps": 30 * int(n / batch),
+        "test_accuracy": accuracy,
+        "val_accuracy": accuracy,
+        "step_stats_mean": {},
+        "step_stats": stats or {},
+    }
+
+
+def test_summarise_turns_the_records_into_the_numbers_the_findings_state():
+    from adaclip.privacy.accounting import epsilon
+    from adaclip.research.params import load_params
+    from adaclip.research.report import summarise
+
+    params = load_params(ROOT / "params.yaml")  # main task: ScatterNet + linear, as the anchors
+    gaps = {0: 0.004, 1: 0.006, 2: 0.005}
+    accuracy = []
+    for seed, gap in gaps.items():
+        base = 0.89 + 0.002 * seed
+        accuracy += [_run("scatternet", "fixed", seed, base), _run("scatternet", "adaclip", seed, base + gap)]
+        accuracy += [_run("scatternet", "nonprivate", seed, 0.91)]
+    size = [
+        _run("scatternet", m, seed, 0.80 + (0.01 if m == "adaclip" else 0), n=1000, batch=149)
+        for m in ("fixed", "adaclip")
+        for seed in gaps
+    ]
+    tuning = [
+        _run("scatternet", "fixed", 0, 0.85, lr=16.0, scale=0.1),
+        _run("scatternet", "fixed", 0, 0.87, lr=1.6, scale=1.0),
+        _run("scatternet", "adaclip", 0, 0.86, lr=0.1, scale=0.1),
+        {**_run("scatternet", "adaclip", 0, 0.0, lr=0.3, scale=0.1), "val_accuracy": float("nan")},
+    ]
+    stats = {"snr": [0.5, 0.7], "cosine_release": [0.1, 0.3], "heterogeneity": [0.8, 0.9], "shape_saving": [0.05, 0.1]}
+    diagnostics = [_run("scatternet", "adaclip", 0, 0.9, stats=stats)]
+    summary = summarise(params, {"tuning": tuning, "accuracy": accuracy, "size": size, "diagnostics": diagnostics})
+    json.dumps(summary, allow_nan=False)  # NaN and infinities became null
+    cell = summary["accuracy"]["scatternet"]["by_epsilon"]["3"]["adaclip"]
+    assert cell["vs_dpsgd"]["difference"] == pytest.approx(100 * sum(gaps.values()) / 3)
+    assert cell["vs_dpsgd"]["verdict"] == "win" and cell["vs_dpsgd"]["seeds"] == 3
+    assert summary["accuracy"]["scatternet"]["nonprivate"]["mean"] == pytest.approx(91.0)
+    ours = summary["anchors"]["ours"]
+    assert ours["epsilon_rdp"] == epsilon(
+        noise_multiplier=2.97, sample_rate=8192 / 55000, steps=30 * 6, delta=1e-5, accountant="rdp"
+    )
+    assert ours["mean"] == pytest.approx(89.2) and ours["task"] == "scatternet"
+    assert set(summary["size"]["adaclip"]) == {"1000", "55000"}  # n = N is the accuracy sweep's run
+    assert summary["size"]["adaclip"]["1000"]["gap"] == pytest.approx(1.0)
+    tuned = summary["tuning"]["scatternet"]
+    assert (tuned["fixed"]["lr"], tuned["fixed"]["scale"], tuned["fixed"]["best"]) == (1.6, 1.0, pytest.approx(87.0))
+    assert tuned["adaclip"]["expected_best_of_1"] is None  # a random cell can be the diverged one
+    assert summary["diagnostics"]["scatternet"]["adaclip"]["snr"] == pytest.approx(0.6)
+    assert "better than DP-SGD" in findings(summary)["accuracy"]
+    tiny = load_params(ROOT / "tests" / "fixtures" / "params-tiny.yaml")  # main task breast cancer: no anchor
+    relabelled = [{**r, "config": {**r["config"], "task": "breast-cancer"}} for r in accuracy]
+    assert "ours" not in report._anchors(relabelled, tiny)
+    assert "ours" in report._anchors(accuracy, params)

@@ -35,6 +35,7 @@ def test_models_shapes_parameters_and_no_batchnorm():
     )
     assert build_model("logistic", (30,), 2)(torch.zeros(5, 30)).shape == (5, 2)
     assert build_model("linear", (10,), 1)(torch.zeros(5, 10)).shape == (5,)
+    assert build_model("scatter_cnn", (81, 7, 7), 10)(torch.zeros(3, 81, 7, 7)).shape == (3, 10)
     for name in MODELS:
         shape = {"cnn": (1, 28, 28), "scatter_cnn": (81, 7, 7)}.get(name, (10,))
         assert ModuleValidator.validate(build_model(name, shape, 2), strict=True) == []
@@ -194,10 +195,10 @@ def test_diagnostics_compare_the_released_step_with_the_clean_gradient():
         "diagnostics": True,
     }
     clean = run({**base, "noise_multiplier": 1e-9, "method_params": {"clip_norm": 1e6}})["step_stats"]
-    assert min(clean["cosine_release"]) > 0.999999
+    assert min(clean["cosine_release"]) > 0.999999 and min(clean["cosine_noise_free"]) > 0.999999
     noisy = run({**base, "noise_multiplier": 1.0, "method_params": {"clip_norm": 0.01}})["step_stats"]
     assert max(noisy["cosine_release"]) < 0.99
-    assert len(noisy["cosine_release"]) == len(noisy["noise_power"])
+    assert len(noisy["cosine_release"]) == len(noisy["noise_power"]) == len(noisy["snr"])
 
 
 def test_device_names_are_parsed_and_a_missing_gpu_is_named():

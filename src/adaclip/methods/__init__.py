@@ -14,12 +14,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState
+from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState, QuantileScaleState
+from adaclip.methods.adambc import AdamBC, AdamBCAdapter, AdamState
 from adaclip.methods.auto import AutoClip, AutoClipAdapter
 from adaclip.methods.base import ClippedSum, ClipRule, Stats, clip_factors, supports_norm_path
 from adaclip.methods.canary import CanaryAdapter
 from adaclip.methods.fixed import FixedClip, FixedClipAdapter
 from adaclip.methods.geoclip import GeoClip, GeoClipAdapter, GeoClipState
+from adaclip.methods.macadam import MacAdam, MacAdamAdapter, MacAdamState
 from adaclip.methods.psac import PerSampleAdaptiveClip, PerSampleAdaptiveClipAdapter
 from adaclip.methods.quantile import QuantileClip, QuantileClipAdapter, QuantileClipState
 
@@ -30,10 +32,13 @@ class Method:
 
     ``rule`` is the :class:`~adaclip.methods.base.ClipRule` class; ``label`` its display name;
     ``scale_parameter`` the rule parameter that sets the scale of its clipping (DP-SGD's ``C``; the
-    variance cap ``h2`` that in effect sets AdaCliP's ``b``; ``None`` for a method without one, such as
-    AUTO-S), the knob a tuning grid sweeps besides the learning rate; ``step_per_scale`` says whether
+    initial scale that AdaCliP's and quantile clipping's private quantile then adapts; the floor ``h1`` at
+    which DP-MacAdam's bias-free scale settles; ``None`` for a method without one, such as AUTO-S),
+    the knob a tuning grid sweeps besides the learning rate; ``step_per_scale`` says whether
     the released gradient is proportional to that parameter (DP-SGD: clipped vectors and noise both
     scale with ``C``), so that a learning rate is best read per unit of scale (``lr x C``);
+    ``releases_step`` says that the rule releases an optimiser step (an Adam direction built from the
+    released gradient) rather than a gradient, to be applied by plain SGD without momentum;
     ``canary`` the audit view of :mod:`adaclip.privacy.audit`; ``paper`` the reference.
     """
 
@@ -43,16 +48,28 @@ class Method:
     canary: type[CanaryAdapter[Any]]
     paper: str
     step_per_scale: bool = False
+    releases_step: bool = False
 
 
 METHODS: Mapping[str, Method] = {
     "fixed": Method(FixedClip, "DP-SGD (fixed C)", "clip_norm", FixedClipAdapter, "Abadi et al. 2016", True),
-    "adaclip": Method(AdaCliP, "AdaCliP", "h2", AdaCliPAdapter, "Pichapati et al. 2019, arXiv 1908.07643"),
+    "adaclip": Method(AdaCliP, "AdaCliP", "initial_clip", AdaCliPAdapter, "Pichapati et al. 2019, arXiv 1908.07643"),
     "quantile": Method(QuantileClip, "quantile clipping", "initial_clip", QuantileClipAdapter, "Andrew et al. 2021"),
     "auto": Method(AutoClip, "AUTO-S", None, AutoClipAdapter, "Bu et al. 2023"),
     "geoclip": Method(GeoClip, "GeoClip", "h1", GeoClipAdapter, "Gilani et al. 2025, arXiv 2506.06549"),
     "psac": Method(
         PerSampleAdaptiveClip, "DP-PSAC", "clip_norm", PerSampleAdaptiveClipAdapter, "Xia et al. 2023", True
+    ),
+    "macadam": Method(
+        MacAdam, "DP-MacAdam", "h1", MacAdamAdapter, "Tasnim, Sankar, Kosut 2026, arXiv 2606.05435", releases_step=True
+    ),
+    "adambc": Method(
+        AdamBC,
+        "DP-AdamBC",
+        "clip_norm",
+        AdamBCAdapter,
+        "Tang, Shpilevskiy, Lécuyer 2024, arXiv 2312.14334",
+        releases_step=True,
     ),
 }
 """Every clipping method by name, in the report's order."""
@@ -91,6 +108,8 @@ __all__ = [
     "METHODS",
     "AdaCliP",
     "AdaClipState",
+    "AdamBC",
+    "AdamState",
     "AutoClip",
     "CanaryAdapter",
     "ClipRule",
@@ -98,10 +117,13 @@ __all__ = [
     "FixedClip",
     "GeoClip",
     "GeoClipState",
+    "MacAdam",
+    "MacAdamState",
     "Method",
     "PerSampleAdaptiveClip",
     "QuantileClip",
     "QuantileClipState",
+    "QuantileScaleState",
     "Stats",
     "build_rule",
     "check_method",

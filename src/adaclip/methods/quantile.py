@@ -27,6 +27,48 @@ from adaclip.methods.base import ClippedSum, ClipRule, Stats, check_dim, clip_fa
 from adaclip.methods.canary import DTYPE, CoordinatewiseAdapter
 
 
+def default_count_noise_std(expected_batch_size: float, noise_multiplier: float) -> float:
+    """The count noise ``sigma_b``: the paper's ``B / 20``, raised to ``sigma`` when that is larger.
+
+    For small batches ``B / 20`` would leave the gradient almost none of the budget or make the split infeasible.
+    """
+    return max(expected_batch_size / 20, noise_multiplier)
+
+
+def split_noise_multiplier(noise_multiplier: float, count_noise_std: float, rule: str) -> float:
+    """``sigma_delta = (sigma^-2 - (2 sigma_b)^-2)^(-1/2)``, the gradient's share of the total ``sigma`` (Thm. 1).
+
+    The gradient (sensitivity 1 in clip units) with ``sigma_delta`` and the count (sensitivity 1/2) with
+    ``sigma_b`` compose like one Gaussian mechanism with ``sigma``; infeasible unless ``sigma < 2 sigma_b``
+    (``rule`` names the caller in the error).
+    """
+    sigma, sigma_b = noise_multiplier, count_noise_std
+    if sigma == 0.0:
+        return 0.0
+    if sigma >= 2 * sigma_b:
+        raise ValueError(
+            f"{rule} needs noise_multiplier < 2 * count_noise_std to split the privacy "
+            f"budget, got noise_multiplier={sigma} and count_noise_std={sigma_b}. Increase "
+            f"count_noise_std above {sigma / 2:g} (or the expected batch size), or lower noise_multiplier."
+        )
+    return 1.0 / math.sqrt(sigma**-2 - (2 * sigma_b) ** -2)
+
+
+def noisy_unclipped_fraction(clipped: ClippedSum, count_noise: float, expected_batch_size: float) -> float:
+    """``b~ = (sum_i u_i + count_noise) / B + 1/2`` with ``u_i = 1[example i unclipped] - 1/2``.
+
+    The unclipped count is ``n - n_clipped`` (an example is unclipped exactly when its weight is 1), so
+    ``sum_i u_i = n - n_clipped - n / 2``; ``count_noise`` is the draw ``N(0, sigma_b^2)``.
+    """
+    examples, clipped_count = (float(count) for count in clipped.counts[:2].tolist())
+    return (examples - clipped_count - examples / 2 + count_noise) / expected_batch_size + 0.5
+
+
+def geometric_update(clip_norm: float, unclipped_fraction: float, target_quantile: float, clip_lr: float) -> float:
+    """Andrew et al.'s geometric step ``C_t+1 = C_t exp(-clip_lr (b~_t - target_quantile))``."""
+    return clip_norm * math.exp(-clip_lr * (unclipped_fraction - target_quantile))
+
+
 @dataclass(frozen=True)
 class QuantileClipState:
     """The clip norm ``C_t`` to use at the next step."""
@@ -60,21 +102,9 @@ class QuantileClip(ClipRule):
         self.target_quantile = require_in_range("target_quantile", target_quantile, 0.0, 1.0, closed_high=True)
         self.clip_lr = require_positive("clip_lr", clip_lr)
         if count_noise_std is None:
-            count_noise_std = max(self.expected_batch_size / 20, self.noise_multiplier)
+            count_noise_std = default_count_noise_std(self.expected_batch_size, self.noise_multiplier)
         self.count_noise_std = require_positive("count_noise_std", count_noise_std)
-        self.grad_noise_multiplier = self._split_noise_multiplier()
-
-    def _split_noise_multiplier(self) -> float:
-        sigma, sigma_b = self.noise_multiplier, self.count_noise_std
-        if sigma == 0.0:
-            return 0.0
-        if sigma >= 2 * sigma_b:
-            raise ValueError(
-                f"QuantileClip needs noise_multiplier < 2 * count_noise_std to split the privacy "
-                f"budget, got noise_multiplier={sigma} and count_noise_std={sigma_b}. Increase "
-                f"count_noise_std above {sigma / 2:g} (or the expected batch size), or lower noise_multiplier."
-            )
-        return 1.0 / math.sqrt(sigma**-2 - (2 * sigma_b) ** -2)
+        self.grad_noise_multiplier = split_noise_multiplier(self.noise_multiplier, self.count_noise_std, "QuantileClip")
 
     def init_state(
         self, dim: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -94,19 +124,17 @@ class QuantileClip(ClipRule):
     ) -> tuple[Tensor, QuantileClipState, Stats]:
         """DP-SGD with clip ``C_t`` and ``sigma_delta``, and the noisy count that sets ``C_t+1``.
 
-        The unclipped count is ``n - n_clipped`` (``||g_i|| <= C_t`` exactly when ``c_i = 1``), so
-        ``sum_i u_i = n - n_clipped - n / 2``; the last noise draw is the count's.
+        ``||g_i|| <= C_t`` exactly when ``c_i = 1`` (:func:`noisy_unclipped_fraction`); the last noise
+        draw is the count's.
         """
         dim = self._check_release_inputs(clipped, noise)
         clip_norm, B = state.clip_norm, self.expected_batch_size
         grad_noise_std = self.grad_noise_multiplier * clip_norm
         noisy_mean = torch.add(clipped.vector, noise[:dim], alpha=grad_noise_std).div_(B)
 
-        examples, clipped_count = clipped.counts[:2].tolist()
-        centred_bits = examples - clipped_count - examples / 2
-        noisy_count = centred_bits + self.count_noise_std * float(noise[dim])
-        unclipped_estimate = noisy_count / B + 0.5
-        next_clip = clip_norm * math.exp(-self.clip_lr * (unclipped_estimate - self.target_quantile))
+        examples = clipped.examples
+        unclipped_estimate = noisy_unclipped_fraction(clipped, self.count_noise_std * float(noise[dim]), B)
+        next_clip = geometric_update(clip_norm, unclipped_estimate, self.target_quantile, self.clip_lr)
         stats = {
             "clipped_fraction": clipped.clipped_fraction,
             "noise_power": dim * (grad_noise_std / B) ** 2,

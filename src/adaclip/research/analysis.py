@@ -97,9 +97,9 @@ def runs_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _score(frame: pd.DataFrame, column: str) -> pd.Series:
-    """The column oriented so that larger is better, diverged (NaN) runs at minus infinity."""
+    """The column oriented so that larger is better; diverged runs (flagged, or a NaN metric) at minus infinity."""
     oriented = frame[column].where(frame["higher_is_better"], -frame[column])
-    return oriented.fillna(-math.inf)
+    return oriented.where(~frame["diverged"], math.nan).fillna(-math.inf)
 
 
 def select(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str], Hyperparameters]:
@@ -176,12 +176,26 @@ def accuracy_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values(["task", "target_epsilon"], kind="stable").reset_index(drop=True)
 
 
+VERDICTS = ("win", "loss", "tie", "undefined")
+"""A paired difference is a win or a loss only when its interval excludes 0, a tie otherwise (or with one
+seed); "undefined" when a run diverged (no finite difference), which is no evidence of a tie."""
+
+
 def verdict(difference: Interval, higher_is_better: bool) -> str:
-    """``"win"``, ``"loss"`` or ``"tie"`` for a paired difference (method minus DP-SGD)."""
-    if difference.n < 2 or difference.low <= 0 <= difference.high or not math.isfinite(difference.mean):
+    """``"win"``, ``"loss"``, ``"tie"`` or ``"undefined"`` for a paired difference (method minus DP-SGD)."""
+    if not all(math.isfinite(v) for v in (difference.mean, difference.low, difference.high)):
+        return "undefined"
+    if difference.n < 2 or difference.low <= 0 <= difference.high:
         return "tie"
     better = difference.low > 0 if higher_is_better else difference.high < 0
     return "win" if better else "loss"
+
+
+def _paired(runs: pd.DataFrame, reference: pd.Series) -> pd.Series:
+    """The metric of ``runs`` at the seeds ``reference`` (DP-SGD's metric by seed) also has; a diverged run's NaN
+    stays (it makes the difference undefined rather than dropping the seed)."""
+    metric = runs.set_index("seed")["metric"]
+    return metric[metric.index.isin(reference.index)]
 
 
 def paired_differences(frame: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
@@ -193,7 +207,7 @@ def paired_differences(frame: pd.DataFrame, baseline: str = BASELINE) -> pd.Data
         for method, runs in block.groupby("method"):
             if method == baseline:
                 continue
-            paired = runs.set_index("seed")["metric"].reindex(reference.index).dropna()
+            paired = _paired(runs, reference)
             differences = (paired - reference.loc[paired.index]).tolist()
             if not differences:
                 continue
@@ -220,30 +234,54 @@ def expected_best_of_k(scores: Sequence[float], k: int) -> float:
     """Expected maximum of ``k`` cells drawn without replacement from ``scores`` (Dodge et al. 2019's tuning curve).
 
     With the scores sorted ascending ``s_(1) <= ... <= s_(m)``, the maximum of a uniformly random
-    ``k``-subset is ``s_(i)`` with probability ``C(i - 1, k - 1) / C(m, k)``.
+    ``k``-subset is ``s_(i)`` with probability ``C(i - 1, k - 1) / C(m, k)``.  A diverged cell scores
+    ``-inf``: the expectation is ``-inf`` while ``k`` cells can all have diverged, finite beyond.
     """
     ordered = sorted(scores)
     m = len(ordered)
     if not 1 <= k <= m:
         raise ValueError(f"k must lie in [1, {m}], got {k}")
     total = math.comb(m, k)
-    return sum(score * math.comb(i - 1, k - 1) / total for i, score in enumerate(ordered, start=1))
+    # cells below the k-th smallest are never the maximum: skip them (a diverged cell's -inf times 0 is NaN)
+    return sum(score * math.comb(i - 1, k - 1) / total for i, score in enumerate(ordered, start=1) if i >= k)
+
+
+def grid_lr(method: str, lr: float, scale: float | None) -> float:
+    """The learning-rate axis of the tuning grid: ``lr x scale`` (to 12 digits) for a method whose step scales with
+    its scale parameter (``step_per_scale``, e.g. DP-SGD's ``lr x C``), else ``lr``."""
+    if method in METHODS and METHODS[method].step_per_scale and scale is not None:
+        return float(f"{lr * scale:.12g}")
+    return lr
 
 
 def tuning_grid(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per task, method and grid cell (lr, scale): the mean validation and test metric over seeds."""
-    grid = frame.assign(scale_key=frame["scale"].fillna(-1.0))
+    """Per task, method and grid cell (lr, scale): the mean validation and test metric over seeds (NaN if a
+    seed diverged), and the cell's ``grid_lr`` (see :func:`grid_lr`)."""
+    diverged = frame["diverged"] | frame["val_metric"].isna()
+    grid = frame.assign(
+        scale_key=frame["scale"].fillna(-1.0),
+        val_metric=frame["val_metric"].where(~diverged),
+        metric=frame["metric"].where(~diverged),
+    )
+
+    def mean(values: pd.Series) -> float:
+        return float(values.mean(skipna=False))
+
     cells = (
         grid.groupby(["task", "method", "lr", "scale_key"])
         .agg(
-            val_metric=("val_metric", "mean"),
-            metric=("metric", "mean"),
+            val_metric=("val_metric", mean),
+            metric=("metric", mean),
             higher_is_better=("higher_is_better", "first"),
             metric_name=("metric_name", "first"),
         )
         .reset_index()
     )
     cells["scale"] = cells["scale_key"].where(cells["scale_key"] >= 0)
+    cells["grid_lr"] = [
+        grid_lr(m, lr, None if math.isnan(c) else c)
+        for m, lr, c in zip(cells["method"], cells["lr"], cells["scale"], strict=True)
+    ]
     return cells.drop(columns="scale_key")
 
 
@@ -279,12 +317,26 @@ def size_summary(frame: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (method, n), block in frame.groupby(["method", "train_size"]):
         value = interval(block.sort_values("seed")["metric"].tolist())
-        row = {"method": method, "train_size": int(n), "mean": value.mean, "low": value.low, "high": value.high}
+        row = {
+            "method": method,
+            "train_size": int(n),
+            "mean": value.mean,
+            "low": value.low,
+            "high": value.high,
+            "seeds": value.n,
+        }
         reference = frame[(frame["method"] == BASELINE) & (frame["train_size"] == n)].set_index("seed")["metric"]
-        paired = block.set_index("seed")["metric"].reindex(reference.index).dropna()
+        paired = _paired(block, reference)
         if method != BASELINE and len(paired):
             gap = interval((paired - reference.loc[paired.index]).tolist())
-            row |= {"gap": gap.mean, "gap_low": gap.low, "gap_high": gap.high, "verdict": verdict(gap, True)}
+            higher = bool(block["higher_is_better"].iloc[0])
+            row |= {
+                "gap": gap.mean,
+                "gap_low": gap.low,
+                "gap_high": gap.high,
+                "gap_seeds": gap.n,
+                "verdict": verdict(gap, higher),
+            }
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -301,6 +301,24 @@ class Params:
         return self.setting.tasks[name]
 
 
+REGRESSION_DATASETS = ("diabetes",)
+"""Datasets whose target is a number (MSE, the ``linear`` model); every other dataset is a classification."""
+
+
+def scattering_channels(scales: int, orientations: int) -> int:
+    """Channels of a 2-D scattering transform of order 2: ``1 + J L + L^2 J (J - 1) / 2`` (81 for J = 2, L = 8)."""
+    return 1 + scales * orientations + orientations**2 * scales * (scales - 1) // 2
+
+
+def size_batch(batch_size: int, full: int, n: int) -> int:
+    """The expected batch size at ``n`` training examples that keeps the task's sampling rate ``q = B / N``.
+
+    ``round(q n)`` (at least 1): the claim-4 size sweep trains every ``n`` at the same ``q`` and epochs, so with
+    the same number of steps and, up to this rounding of ``q n``, the same noise multiplier.
+    """
+    return max(1, round(batch_size * n / full))
+
+
 def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ...]) -> None:
     where = f"setting.tasks.{name}"
     source = {"fashion-mnist-scatternet": "fashion-mnist"}.get(task.dataset, task.dataset)
@@ -318,9 +336,18 @@ def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ..
         raise ValueError(f"{where}.model='cnn' needs 28x28 images (fashion-mnist or mnist), not {task.dataset}")
     if task.model == "scatter_cnn" and task.dataset != "fashion-mnist-scatternet":
         raise ValueError(f"{where}.model='scatter_cnn' needs dataset fashion-mnist-scatternet, not {task.dataset}")
+    if (task.model == "linear") != (task.dataset in REGRESSION_DATASETS):
+        kind = "regression" if task.dataset in REGRESSION_DATASETS else "classification"
+        fix = "use model 'linear'" if kind == "regression" else "'linear' is for regression (diabetes)"
+        raise ValueError(f"{where}.model={task.model!r} does not fit {task.dataset} ({kind}): {fix}")
     unknown = sorted(set(task.methods) - set(setting.methods))
     if unknown:
         raise ValueError(f"{where}.methods {unknown} must also be listed in setting.methods")
+    scaled = [m for m in METHODS if METHODS[m].scale_parameter is not None]
+    for key, known in (("lr", [*METHODS, "nonprivate"]), ("scale", scaled), ("method_params", list(METHODS))):
+        unknown = sorted(set(getattr(task, key)) - set(known))
+        if unknown:
+            raise ValueError(f"{where}.{key} has unknown method(s) {unknown}; it accepts {known}")
     for method in (*task.methods, "nonprivate"):
         if method not in task.lr:
             raise ValueError(f"{where}.lr needs a learning-rate centre for {method!r}")
@@ -331,28 +358,63 @@ def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ..
         try:
             check_method(method, params)
         except ValueError as error:
-            raise ValueError(f"{where}.method_params: {error}") from None
+            raise ValueError(f"{where}.method_params.{method}: {error}") from None
+        parameter = METHODS[method].scale_parameter
+        if parameter is not None and parameter in params:
+            raise ValueError(
+                f"{where}.method_params.{method}.{parameter} is the tuning grid's scale axis: "
+                f"set its centre in {where}.scale.{method} instead"
+            )
 
 
 def validate(params: Params) -> Params:
     """The checks across sections (each names the key); returns ``params``."""
     setting = params.setting
+    features = params.features
+    channels = scattering_channels(features.scales, features.orientations)
+    if channels % features.groups:
+        raise ValueError(
+            f"features.groups={features.groups} must divide the {channels} scattering channels of "
+            f"J = {features.scales}, L = {features.orientations} (27 for J = 2, L = 8)"
+        )
     if setting.main_task not in setting.tasks:
         raise ValueError(f"setting.main_task={setting.main_task!r} must be one of setting.tasks {list(setting.tasks)}")
+    cells = len(params.tuning.lr_factors) * len(params.tuning.scale_factors)
+    if len(params.tuning.nonprivate_lr_factors) < cells:
+        raise ValueError(
+            f"tuning.nonprivate_lr_factors has {len(params.tuning.nonprivate_lr_factors)} values: the non-private "
+            f"baseline needs at least a private method's budget of {cells} grid cells"
+        )
     for name, task in setting.tasks.items():
         _check_task(name, task, setting, params.data.datasets)
     if params.size.task not in setting.tasks:
         raise ValueError(f"size.task={params.size.task!r} must be one of setting.tasks {list(setting.tasks)}")
     size_task = setting.tasks[params.size.task]
-    available = TRAIN_SIZES[size_task.dataset]
+    full = size_task.train_size if size_task.train_size is not None else TRAIN_SIZES[size_task.dataset]
+    steps_per_epoch = int(1 / (size_task.batch_size / full))
     for index, n in enumerate(params.size.train_sizes):
-        if n > available:
-            raise ValueError(f"size.train_sizes[{index}]={n} exceeds the {available} training examples")
+        where = f"size.train_sizes[{index}]={n}"
+        if n > full:
+            raise ValueError(f"{where} exceeds the {full} training examples of setting.tasks.{params.size.task}")
         if setting.delta >= 1 / n:
-            raise ValueError(f"size.train_sizes[{index}]={n}: setting.delta={setting.delta} must be below 1/n")
+            raise ValueError(f"{where}: setting.delta={setting.delta} must be below 1/n")
+        batch = size_batch(size_task.batch_size, full, n)
+        if int(1 / (batch / n)) != steps_per_epoch:
+            raise ValueError(
+                f"{where}: its batch size round(B n / N) = {batch} gives {int(1 / (batch / n))} steps per epoch, "
+                f"not the task's {steps_per_epoch}; choose an n for which B n / N is close to an integer"
+            )
     unknown = sorted(set(params.diagnostics.tasks) - set(setting.tasks))
     if unknown:
         raise ValueError(f"diagnostics.tasks {unknown} must be names of setting.tasks {list(setting.tasks)}")
+    table = params.accounting
+    if table.expected_batch_size > table.dataset_size:
+        raise ValueError(
+            f"accounting.expected_batch_size={table.expected_batch_size} exceeds "
+            f"accounting.dataset_size={table.dataset_size}"
+        )
+    if table.delta >= 1 / table.dataset_size:
+        raise ValueError(f"accounting.delta={table.delta} must be below 1/accounting.dataset_size")
     return params
 
 

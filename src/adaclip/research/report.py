@@ -66,13 +66,13 @@ def mean_prediction_mse(params: Params, task: str) -> float:
 
 
 def _clean(value: Any) -> Any:
-    """JSON-safe: numpy scalars to Python, NaN to None, tuple keys joined."""
+    """JSON-safe: numpy scalars to Python, NaN and infinities to None (no finite value), tuple keys joined."""
     if isinstance(value, dict):
         return {("/".join(k) if isinstance(k, tuple) else str(k)): _clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_clean(v) for v in value]
     if isinstance(value, (np.floating, float)):
-        return None if math.isnan(float(value)) else float(value)
+        return float(value) if math.isfinite(float(value)) else None
     if isinstance(value, (np.integer, np.bool_)):
         return value.item()
     return value
@@ -115,19 +115,30 @@ def _accuracy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 entry["by_epsilon"].setdefault(f"{row.target_epsilon:g}", {})[row.method] = cell
         for row in differences[differences["task"] == task].itertuples():
             cell = entry["by_epsilon"][f"{row.target_epsilon:g}"][row.method]
-            cell["vs_dpsgd"] = {"difference": row.difference, "low": row.low, "high": row.high, "verdict": row.verdict}
+            cell["vs_dpsgd"] = {
+                "difference": row.difference,
+                "low": row.low,
+                "high": row.high,
+                "seeds": row.seeds,
+                "verdict": row.verdict,
+            }
         result[str(task)] = entry
     return result
 
 
+ANCHOR_DATASETS = ("fashion-mnist", "fashion-mnist-scatternet")
+"""The datasets the published anchors are on: our main task is set beside them only if it is one of these."""
+
+
 def _anchors(records: Sequence[dict[str, Any]], params: Params) -> dict[str, Any]:
+    """The published anchors, and our tuned DP-SGD on the main task at the main epsilon with its PRV and RDP epsilon."""
     frame = analysis.runs_frame(records)
     ours = frame[
         (frame["task"] == params.setting.main_task)
         & (frame["method"] == "fixed")
         & (frame["target_epsilon"] == params.setting.epsilon)
     ]
-    if ours.empty:
+    if ours.empty or params.task(params.setting.main_task).dataset not in ANCHOR_DATASETS:
         return {"published": [a.__dict__ for a in ANCHORS]}
     first = ours.iloc[0]
     value = analysis.interval(ours["metric"].tolist())
@@ -141,6 +152,9 @@ def _anchors(records: Sequence[dict[str, Any]], params: Params) -> dict[str, Any
     return {
         "published": [a.__dict__ for a in ANCHORS],
         "ours": {
+            "task": params.setting.main_task,
+            "dataset": str(first["dataset"]),
+            "model": str(first["model"]),
             "mean": value.mean,
             "low": value.low,
             "high": value.high,
@@ -165,12 +179,13 @@ def _size(records: Sequence[dict[str, Any]], accuracy: Sequence[dict[str, Any]],
     summary = analysis.size_summary(analysis.runs_frame([*records, *full]))
     result: dict[str, Any] = {}
     for row in summary.to_dict("records"):
-        cell = {k: row[k] for k in ("mean", "low", "high")}
+        cell = {k: row[k] for k in ("mean", "low", "high", "seeds")}
         if isinstance(row.get("verdict"), str):
             cell |= {
                 "gap": row["gap"],
                 "gap_low": row["gap_low"],
                 "gap_high": row["gap_high"],
+                "gap_seeds": row["gap_seeds"],
                 "verdict": row["verdict"],
             }
         result.setdefault(row["method"], {})[str(int(row["train_size"]))] = cell
@@ -287,12 +302,30 @@ def _fmt(cell: dict[str, Any], higher_is_better: bool) -> str:
     return f"{cell['mean']:.{digits}f}{unit}"
 
 
+_WORDS = {"win": "better than", "loss": "worse than", "tie": "a tie with", "undefined": "no verdict against"}
+
+
+def _verdict_word(difference: float | None, low: float | None, high: float | None, seeds: int, higher: bool) -> str:
+    """The words for a paired difference, decided here from the interval the sentence prints (never a stored
+    verdict): "better than" / "worse than" only when ``[low, high]`` excludes 0, in the metric's direction."""
+    if difference is None or low is None or high is None:
+        return _WORDS["undefined"]
+    return _WORDS[analysis.verdict(analysis.Interval(difference, low, high, seeds), higher)]
+
+
+def _signed(value: float | None, digits: int) -> str:
+    return "undefined" if value is None else f"{value:+.{digits}f}"
+
+
 def _versus(cell: dict[str, Any], higher_is_better: bool) -> str:
     versus = cell["vs_dpsgd"]
     digits = 1 if higher_is_better else 3
-    word = {"win": "better than", "loss": "worse than", "tie": "a tie with"}[versus["verdict"]]
+    word = _verdict_word(
+        versus["difference"], versus["low"], versus["high"], int(versus.get("seeds", 1)), higher_is_better
+    )
     return (
-        f"{versus['difference']:+.{digits}f} [{versus['low']:+.{digits}f}, {versus['high']:+.{digits}f}], {word} DP-SGD"
+        f"{_signed(versus['difference'], digits)} [{_signed(versus['low'], digits)}, "
+        f"{_signed(versus['high'], digits)}], {word} DP-SGD"
     )
 
 
@@ -312,11 +345,22 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
         cosine = ", ".join(
             f"{analysis.label(m)} {diag[m]['cosine_noise_free']:.2f}/{diag[m]['cosine_release']:.2f}"
             for m in _ordered(diag)
-            if diag[m]["cosine_release"] is not None
+            if diag[m]["cosine_release"] is not None and diag[m]["cosine_noise_free"] is not None
+        )
+        parameter_noise = ", ".join(
+            f"{analysis.label(m)} {diag[m]['parameter_noise']:.3g}"
+            for m in _ordered(diag)
+            if diag[m]["parameter_noise"] is not None
         )
         savings = []
         for task, methods in diagnostics.items():
-            h = next((v["heterogeneity"] for v in methods.values() if v["heterogeneity"] is not None), None)
+            # AdaCliP's saving is bounded by 1 - h of its own run's gradients: quote that h when AdaCliP ran
+            own = methods.get("adaclip", {}).get("heterogeneity")
+            h = (
+                own
+                if own is not None
+                else next((v["heterogeneity"] for v in methods.values() if v["heterogeneity"] is not None), None)
+            )
             if h is None:
                 continue
             achieved = methods.get("adaclip", {}).get("shape_saving")
@@ -327,25 +371,36 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
         result["noise"] = (
             f"On {main}, each method at its tuned hyperparameters ({caption}): the release's signal-to-noise ratio "
             f"(‖noise-free release‖² / E‖noise‖², mean over steps) was {snr}; the cosine of the noise-free "
-            f"release and of the release with the clean batch gradient was {cosine}. Coordinate-wise clipping can "
-            f"only help as much as "
+            f"release and of the release with the clean batch gradient was {cosine}; the noise each step adds to the "
+            f"parameters (lr² E‖noise‖²) was {parameter_noise}. Coordinate-wise clipping can only help as much as "
             f"the gradients are heterogeneous: {'; '.join(savings)}. (Synthetic gradients whose per-coordinate std "
             f"spreads over a factor {float(widest):g} would allow the optimal transform {spreads[widest]:.2f}× "
-            f"DP-SGD's "
-            f"noise power.)"
+            f"DP-SGD's noise power.)"
         )
 
     tuning = summary["tuning"].get(main)
     if tuning:
+        higher = summary["accuracy"].get(main, {}).get("higher_is_better", True)
+        digits = 1 if higher else 3
+
+        def one_cell(value: float | None) -> str:
+            return "undefined: a random cell can diverge" if value is None else f"{value:.{digits}f} expected"
+
         parts = [
             f"{analysis.label(m)} {100 * v['share_near_best']:.0f} % of {v['cells']} cells "
-            f"(best {v['best']:.1f}, one random cell {v['expected_best_of_1']:.1f} expected)"
+            f"(best {v['best']:.{digits}f}, one random cell {one_cell(v['expected_best_of_1'])})"
             for m, v in tuning.items()
             if m != "nonprivate"
         ]
+        near = (
+            "1 point of each method's best validation accuracy"
+            if higher
+            else "5 % of each method's best validation MSE"
+        )
         result["tuning"] = (
-            f"On {main} at {caption}, the share of the learning rate × scale grid within 1 point of each method's best "
-            f"validation accuracy: " + "; ".join(parts) + "."
+            f"On {main} at {caption}, the share of the learning rate × scale grid within {near}: "
+            + "; ".join(parts)
+            + "."
         )
 
     sentences = []
@@ -374,7 +429,8 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
             f"{a['model']} {a['accuracy']:g} % ({a['reference']}, {a['accountant']})" for a in anchors["published"]
         )
         result["anchors"] = (
-            f"Our DP-SGD ScatterNet + linear reached {_fmt(ours, True)} at {ours['accountant'].upper()} ε = "
+            f"Our DP-SGD on {ours['task']} ({ours['model']} model, {ours['dataset']}) reached {_fmt(ours, True)} at "
+            f"{ours['accountant'].upper()} ε = "
             f"{ours['epsilon']:.2f} (RDP ε = {ours['epsilon_rdp']:.2f} for the same run; "
             f"σ = {ours['noise_multiplier']:.3g}, "
             f"{ours['epochs']} epochs, B = {ours['batch_size']}, N = {ours['train_size']}). Published: {published}."
@@ -383,14 +439,18 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
     size = summary["size"]
     if "fixed" in size and "adaclip" in size:
         sizes = sorted(size["adaclip"], key=int)
+        higher = summary["accuracy"].get(summary["size_task"], {}).get("higher_is_better", True)
+        digits, unit = (1, " points") if higher else (3, "")
         parts = []
-        for n in (sizes[0], sizes[-1]):
+        for n in dict.fromkeys((sizes[0], sizes[-1])):
             cell = size["adaclip"][n]
-            if "verdict" in cell:
-                word = {"win": "better than", "loss": "worse than", "tie": "a tie with"}[cell["verdict"]]
+            if "gap" in cell:
+                word = _verdict_word(
+                    cell["gap"], cell["gap_low"], cell["gap_high"], int(cell.get("gap_seeds", 1)), higher
+                )
                 parts.append(
-                    f"{cell['gap']:+.1f} [{cell['gap_low']:+.1f}, {cell['gap_high']:+.1f}] points "
-                    f"at n = {n} ({word} DP-SGD)"
+                    f"{_signed(cell['gap'], digits)} [{_signed(cell['gap_low'], digits)}, "
+                    f"{_signed(cell['gap_high'], digits)}]{unit} at n = {n} ({word} DP-SGD)"
                 )
         if parts:
             result["size"] = (
@@ -466,11 +526,15 @@ QUESTIONS = (
 """(finding key, title, figure stems under reports/, notebook or stage, table under reports/)."""
 
 
+NOTEBOOK_STAGES = {"tuning": "tuning_cost"}
+"""The dvc.yaml stage of a notebook where it is not the notebook's name (``tuning`` is the tuning sweep's stage)."""
+
+
 def source_of(notebook: str) -> str:
     """Where a section's artefacts come from."""
     if notebook == "bench":
         return "`benchmarks/bench.py` (stage `bench`)"
-    return f"`notebooks/{notebook}.ipynb` (stage `{notebook}`)"
+    return f"`notebooks/{notebook}.ipynb` (stage `{NOTEBOOK_STAGES.get(notebook, notebook)}`)"
 
 
 def render_readme(summary: dict[str, Any], tables: dict[str, str]) -> str:

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from adaclip.methods import METHODS
 from adaclip.research.analysis import Hyperparameters
-from adaclip.research.params import SWEEPS, Params, Task
+from adaclip.research.params import SWEEPS, Params, Task, size_batch
 from adaclip.research.records import write_records
 from adaclip.research.train import TrainConfig, resolve, run
 
@@ -148,7 +149,7 @@ def sweep_configs(
         full = task.train_size if task.train_size is not None else _train_size(task)
         for seed in params.size.seeds:
             for n in params.size.train_sizes:
-                batch = max(1, round(task.batch_size * n / full))
+                batch = size_batch(task.batch_size, full, n)
                 for method in (*task.methods, "nonprivate"):
                     config = _with(_base(params, task_name, method, seed), method, _chosen(selected, task_name, method))
                     configs.append({**config, "train_size": n, "batch_size": batch})
@@ -236,12 +237,39 @@ def run_sweep(
     return records
 
 
+class _Progress:
+    """Runs done / total and the time left: a tqdm bar on a terminal, else one line per finished run (logs)."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self.total, self.label, self.enabled, self.done = total, label, enabled, 0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total, desc=label, unit="run") if enabled and sys.stderr.isatty() else None
+
+    def update(self) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+        elif self.enabled:
+            elapsed = time.perf_counter() - self.start
+            left = elapsed / self.done * (self.total - self.done)
+            print(
+                f"{self.label}: {self.done}/{self.total} runs, {elapsed:.0f} s so far, about {left:.0f} s left",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.enabled:
+            print(f"{self.label}: {self.done} runs in {time.perf_counter() - self.start:.0f} s", flush=True)
+
+
 def _map(
     tasks: list[tuple[dict[str, Any], bool]], workers: int, progress: bool, label: str
 ) -> Iterable[dict[str, Any]]:
-    """The records in the order of ``tasks``, computed by ``workers`` processes, with a progress bar."""
-    bar = tqdm(total=len(tasks), desc=label, unit="run", disable=not progress, mininterval=5.0)
-    start = time.perf_counter()
+    """The records in the order of ``tasks``, computed by ``workers`` processes, with :class:`_Progress`."""
+    bar = _Progress(len(tasks), label, progress)
     try:
         if workers == 1 or len(tasks) == 1:
             for task in tasks:
@@ -254,5 +282,3 @@ def _map(
                 bar.update()
     finally:
         bar.close()
-        if progress:
-            print(f"{label}: {len(tasks)} runs in {time.perf_counter() - start:.0f} s", flush=True)

@@ -58,7 +58,13 @@ def learned_noise_power(
     """
     generator = torch.Generator().manual_seed(seed)
     rule = AdaCliP(
-        noise_multiplier=noise_multiplier, expected_batch_size=batch_size, kappa=kappa, h2=h2, beta1=0.9, beta2=0.995
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=batch_size,
+        kappa=kappa,
+        h2=h2,
+        beta1=0.9,
+        beta2=0.995,
+        estimator="per_example",
     )
     state = rule.init_state(std.numel(), dtype=torch.float64)
     scales = []

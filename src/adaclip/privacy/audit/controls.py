@@ -20,12 +20,13 @@ definition serves both.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from adaclip.methods import METHODS, ClippedSum, ClipRule, Stats
-from adaclip.methods.adaclip import AdaCliP, AdaClipState, optimal_scale
+from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState
 from adaclip.methods.fixed import FixedClip
 from adaclip.methods.quantile import QuantileClip, QuantileClipState
 from adaclip.privacy.audit.config import AuditConfig, AuditResult
@@ -74,14 +75,24 @@ class AdaCliPWithRawStatistics(AdaCliP):
     def step(self, per_example_grads: Tensor, state: AdaClipState, noise: Tensor) -> tuple[Tensor, AdaClipState, Stats]:
         released, _, stats = super().step(per_example_grads, state, noise)
         raw_mean = per_example_grads.sum(0) / self.expected_batch_size
-        second_moment = (raw_mean - state.mean) ** 2 * self.expected_batch_size
-        variance = self.beta2 * state.variance + (1 - self.beta2) * second_moment.clamp(self.h1, self.h2)
-        leaky_state = AdaClipState(
-            mean=self.beta1 * state.mean + (1 - self.beta1) * raw_mean,
-            variance=variance,
-            scale=optimal_scale(variance.sqrt(), self.kappa),
-        )
-        return released, leaky_state, stats
+        return released, self.next_state(raw_mean, state, stats.get("unclipped_estimate")), stats
+
+
+class AdaCliPWithNoiselessCount(AdaCliP):
+    """BROKEN: AdaCliP(estimator="quantile_scale") whose count (and so the next global scale) gets no noise.
+
+    Built with the parameters the audit gives the correct ``quantile_scale`` estimator
+    (:meth:`AdaCliPAdapter.variant_params`), whatever the registered default estimator is.
+    """
+
+    def __init__(self, *, noise_multiplier: float, expected_batch_size: float, **params: Any) -> None:
+        params |= AdaCliPAdapter.variant_params("quantile_scale", noise_multiplier)
+        super().__init__(noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **params)
+
+    def release(self, clipped: ClippedSum, state: AdaClipState, noise: Tensor) -> tuple[Tensor, AdaClipState, Stats]:
+        without_count_noise = noise.clone()
+        without_count_noise[-1] = 0.0
+        return super().release(clipped, state, without_count_noise)
 
 
 class QuantileClipWithNoiselessCount(QuantileClip):
@@ -102,6 +113,7 @@ CONTROLS: dict[str, tuple[str, type[ClipRule]]] = {
     "normaliser = realised batch size": ("fixed", FixedClipWithRealisedBatchSize),
     "AdaCliP statistics from raw gradients": ("adaclip", AdaCliPWithRawStatistics),
     "quantile count without noise": ("quantile", QuantileClipWithNoiselessCount),
+    "AdaCliP quantile-scale count without noise": ("adaclip", AdaCliPWithNoiselessCount),
 }
 
 

@@ -72,10 +72,14 @@ def _optimizer_trial(
         optimizer.zero_grad()
         ((module(inputs).squeeze(1) - targets) ** 2).mean().backward()
         optimizer.step()
-        release = (before - model.weight.detach().flatten()) / OPTIMIZER_LEARNING_RATE  # the released noisy gradient
+        step = (before - model.weight.detach().flatten()) / OPTIMIZER_LEARNING_RATE  # what the rule released
+        # the noisy gradient, as the adapter reads it from the release and the public state (the Adam rules
+        # release a step computed from it); the count of a quantile rule, if any, is dropped
+        release = adapter.observe(rule, state, step, optimizer.rule_state)[:dim]
         # the sampled batch is hidden: the adversary subtracts the noiseless release of an empty batch and
         # reads weight 0, which only the canary's gradient reaches
-        empty_release, _, _ = rule.step(torch.zeros(0, dim), state, torch.zeros(rule.noise_size(dim)))
+        empty_step, empty_state, _ = rule.step(torch.zeros(0, dim), state, torch.zeros(rule.noise_size(dim)))
+        empty_release = adapter.observe(rule, state, empty_step, empty_state)[:dim]
         score += float(adapter.gradient_noise(rule, state, release - empty_release)[0])
     return score / math.sqrt(config.optimizer_steps)
 
