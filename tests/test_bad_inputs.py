@@ -60,7 +60,7 @@ CLI_ROWS = [
     ("negative seed", ["--seed", "-1"], "seed must be"),
     ("zero train size", ["--train-size", "0"], "train_size must be"),
     ("train size above the data", ["--train-size", "100000"], "train_size must lie"),
-    ("negative method parameter", ["--param", "kappa=-1"], "kappa must be"),
+    ("negative method parameter", ["--param", "beta1=-1"], "beta1 must lie"),
     ("unknown method parameter", ["--param", "clip=1"], "unknown parameter(s) ['clip']"),
     ("parameter without a value", ["--param", "initial_clip"], "--param takes KEY=VALUE"),
     ("parameter of malformed YAML", ["--param", "initial_clip=[1"], "--param initial_clip: malformed YAML"),
@@ -190,7 +190,8 @@ def _loader_of_another_rate():
 
 def _adaclip_step_with_a_float32_state():
     rule = AdaCliP(noise_multiplier=1.0, expected_batch_size=4.0)
-    rule.step(torch.randn(4, 5, dtype=torch.float64), rule.init_state(5), torch.randn(5, dtype=torch.float64))
+    noise = torch.randn(rule.noise_size(5), dtype=torch.float64)
+    rule.step(torch.randn(4, 5, dtype=torch.float64), rule.init_state(5), noise)
 
 
 # (row id, call, exception type, text the one-line message must contain)

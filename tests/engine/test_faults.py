@@ -43,7 +43,11 @@ def mlp(seed: int = 0) -> nn.Module:
 
 def setup(method: str, data: TensorDataset, *, per_example: str = "fast", seed: int = 0, **kwargs):
     model = mlp(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.5)
+    # a rule that releases an Adam step wants plain SGD with a small rate (see adaclip.methods.Method)
+    releases_step = METHODS[method].releases_step
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.01 if releases_step else 0.3, momentum=0.0 if releases_step else 0.5
+    )
     params = {"rank": 8} if method == "geoclip" else {}
     return make_private(
         module=model,
@@ -191,7 +195,7 @@ def test_a_checkpoint_of_another_privacy_setting_is_refused_by_name():
         delta=1e-5,
         seed=0,
     )
-    with pytest.raises(ValueError, match=r"another privacy setting \(noise_multiplier: saved 1.0, here 2.0\)"):
+    with pytest.raises(ValueError, match=r"another privacy setting \(.*noise_multiplier: saved 1.0, here 2.0\)"):
         optimizer2.load_state_dict(state)
 
 
