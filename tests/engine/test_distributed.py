@@ -365,23 +365,23 @@ def test_train_command_runs_unchanged_under_torchrun(tmp_path, method):
     """``torchrun --nproc_per_node 2 -m adaclip train`` with the single-process arguments: one record, from
     rank 0, with the single-process epsilon and step count and a sane accuracy (the runs differ in their
     sampling, so accuracies agree only within noise: the note reports a multi-seed comparison)."""
-    args = ["--dataset", "breast-cancer", "--method", method, "--epochs", "3", "--seed", "1"]
+    args = ["--dataset", "synthetic", "--method", method, "--epochs", "2", "--seed", "1"]
     printed = _torchrun(
         tmp_path, *args, "--out", "parallel.json", *(["--check-replicas"] if method != "nonprivate" else [])
     )
-    assert printed.count(f"{method} on breast-cancer") == 1 and "on 2 ranks" in printed  # rank 0 prints
+    assert printed.count(f"{method} on synthetic") == 1 and "on 2 ranks" in printed  # rank 0 prints
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parallel.json"]  # rank 0 writes, nothing else is left
     parallel = json.loads((tmp_path / "parallel.json").read_text())
-    single = run(TrainConfig(dataset="breast-cancer", method=method, epochs=3, seed=1, progress=False))
+    single = run(TrainConfig(dataset="synthetic", method=method, epochs=2, seed=1, progress=False))
     assert parallel["world_size"] == 2 and single["world_size"] == 1
     for key in ("epsilon", "noise_multiplier", "sample_rate", "delta"):
         assert parallel[key] == single[key], key
-    assert parallel["test_accuracy"] > 0.85 and single["test_accuracy"] > 0.85
+    # chance is about 0.5 on the 1000 test examples (standard error 0.016): both learn
+    assert parallel["test_accuracy"] > 0.6 and single["test_accuracy"] > 0.6
     if method != "nonprivate":
-        assert parallel["steps"] == single["steps"] == 3 * int(1 / single["sample_rate"])
-        assert parallel["step_stats_mean"]["batch_size"] == pytest.approx(
-            32, rel=0.2
-        )  # global realised batches, not per rank
+        assert parallel["steps"] == single["steps"] == 2 * int(1 / single["sample_rate"])
+        # global realised batches (the synthetic default B = 100), not per rank
+        assert parallel["step_stats_mean"]["batch_size"] == pytest.approx(100, rel=0.1)
 
 
 def test_train_refuses_what_several_ranks_cannot_do():

@@ -47,9 +47,10 @@ def test_audit_notebook_writes_table_json_and_figure(tmp_path):
 
     lines = outputs["out_table"].read_text().splitlines()
     assert lines[0].startswith("Privacy audit at delta = 1e-05.")
-    assert (
-        lines[2]
-        == "| method | theoretical eps | audited eps lower bound (95 % CP) | mu_hat [band] | expected mu | verdict |"
+    assert lines[2] == (
+        "| method | theoretical eps | audited eps lower bound (95 %; Gaussian for rules, CP for the optimizer) "
+        "| CP threshold bound (95 %) | mu_hat [band] | expected mu | verdict (pass = no violation found by this "
+        "adversary) |"
     )
     assert len(lines) == 4 + len(expected_rows)
     assert all(line.startswith(f"| {name}") for line, name in zip(lines[4:], expected_rows, strict=True))

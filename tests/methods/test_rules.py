@@ -231,7 +231,7 @@ def test_clip_factors_bound_every_norm_and_leave_short_rows_alone():
         rule = FixedClip(clip_norm=bound, noise_multiplier=1.0, expected_batch_size=4.0)
         one_by_one = torch.stack([rule.clipped_sum(row[None], None).vector for row in rows])
         torch.testing.assert_close(one_by_one, clip_rows(rows, bound)[0])
-        assert rule.clipped_sum(rows, None).counts.tolist() == [200.0, float((norms > bound).sum())]
+        assert rule.clipped_sum(rows, None).counts.tolist() == [200.0, float((norms > bound).sum()), 0.0]
     assert torch.equal(clipped[0], torch.zeros(7))
 
 
@@ -240,7 +240,7 @@ def test_counts_stay_exact_with_bfloat16_parameters():
     quantile rule's count would then move by 0 or 1 per added example instead of 1/2."""
     weights = torch.ones(257, dtype=torch.bfloat16)
     clipped = ClippedSum.of(torch.zeros(3, dtype=torch.bfloat16), weights)
-    assert clipped.counts.dtype == torch.float64 and clipped.counts.tolist() == [257.0, 0.0]
+    assert clipped.counts.dtype == torch.float64 and clipped.counts.tolist() == [257.0, 0.0, 0.0]
     rule = QuantileClip(noise_multiplier=1.0, expected_batch_size=256.0, initial_clip=1.0)
     stats = rule.release(clipped, rule.init_state(3), torch.zeros(4, dtype=torch.bfloat16))[2]
     assert stats["unclipped_estimate"] == 128.5 / 256 + 0.5  # sum of centred bits 257 - 257 / 2, no noise

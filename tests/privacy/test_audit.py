@@ -16,23 +16,31 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import binomtest
+from scipy.stats import norm as scipy_norm
+from test_accounting_conformance import gaussian_delta as closed_form_delta
 from test_accounting_conformance import gaussian_epsilon
 
 import adaclip
 from adaclip.methods import METHODS, AdaCliP, AdaClipState, CanaryAdapter, build_rule
 from adaclip.methods.adaclip import ESTIMATORS, AdaCliPAdapter
 from adaclip.privacy import audit
+from adaclip.privacy.accounting import epsilon
 from adaclip.privacy.audit import (
+    PASS_MEANING,
+    GaussianLowerBound,
     audit_config,
     audit_method,
     audit_optimizer,
     audit_rule,
     clopper_pearson_upper,
     epsilon_lower_bound,
+    gaussian_delta,
+    gaussian_epsilon_lower_bound,
     optimizer_expected_mu,
     standardised_mean_shift,
     warm_state,
 )
+from adaclip.privacy.audit import gaussian_epsilon as audit_gaussian_epsilon
 from adaclip.privacy.audit.controls import CONTROLS, FixedClipWithoutClipping, audit_control, build_control
 
 OPTIMIZER_METHODS = ["fixed", "adaclip", "macadam", "adambc"]  # the Adam rules: g~ read back from the state
@@ -128,6 +136,42 @@ def test_without_signal_the_split_keeps_the_bound_at_zero():
     assert positive <= 6
 
 
+# --- the Gaussian trade-off bound ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mu, delta", [(0.3, 1e-5), (math.sqrt(2) / 2, 1e-5), (1.0, 1e-5), (2.5, 1e-6), (8.0, 1e-3)])
+def test_gaussian_epsilon_inverts_the_gdp_curve_like_the_closed_form(mu, delta):
+    # Dong, Roth, Su 2019, Cor. 2.13 is Balle & Wang's Gaussian-mechanism curve with mu = 1 / sigma
+    assert gaussian_delta(1.3, mu) == pytest.approx(closed_form_delta(1.3, mu), rel=1e-9, abs=1e-15)
+    assert audit_gaussian_epsilon(mu, delta) == pytest.approx(gaussian_epsilon(mu, delta), abs=1e-8)
+
+
+def test_gaussian_epsilon_of_two_gaussian_steps_is_the_accountants():
+    # two steps of sigma = 2 at q = 1 compose to sqrt(2) / 2-GDP: PLD is exact to its discretisation
+    pld = epsilon(noise_multiplier=2.0, sample_rate=1.0, steps=2, delta=1e-5, accountant="pld")
+    assert audit_gaussian_epsilon(math.sqrt(2) / 2, 1e-5) == pytest.approx(pld, abs=1e-4)
+
+
+def test_gaussian_lower_bound_is_the_curve_at_mu_hats_one_sided_limit():
+    null = np.array([-1.0, 1.0] * 50)  # mean 0, sample variance 100 / 99
+    canary = null + 0.8
+    bound = gaussian_epsilon_lower_bound(null, canary, delta=1e-5, confidence=0.95)
+    d = 0.8 / math.sqrt(100 / 99)
+    mu_low = d - 1.6448536269514722 * math.sqrt(1 / 100 + 1 / 100 + d**2 / 400)  # z_0.95, written out
+    assert bound == GaussianLowerBound(
+        epsilon=pytest.approx(gaussian_epsilon(mu_low, 1e-5), abs=1e-8), mu_low=pytest.approx(mu_low), confidence=0.95
+    )
+    assert gaussian_epsilon_lower_bound(canary, null, delta=1e-5).epsilon == 0.0  # a negative shift bounds nothing
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gaussian_lower_bound_stays_below_the_mechanisms_epsilon(seed):
+    rng = np.random.default_rng(seed)
+    mu, delta = 0.7, 1e-5
+    bound = gaussian_epsilon_lower_bound(rng.normal(0, 1, 500), rng.normal(mu, 1, 500), delta=delta, confidence=0.99)
+    assert 0 < bound.epsilon <= gaussian_epsilon(mu, delta)
+
+
 def test_standardised_mean_shift_band_covers_the_truth_at_its_level():
     rng = np.random.default_rng(2)
     mu, covered = 0.8, 0
@@ -220,7 +264,9 @@ def test_correct_method_passes_the_audit(method):
     assert result.theoretical_epsilon == pytest.approx(
         gaussian_epsilon(math.sqrt(CONFIG.steps) / CONFIG.noise_multiplier, CONFIG.delta), abs=1e-3
     )
+    assert isinstance(result.lower_bound, GaussianLowerBound)
     assert result.lower_bound.epsilon <= result.theoretical_epsilon
+    assert result.threshold_bound.epsilon <= result.theoretical_epsilon
     # the canary saturates the bound: mu_hat matches sqrt(steps) / sigma (and the audit is tight for this adversary)
     assert result.mean_shift.low <= result.expected_mu <= result.mean_shift.high
     assert result.verdict == "pass" and not result.violation
@@ -239,6 +285,23 @@ def test_controls_are_not_registered_methods():
     assert not broken & set(METHODS.values())
     assert not {cls.__name__ for cls in broken} & set(adaclip.__all__)
     assert all(method in METHODS for method, _ in CONTROLS.values())
+
+
+def test_dp_sgd_audited_bound_reaches_half_its_epsilon():
+    """The Gaussian trade-off bound has the power the Clopper–Pearson one lacks (0.46 of 2.94 with 500 trials)."""
+    result = method_audit("fixed")
+    assert result.lower_bound.epsilon >= 0.5 * result.theoretical_epsilon
+    assert result.threshold_bound.epsilon < 0.25 * result.theoretical_epsilon
+
+
+def test_default_trials_give_dp_sgd_half_its_epsilon_with_99_percent_probability():
+    """With the default trials, mu_low falls below mu - (z_conf + z_0.99) se(d) in under 1 % of audits; even there
+    the bound keeps half the theoretical epsilon (the sizing of ``AuditConfig.trials``)."""
+    config = audit_config()
+    mu, n = math.sqrt(config.steps) / config.noise_multiplier, config.trials
+    se = math.sqrt(2 / n + mu**2 / (4 * n))
+    unlucky = mu - (float(scipy_norm.ppf(config.confidence)) + float(scipy_norm.ppf(0.99))) * se
+    assert gaussian_epsilon(unlucky, config.delta) >= 0.5 * gaussian_epsilon(mu, config.delta)
 
 
 @pytest.mark.parametrize("name", sorted(CONTROLS))
@@ -264,9 +327,13 @@ def test_results_are_reported_as_json_and_table_rows():
     result = method_audit("fixed")
     summary = json.loads(json.dumps(result.to_dict()))
     assert summary["verdict"] == "pass" and summary["lower_bound"]["epsilon"] == result.lower_bound.epsilon
+    assert summary["lower_bound_method"] == "gaussian trade-off"
+    assert summary["threshold_bound"]["epsilon"] == result.threshold_bound.epsilon
+    assert summary["verdict_meaning"] == PASS_MEANING and "no violation found by this adversary" in PASS_MEANING
     row = audit.table_row(result)
     header = audit.table_header(0.95)
-    assert len(row) == len(header) and row[0] == "fixed" and header[2] == "audited eps lower bound (95 % CP)"
+    assert len(row) == len(header) and row[0] == "fixed" and header[2].startswith("audited eps lower bound (95 %")
+    assert header[-1] == "verdict (pass = no violation found by this adversary)"
 
 
 # --- the optimizer path -------------------------------------------------------------------------------------
@@ -286,6 +353,7 @@ def test_optimizer_expected_mu_matches_a_simulation_of_the_mixture():
 def test_optimizer_path_passes_for_correct_methods(method):
     result = audit_optimizer(method, CONFIG)
     assert result.sample_rate == 0.5 and result.accountant == "prv"
+    assert result.lower_bound is result.threshold_bound  # a Poisson mixture: only the Clopper–Pearson bound holds
     assert result.lower_bound.epsilon <= result.theoretical_epsilon
     assert result.mean_shift.low <= result.expected_mu <= result.mean_shift.high
     assert result.verdict == "pass"

@@ -222,3 +222,28 @@ def test_image_and_label_counts_that_disagree_are_named_with_the_folder(isolated
     labels.write_bytes(gzip.compress(idx_payload(np.arange(119) % 10)))  # 120 images, 119 labels
     with pytest.raises(CorruptDataError, match=r"fake: image and label files disagree"):
         data.load_idx_dataset("fashion-mnist", data_dir=folder, verify=False, download=False)
+
+
+def test_a_named_data_dir_is_used_or_refused_never_replaced(isolated, monkeypatch):
+    """``--data-dir`` that did not exist, or lacked files, silently fell back to the system copy."""
+    write_fake_idx(isolated / "data" / "raw" / "fashion-mnist")  # a default place that would have been used
+    write_fake_idx(isolated / "from-env")
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(isolated / "from-env"))
+    with pytest.raises(DataNotFoundError, match=r"data_dir .*missing-folder is not a folder"):
+        data.locate_idx("fashion-mnist", data_dir=isolated / "missing-folder")
+    partial = isolated / "partial"
+    write_fake_idx(partial)
+    (partial / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataNotFoundError, match=r"lacks 1 of the four fashion-mnist files: t10k-labels-idx1-ubyte\.gz"):
+        load_dataset("fashion-mnist", data_dir=partial, verify=False)
+    (isolated / "a-file").write_text("x")
+    with pytest.raises(DataNotFoundError, match="is not a folder"):
+        data.locate_idx("fashion-mnist", data_dir=isolated / "a-file")
+    assert not list((isolated / "partial").glob("*.part"))  # nothing downloaded into it
+
+
+def test_data_dir_for_a_dataset_without_files_is_refused():
+    with pytest.raises(
+        ValueError, match=r"data_dir is for the datasets read from files .* 'breast-cancer' needs no files"
+    ):
+        load_dataset("breast-cancer", data_dir="/usr/share/datasets")

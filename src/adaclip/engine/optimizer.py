@@ -17,10 +17,26 @@ Both give the rule's :class:`~adaclip.methods.base.ClippedSum` (the same up to f
 ``release`` then adds the noise once and updates its state; the optimizer writes the released
 noisy mean gradient into ``p.grad`` and lets the wrapped optimizer update the parameters; it counts
 the steps it has taken and reports the accountant's epsilon for them.
+
+Non-finite per-example gradients follow ``nonfinite``: ``"drop"`` (default) gives such an example
+weight 0 on both paths and counts it in ``last_stats["nonfinite_dropped"]`` (see
+:mod:`adaclip.methods.base`: the sensitivity and the accounting are unchanged); ``"raise"`` stops with a
+:class:`~adaclip.methods.base.NonFiniteGradientError` before anything is released.  Whatever the policy,
+a release or a new rule state that is not finite (a custom rule that ignores the policy) raises
+``FloatingPointError`` before it reaches the parameters.
+
+**Checkpoints.**  :meth:`~AdaptiveClipDPOptimizer.state_dict` holds, besides the wrapped optimizer's state,
+everything the privacy of a resumed run depends on: the steps taken (so that :meth:`get_epsilon` after
+:meth:`~AdaptiveClipDPOptimizer.load_state_dict` reports the *total* epsilon), the rule state, the noise
+generator's state and the privacy setting (sigma, ``q``, accountant, rule and hyperparameters), which a
+load checks against its own.  The loader's sampling generator is saved with
+:func:`adaclip.engine.sampling.loader_state_dict`.  Everything is tensors and plain values, so
+``torch.load(..., weights_only=True)`` reads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
@@ -38,13 +54,31 @@ from adaclip.engine.distributed import (
     is_initialized,
     state_tensors,
 )
-from adaclip.engine.per_example import Part, Transform, collect_parts, materialise, per_example_norms, weighted_sum
+from adaclip.engine.per_example import (
+    Part,
+    Transform,
+    collect_parts,
+    materialise,
+    per_example_norms,
+    weighted_sum,
+    zero_examples,
+)
 from adaclip.methods import METHODS, method_parameters
-from adaclip.methods.base import ClippedSum, ClipRule, Stats, supports_norm_path
-from adaclip.privacy.accounting import Accountant, epsilon
+from adaclip.methods.base import (
+    ClippedSum,
+    ClipRule,
+    NonFiniteGradientError,
+    Stats,
+    drop_nonfinite,
+    release_counted,
+    supports_norm_path,
+)
+from adaclip.privacy.accounting import Accountant, Spent, account
 
 PerExample = Literal["fast", "materialise"]
 PER_EXAMPLE_PATHS: tuple[PerExample, ...] = ("fast", "materialise")
+NonFinite = Literal["drop", "raise"]
+NONFINITE_POLICIES: tuple[NonFinite, ...] = ("drop", "raise")
 
 
 class AdaptiveClipDPOptimizer(DPOptimizer):
@@ -67,6 +101,8 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             state, the released gradient and the parameters the step started from are bitwise equal
             on every rank (:class:`adaclip.engine.distributed.ReplicaDivergence` otherwise); one broadcast
             per tensor.  Whether the ranks draw the same noise is checked once, always, at construction.
+        nonfinite: ``"drop"`` (default) or ``"raise"``: what happens to an example whose per-example gradient
+            is not finite (see the module docstring).
 
     A step releases one *logical* (Poisson) batch.  Its examples may arrive in pieces: clipped sums
     are sums over examples, so the optimizer adds up the pieces' clipped sums and releases once,
@@ -98,9 +134,12 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         per_example: PerExample = "fast",
         distributed: bool = False,
         check_replicas: bool = False,
+        nonfinite: NonFinite = "drop",
     ) -> None:
         if per_example not in PER_EXAMPLE_PATHS:
             raise ValueError(f"per_example must be one of {PER_EXAMPLE_PATHS}, got {per_example!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if distributed and generator is None:
             raise ValueError(
                 "distributed=True needs a noise generator seeded identically on every rank (generator=...), so that "
@@ -122,6 +161,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             generator=generator,
         )
         self.rule = rule
+        self.nonfinite: NonFinite = nonfinite
         self.per_example: PerExample = per_example
         self.distributed = distributed
         self.check_replicas = check_replicas
@@ -139,7 +179,9 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self.last_clipped: ClippedSum | None = None
         """The last step's clipped sum (the rule's data-dependent input), for diagnostics such as the
         noise-free release ``rule.release(last_clipped, previous_state, zeros)``; never released itself."""
-        self._last_epsilon: tuple[tuple[int, float] | None, float] = (None, 0.0)
+        self.accounting: Spent | None = None
+        """What the last :meth:`get_epsilon` computed, with the accountant that answered (RDP if it fell back)."""
+        self._accounted_for: tuple[int, float] | None = None
         self._accumulated: ClippedSum | None = None
         """The running clipped sum of the logical batch's earlier pieces (virtual steps, earlier passes)."""
         self._module_hook: RemovableHandle | None = None
@@ -183,8 +225,16 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         )
         if self.distributed:
             clipped = all_reduce_clipped_sum(clipped)
+        if self.nonfinite == "raise" and clipped.nonfinite_dropped:
+            raise NonFiniteGradientError(
+                f"{clipped.nonfinite_dropped:.0f} example(s) of the batch at step {self.steps_taken + 1} have a "
+                "non-finite per-example gradient (NaN or inf) and nonfinite='raise': check the data and the loss, "
+                "or use nonfinite='drop' to drop such examples (counted in the step statistics)"
+            )
         self.last_clipped = clipped
-        noisy_mean, self.rule_state, self.last_stats = self.rule.release(clipped, self.rule_state, noise)
+        noisy_mean, new_state, stats = release_counted(self.rule, clipped, self.rule_state, noise)
+        self._check_finite(noisy_mean, new_state)
+        self.rule_state, self.last_stats = new_state, stats
         if self.check_replicas:
             parameters = {f"parameter {i}": p for i, p in enumerate(params)}
             assert_replicas_equal(
@@ -202,12 +252,30 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self._clear_per_example()  # released: these examples must not enter another release
 
     def _norm_path_sum(self, parts: list[Part], dim: int) -> ClippedSum:
-        """The rule's clipped sum from per-example (transformed) norms and ``sum_i c_i g_i``, without ``[n, d]``."""
+        """The rule's clipped sum from per-example (transformed) norms and ``sum_i c_i g_i``, without ``[n, d]``.
+
+        Non-finite examples get weight 0 and their data is zeroed before the weighted sum.
+        """
         shift_scale = self.rule.norm_transform(self.rule_state)
         transform = None if shift_scale is None else Transform.of(*shift_scale)
         norms = per_example_norms(parts, transform)
-        weights = self.rule.example_weights(norms, self.rule_state)
-        return self.rule.clipped_sum_from_weights(weighted_sum(parts, weights, dim), weights, self.rule_state)
+        weights, dropped = drop_nonfinite(norms, self.rule.example_weights(norms, self.rule_state))
+        if dropped is not None:
+            zero_examples(parts, dropped)
+        return self.rule.clipped_sum_from_weights(weighted_sum(parts, weights, dim), weights, self.rule_state, dropped)
+
+    def _check_finite(self, released: torch.Tensor, state: Any) -> None:
+        """Refuse a non-finite release or state before it reaches the parameters (one host synchronisation)."""
+        tensors = [released, *state_tensors(state).values()]
+        finite = torch.stack([torch.isfinite(t).all().to(released.device) for t in tensors])
+        if not bool(finite.all()):
+            names = ["the released gradient", *(f"state.{name}" for name in state_tensors(state))]
+            bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
+            raise FloatingPointError(
+                f"{type(self.rule).__name__} produced a non-finite {', '.join(bad)} at step {self.steps_taken + 1}; "
+                "nothing was applied. Every rule in adaclip.methods drops non-finite examples; a custom rule "
+                "must too (adaclip.methods.base.drop_nonfinite), and sigma and the clip scale must be finite"
+            )
 
     # --- pieces of a logical batch, Opacus interoperation ---------------------------------------------
 
@@ -314,10 +382,12 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
     def max_grad_norm(self) -> float:
         """The clip bound in force for the next step.
 
-        The rule's ``clip_norm`` where it has a fixed one (DP-SGD, DP-PSAC); quantile clipping's current
-        ``C_t`` (``initial_clip`` before the first step); ``initial_clip``, the first step's bound only,
-        for AdaCliP and GeoClip (they clip ``(g - a) / b`` to norm 1 with per-coordinate ``b``); 1 for
-        AUTO-S (every normalised gradient has norm below 1).  The bound each step used is in
+        The rule's ``clip_norm`` where it has a fixed one (DP-SGD, DP-PSAC, DP-AdamBC); the current scalar
+        bound of a rule that adapts one by a private quantile (quantile clipping's ``C_t``, the global scale
+        of AdaCliP's quantile-scale estimator; ``initial_clip`` before the first step); ``initial_clip``,
+        the first step's bound only, for the other AdaCliP estimators, GeoClip and DP-MacAdam (they clip
+        ``(g - a) / b`` to norm 1 with per-coordinate ``b``); 1 for AUTO-S (every normalised gradient has
+        norm below 1).  The bound each step used is in
         ``last_stats["clip_norm"]`` for the rules with a scalar one.
 
         Assigning it (as ``opacus.schedulers`` clip schedulers do) sets ``clip_norm`` for the rules that
@@ -357,8 +427,10 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
     def get_epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent by the steps taken so far, at ``delta`` (default: the one given at construction).
 
-        An accountant call costs milliseconds, so call this once per epoch, not per step; repeated
-        calls for the same number of steps and delta reuse the last answer.
+        After :meth:`load_state_dict` the steps include those taken before the checkpoint.  An
+        accountant call costs milliseconds to seconds, so call this once per epoch, not per step;
+        repeated calls for the same number of steps and delta reuse the last answer, which
+        :attr:`accounting` holds with the accountant that computed it.
         """
         delta = self.delta if delta is None else delta
         if delta is None:
@@ -366,16 +438,105 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         if self.steps_taken == 0:
             return 0.0
         key = (self.steps_taken, delta)
-        if self._last_epsilon[0] != key:
-            spent = epsilon(
+        if self._accounted_for != key or self.accounting is None:
+            self.accounting = account(
                 noise_multiplier=self.rule.noise_multiplier,
                 sample_rate=self.sample_rate,
                 steps=self.steps_taken,
                 delta=delta,
                 accountant=self.accountant,
             )
-            self._last_epsilon = (key, spent)
-        return self._last_epsilon[1]
+            self._accounted_for = key
+        return self.accounting.epsilon
+
+    # --- checkpoints ------------------------------------------------------------------------------
+
+    def privacy_setting(self) -> dict[str, Any]:
+        """What the accounting of a checkpoint depends on; :meth:`load_state_dict` requires it to be equal."""
+        return {
+            "rule": type(self.rule).__name__,
+            "noise_multiplier": float(self.rule.noise_multiplier),
+            "expected_batch_size": float(self.rule.expected_batch_size),
+            "hyperparameters": self.rule.hyperparameters(),
+            "sample_rate": float(self.sample_rate),
+            "accountant": self.accountant,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state plus the privacy state (see the module docstring).
+
+        Refused in the middle of a logical batch (virtual steps or earlier backward passes pending): the
+        running clipped sum holds per-example information that must be released or dropped, never saved.
+        """
+        if self._has_pending():
+            raise ValueError(
+                "a logical batch is partly accumulated (virtual steps or backward passes pending): checkpoint after "
+                "optimizer.step() has released it, e.g. at the end of an epoch"
+            )
+        state = self.rule_state
+        return {
+            "optimizer": self.original_optimizer.state_dict(),
+            "privacy": {
+                "setting": self.privacy_setting(),
+                "steps_taken": self.steps_taken,
+                "rule_state": None if state is None else dataclasses.asdict(state),
+                "noise_generator": None if self.generator is None else self.generator.get_state(),
+            },
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, so that training continues exactly and epsilon counts every step.
+
+        Refuses a state dict without the privacy state (e.g. a plain ``torch.optim`` one, which would
+        reset the steps and so epsilon to 0) and one saved under a different privacy setting.
+        """
+        if not isinstance(state_dict, dict) or "privacy" not in state_dict or "optimizer" not in state_dict:
+            raise ValueError(
+                "state_dict holds no privacy state (steps taken, rule state, noise generator): it was not saved by "
+                "AdaptiveClipDPOptimizer.state_dict(), and loading it would restart epsilon at 0"
+            )
+        privacy = state_dict["privacy"]
+        saved, own = privacy["setting"], self.privacy_setting()
+        differing = sorted(key for key in own if saved.get(key) != own[key])
+        if differing:
+            details = "; ".join(f"{key}: saved {saved.get(key)!r}, here {own[key]!r}" for key in differing)
+            raise ValueError(f"the checkpoint was saved under another privacy setting ({details})")
+        if (privacy["noise_generator"] is None) != (self.generator is None):
+            raise ValueError(
+                "the checkpoint and this optimizer disagree on a seeded noise generator: make_private both with a seed"
+            )
+        self.original_optimizer.load_state_dict(state_dict["optimizer"])
+        self.steps_taken = int(privacy["steps_taken"])
+        self.rule_state = self._restored_rule_state(privacy["rule_state"])
+        if self.generator is not None:
+            self.generator.set_state(privacy["noise_generator"])
+        self.accounting, self._accounted_for = None, None
+
+    def _restored_rule_state(self, saved: dict[str, Any] | None) -> Any:
+        """The rule state from its saved fields, on the parameters' device and dtype."""
+        if saved is None:
+            return None
+        reference = self.params[0]
+        template = self.rule.init_state(
+            sum(p.numel() for p in self.params), device=reference.device, dtype=reference.dtype
+        )
+        names = {f.name for f in dataclasses.fields(template)}
+        if set(saved) != names:
+            raise ValueError(f"the checkpoint's rule state has fields {sorted(saved)}, this rule's {sorted(names)}")
+        values = {
+            name: value.to(device=reference.device, dtype=getattr(template, name).dtype)
+            if isinstance(value, torch.Tensor)
+            else value
+            for name, value in saved.items()
+        }
+        for name, value in values.items():
+            expected = getattr(template, name)
+            if isinstance(expected, torch.Tensor) and value.shape != expected.shape:
+                raise ValueError(
+                    f"the checkpoint's state.{name} has shape {tuple(value.shape)}, this model needs "
+                    f"{tuple(expected.shape)}"
+                )
+        return dataclasses.replace(template, **values)
 
 
 def _pending_passes(p: nn.Parameter) -> int:

@@ -92,6 +92,18 @@ class Part(ABC):
         """``sum_i g_ij^2`` for every coordinate ``j`` of this parameter, shape ``[numel]`` (for diagnostics)."""
         return self.materialise().square().sum(0)
 
+    @abstractmethod
+    def zero_examples(self, dropped: Tensor) -> None:
+        """Set the per-example data of the ``dropped`` examples (a boolean mask ``[n]``) to 0.
+
+        The non-finite policy gives them weight 0, but ``0 * NaN`` is NaN: the weighted sum needs zeros.
+        """
+
+
+def _zeroed(tensor: Tensor, dropped: Tensor) -> Tensor:
+    """``tensor`` (examples first) with the ``dropped`` examples' entries set to 0."""
+    return tensor.masked_fill(dropped.view(-1, *[1] * (tensor.dim() - 1)), 0.0)
+
 
 class MaterialisedPart(Part):
     """Per-example gradients held explicitly, ``[n, *param.shape]``, in the parameter's dtype.
@@ -122,6 +134,9 @@ class MaterialisedPart(Part):
 
     def coordinate_square_sums(self) -> Tensor:
         return self.grads.square().sum(0)
+
+    def zero_examples(self, dropped: Tensor) -> None:
+        self.grads = _zeroed(self.grads, dropped)
 
 
 class LinearFactors:
@@ -159,6 +174,11 @@ class LinearFactors:
         if self._scaled is None or self._scaled[0] is not weights:
             self._scaled = (weights, self.delta * (weights.unsqueeze(1) if self.single else weights.view(-1, 1, 1)))
         return self._scaled[1]
+
+    def zero_examples(self, dropped: Tensor) -> None:
+        """Inputs and output gradients of the ``dropped`` examples set to 0 (cached products forgotten)."""
+        self.x, self.delta = _zeroed(self.x, dropped), _zeroed(self.delta, dropped)
+        self._delta_squared_norms, self._scaled = None, None
 
 
 class LinearWeightPart(Part):
@@ -235,6 +255,10 @@ class LinearWeightPart(Part):
         x, delta = self.factors.x, self.factors.delta
         grads = torch.einsum("no,ni->noi", delta, x) if self.factors.single else torch.einsum("npo,npi->noi", delta, x)
         return grads.reshape(self.num_examples, self.param.numel())
+
+    def zero_examples(self, dropped: Tensor) -> None:
+        self.factors.zero_examples(dropped)  # shared with the bias part: zeroing twice is harmless
+        self._materialised = None
 
 
 def _gram_norms(x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
@@ -322,6 +346,10 @@ class LinearBiasPart(MaterialisedPart):
 
     def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
         torch.sum(self.factors.scaled_delta(weights), 0 if self.factors.single else (0, 1), out=out)
+
+    def zero_examples(self, dropped: Tensor) -> None:
+        super().zero_examples(dropped)
+        self.factors.zero_examples(dropped)
 
 
 def _factors(capture: LayerCapture) -> LinearFactors:
@@ -458,6 +486,12 @@ def per_example_norms(parts: list[Part], transform: Transform | None = None) -> 
     for more in squared[2:]:
         total.add_(more)
     return total.sqrt_()
+
+
+def zero_examples(parts: list[Part], dropped: Tensor) -> None:
+    """Set the ``dropped`` examples' data to 0 in every part, once their norms are taken (see ``Part``)."""
+    for part in parts:
+        part.zero_examples(dropped)
 
 
 def weighted_sum(parts: list[Part], weights: Tensor, dim: int) -> Tensor:

@@ -18,10 +18,16 @@ from adaclip._validate import require_int, require_one_of, require_open_unit, re
 from adaclip.engine import distributed as dist_utils
 from adaclip.engine.bookkeeping import BookkeepingGradSampleModule
 from adaclip.engine.opacus_arguments import translate
-from adaclip.engine.optimizer import PER_EXAMPLE_PATHS, AdaptiveClipDPOptimizer, PerExample
+from adaclip.engine.optimizer import (
+    NONFINITE_POLICIES,
+    PER_EXAMPLE_PATHS,
+    AdaptiveClipDPOptimizer,
+    NonFinite,
+    PerExample,
+)
 from adaclip.engine.sampling import PoissonDataLoader, TensorPoissonLoader
 from adaclip.methods import ClipRule, build_rule, check_method, supports_norm_path
-from adaclip.privacy.accounting import ACCOUNTANTS, Accountant, noise_multiplier_for
+from adaclip.privacy.accounting import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, Accountant, noise_multiplier_for
 
 
 def _seeds(seed: int | None, rank: int = 0, world_size: int = 1) -> tuple[int | None, int | None]:
@@ -66,6 +72,7 @@ def make_private(
     per_example: PerExample = "fast",
     distributed: bool = False,
     check_replicas: bool = False,
+    nonfinite: NonFinite = "drop",
     **method_params: object,
 ) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, PoissonDataLoader]:
     """Make training private with clipping rule ``method``, like ``opacus.PrivacyEngine.make_private``.
@@ -106,9 +113,19 @@ def make_private(
     noise, drawn identically on every rank, enters the sum once (:mod:`adaclip.engine.distributed`).  The
     accounting is the single-process one for the same ``(sigma, q, T)``.  ``check_replicas=True``
     asserts after every step that rule state, update and parameters agree on every rank (debugging).
+
+    ``nonfinite``: an example whose per-example gradient is not finite (NaN or inf) is dropped from
+    the step with weight 0 and counted in ``optimizer.last_stats["nonfinite_dropped"]`` (``"drop"``,
+    the default; the sensitivity and the accounting are unchanged, see :mod:`adaclip.methods.base`), or
+    stops training with :class:`~adaclip.methods.base.NonFiniteGradientError` (``"raise"``).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer over module.parameters() (e.g. torch.optim.SGD), "
+            f"got {type(optimizer).__name__}"
+        )
     if not isinstance(data_loader, DataLoader) or data_loader.batch_size is None:
         raise ValueError(
             "data_loader must be a torch DataLoader with an integer batch_size (the expected batch size B)"
@@ -124,6 +141,7 @@ def make_private(
     require_one_of("accountant", accountant, ACCOUNTANTS)
     require_one_of("per_example", per_example, PER_EXAMPLE_PATHS)
     require_one_of("loss_reduction", loss_reduction, ("mean", "sum"))
+    require_one_of("nonfinite", nonfinite, NONFINITE_POLICIES)
     if distributed and not dist_utils.is_initialized():
         raise ValueError(
             "distributed=True needs an initialised torch.distributed process group: launch with torchrun and call "
@@ -187,6 +205,7 @@ def make_private(
         per_example=per_example,
         distributed=distributed,
         check_replicas=check_replicas,
+        nonfinite=nonfinite,
     )
     # pieces of one logical batch: earlier backward passes are clipped when the next forward starts;
     # a new loader batch while one is pending is refused (with worker processes the sampler runs ahead)
@@ -208,12 +227,19 @@ def calibrate_noise(
     """The noise multiplier: ``noise_multiplier`` as given, or calibrated for ``target_epsilon`` over ``epochs``.
 
     One epoch is ``int(1 / sample_rate)`` steps (as the Poisson loaders count them); the calibrated
-    sigma is the smallest whose epsilon with ``accountant`` is at most ``target_epsilon``.
+    sigma is the smallest whose epsilon with ``accountant`` is at most ``target_epsilon``.  A given
+    sigma must lie in ``(0, MAX_NOISE_MULTIPLIER]`` (:mod:`adaclip.privacy.accounting`).
     """
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier and target_epsilon")
     if target_epsilon is None:
-        return require_positive("noise_multiplier", noise_multiplier)
+        sigma = require_positive("noise_multiplier", noise_multiplier)
+        if sigma > MAX_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"noise_multiplier must be at most {MAX_NOISE_MULTIPLIER:g} (epsilon is already negligible there), "
+                f"got {noise_multiplier!r}"
+            )
+        return sigma
     epochs = require_int("epochs (needed with target_epsilon)", epochs)
     if delta is None:
         raise ValueError("target_epsilon needs delta (Opacus's target_delta): epsilon is spent at a given delta")

@@ -16,6 +16,12 @@ collectives stay in step (Opacus's distributed sampler skips empty batches).
 Both loaders are ``torch.utils.data.DataLoader`` s with a :class:`PoissonBatchSampler` as their
 ``batch_sampler``: :class:`PoissonDataLoader` for any map-style dataset, :class:`TensorPoissonLoader`
 for a ``TensorDataset``, whose batches are gathered in one call per tensor (``__getitems__``).
+
+Checkpoints: an epoch's batches are drawn when its iteration starts, so the sampling generator's
+state between epochs fixes every later batch.  :func:`loader_state_dict` and
+:func:`load_loader_state_dict` save and restore it for every loader ``make_private`` returns; save at
+the end of an epoch.  Without a seed (``generator=None``) batches come from torch's global generator,
+which these do not restore.
 """
 
 from __future__ import annotations
@@ -121,6 +127,14 @@ class PoissonBatchSampler(Sampler[list[int]]):
                 self.before_batch()
             yield indices.tolist()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling generator's state and the setting it samples (restore it between epochs)."""
+        return _sampler_state(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the setting must match)."""
+        _load_sampler_state(self, state)
+
 
 class PoissonDataLoader(DataLoader[Any]):
     """A ``torch.utils.data.DataLoader`` whose ``batch_sampler`` is a :class:`PoissonBatchSampler`.
@@ -220,6 +234,47 @@ class TensorPoissonLoader(PoissonDataLoader):
             world_size=world_size,
             collate_fn=collate_gathered,
         )
+
+
+def _sampler_state(sampler: PoissonBatchSampler) -> dict[str, Any]:
+    generator = sampler.generator
+    return {
+        "num_examples": sampler.num_examples,
+        "sample_rate": float(sampler.sample_rate),
+        "generator": None if generator is None else generator.get_state(),
+    }
+
+
+def _load_sampler_state(sampler: PoissonBatchSampler, state: dict[str, Any]) -> None:
+    own = _sampler_state(sampler)
+    for key in ("num_examples", "sample_rate"):
+        if state.get(key) != own[key]:
+            raise ValueError(f"the saved sampling state has {key}={state.get(key)!r}, this loader {own[key]!r}")
+    if (state["generator"] is None) != (sampler.generator is None):
+        raise ValueError("the saved sampling state and this loader disagree on a seeded generator: seed both")
+    if sampler.generator is not None:
+        sampler.generator.set_state(state["generator"])
+
+
+def _sampler_of(loader: DataLoader[Any]) -> PoissonBatchSampler:
+    """The Poisson batch sampler of a loader ``make_private`` returns."""
+    sampler = loader.batch_sampler
+    if isinstance(sampler, PoissonBatchSampler):
+        return sampler
+    raise ValueError(
+        f"loader must be a Poisson-sampling loader returned by make_private, got {type(loader).__name__} with batch "
+        f"sampler {type(sampler).__name__}"
+    )
+
+
+def loader_state_dict(loader: DataLoader[Any]) -> dict[str, Any]:
+    """The sampling state of a loader returned by ``make_private``, for a checkpoint between epochs."""
+    return _sampler_state(_sampler_of(loader))
+
+
+def load_loader_state_dict(loader: DataLoader[Any], state: dict[str, Any]) -> None:
+    """Restore :func:`loader_state_dict`'s output into a loader for the same dataset and rate."""
+    _load_sampler_state(_sampler_of(loader), state)
 
 
 _NUMPY_DTYPES = frozenset(

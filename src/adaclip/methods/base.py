@@ -20,7 +20,7 @@ Common rules, which every rule in :mod:`adaclip.methods` obeys:
 
 * :meth:`ClipRule.clipped_sum` is the only part that reads the examples.  It returns a
   :class:`ClippedSum`: ``sum_i c_i (g_i - a)`` (each example's clipped contribution, mapped back to
-  gradient space; ``a = 0`` for rules without a shift) and the counts ``[n, n_clipped]``.  Every
+  gradient space; ``a = 0`` for rules without a shift) and the counts ``[n, n_clipped, n_dropped]``.  Every
   field is a sum over examples, so data-parallel workers each sum their own examples and
   all-reduce (:mod:`adaclip.engine.distributed`).
 * :meth:`ClipRule.release` adds the noise once, divides by ``B``, and updates the state from the
@@ -28,7 +28,20 @@ Common rules, which every rule in :mod:`adaclip.methods` obeys:
 
 ``stats`` always holds ``clipped_fraction`` (share of the batch whose vector was shrunk; 0 for an
 empty batch), ``noise_power`` (``E||noise||^2`` of the returned mean gradient), ``batch_size``
-(the realised ``n``) and, for rules with a scalar bound, ``clip_norm``.
+(the realised ``n``, dropped examples not counted), ``nonfinite_dropped`` (see below) and, for rules
+with a scalar bound, ``clip_norm``.
+
+**Non-finite per-example gradients are dropped.**  An example whose per-example gradient has a NaN or
+an infinite entry (or whose norm or weight is not finite, e.g. by overflow) gets weight ``c_i = 0``:
+it contributes nothing to the clipped sum, is not counted in ``n`` or ``n_clipped``, and is counted
+in ``nonfinite_dropped``.  Dropping an example is the same as removing it from the batch, which is
+always within the add/remove-one neighbouring relation, so the sum's sensitivity and the accounting
+are unchanged; and since the release and every state update read only the clipped sum, the noise
+and already released values, neither can become non-finite.  Without the policy one NaN example
+would make the whole release NaN (``0 * NaN`` is NaN) and an adaptive rule's state NaN for good.
+:func:`drop_nonfinite` implements it for both paths (the materialised ``clipped_sum`` and the fast
+path's weights); ``make_private(..., nonfinite="raise")`` stops at such an example instead
+(:class:`NonFiniteGradientError`).
 
 **Norm interface (the fast path).**  Every rule here but GeoClip scales each example's vector by one
 number ``c_i`` that depends only on a norm of the example (for AdaCliP: of its transformed vector),
@@ -37,8 +50,8 @@ matrix.  :mod:`adaclip.engine.per_example` computes both from layer inputs and o
 opts in by overriding :meth:`ClipRule.example_weights` (see :func:`supports_norm_path`)::
 
     shift_scale = rule.norm_transform(state)             # None, or (a, b) for ||(g_i - a) / b||
-    weights     = rule.example_weights(norms, state)     # c_i, shape [n]
-    clipped     = rule.clipped_sum_from_weights(weighted_sum, weights, state)
+    weights, dropped = drop_nonfinite(norms, rule.example_weights(norms, state))  # c_i, shape [n]
+    clipped     = rule.clipped_sum_from_weights(weighted_sum, weights, state, dropped)
     noisy_mean, new_state, stats = rule.release(clipped, state, noise)
 
 The same ``example_weights`` give the materialised :meth:`ClipRule.clipped_sum`, so both paths
@@ -50,7 +63,7 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
 import torch
@@ -61,38 +74,73 @@ from adaclip._validate import require_int
 Stats = dict[str, float]
 
 
+class NonFiniteGradientError(ValueError):
+    """A per-example gradient was not finite and the optimizer was asked to stop (``nonfinite="raise"``)."""
+
+
 @dataclass(frozen=True)
 class ClippedSum:
     """The data-dependent input of one release: a sum over the batch's examples.
 
     ``vector`` is ``sum_i c_i (g_i - a)``, the clipped contributions in gradient space (``a`` is the
-    rule's shift, 0 for rules without one); ``counts`` is ``[n, n_clipped]``, the realised batch size
-    and how many examples were shrunk (weight ``c_i < 1``), in float64 on ``vector``'s device whatever
-    the parameters' dtype (in bfloat16, counts above 256 would round to even numbers and the quantile
-    rule's count would move by 0 or 1 per example instead of 1/2).  Both are sums over examples: the
-    ``ClippedSum`` of a batch is the field-wise sum of those of any split of it, which is what a
-    data-parallel all-reduce relies on.
+    rule's shift, 0 for rules without one); ``counts`` is ``[n, n_clipped, n_dropped]``: the realised
+    batch size, how many examples were shrunk (weight ``c_i < 1``) and how many were dropped as
+    non-finite (not counted in the first two; see the module docstring), in float64 on ``vector``'s
+    device whatever the parameters' dtype (in bfloat16, counts above 256 would round to even numbers
+    and the quantile rule's count would move by 0 or 1 per example instead of 1/2).  All are sums over
+    examples: the ``ClippedSum`` of a batch is the field-wise sum of those of any split of it, which is
+    what a data-parallel all-reduce relies on.
     """
 
     vector: Tensor
     counts: Tensor
 
     @classmethod
-    def of(cls, vector: Tensor, weights: Tensor) -> ClippedSum:
-        """From the summed vector and the per-example weights ``c_i`` (which give the counts)."""
-        counts = torch.stack([torch.tensor(weights.numel(), device=weights.device), (weights < 1).sum()])
-        return cls(vector=vector, counts=counts.to(device=vector.device, dtype=torch.float64))
+    def of(cls, vector: Tensor, weights: Tensor, dropped: Tensor | None = None) -> ClippedSum:
+        """From the summed vector and the per-example weights ``c_i`` (which give the counts).
+
+        ``dropped`` marks the examples dropped as non-finite (:func:`drop_nonfinite`); they are counted
+        apart, not as part of the batch.
+        """
+        kept = weights if dropped is None else weights[~dropped]
+        n_dropped = torch.zeros((), device=weights.device) if dropped is None else dropped.sum()
+        counts = [torch.tensor(kept.numel(), device=weights.device), (kept < 1).sum(), n_dropped]
+        return cls(vector=vector, counts=torch.stack([c.to(vector.device, torch.float64) for c in counts]))
 
     @property
     def examples(self) -> float:
-        """The realised batch size ``n``."""
+        """The realised batch size ``n`` (examples dropped as non-finite not counted)."""
         return float(self.counts[0])
+
+    @property
+    def nonfinite_dropped(self) -> float:
+        """How many examples were dropped because their gradient, norm or weight was not finite."""
+        return float(self.counts[2])
 
     @property
     def clipped_fraction(self) -> float:
         """Share of the batch whose vector was shrunk (0 for an empty batch)."""
-        examples, clipped = self.counts.tolist()
+        examples, clipped = self.counts[:2].tolist()
         return clipped / examples if examples else 0.0
+
+
+def drop_nonfinite(norms: Tensor, weights: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The non-finite policy (see the module docstring): weight 0 for every example whose norm or weight is not
+    finite.
+
+    Returns the weights and the boolean mask of the dropped examples, ``None`` when there are none
+    (the usual case; deciding it costs one host synchronisation).  A NaN or infinite entry of ``g_i``
+    makes its norm NaN or infinite, so the norms see every non-finite example.
+    """
+    dropped = ~(torch.isfinite(norms) & torch.isfinite(weights))
+    if not bool(dropped.any()):
+        return weights, None
+    return weights.masked_fill(dropped, 0.0), dropped
+
+
+def zero_rows(rows: Tensor, dropped: Tensor | None) -> Tensor:
+    """``rows`` with the dropped examples' rows set to 0 (``0 * NaN`` is NaN, so a weight of 0 alone is not enough)."""
+    return rows if dropped is None else rows.masked_fill(dropped.unsqueeze(1), 0.0)
 
 
 class ClipRule(ABC):
@@ -127,15 +175,20 @@ class ClipRule(ABC):
         return check_dim(dim)
 
     def step(self, per_example_grads: Tensor, state: Any, noise: Tensor) -> tuple[Tensor, Any, Stats]:
-        """One private aggregation step, ``release(clipped_sum(...))``; pure (inputs are not modified)."""
+        """One private aggregation step, ``release(clipped_sum(...))``; pure (inputs are not modified).
+
+        The state must be in the gradients' dtype and on their device (``init_state(d, dtype=..., device=...)``).
+        """
         self._check_step_inputs(per_example_grads, noise)
-        return self.release(self.clipped_sum(per_example_grads, state), state, noise)
+        check_state_matches(state, per_example_grads)
+        return release_counted(self, self.clipped_sum(per_example_grads, state), state, noise)
 
     def clipped_sum(self, per_example_grads: Tensor, state: Any) -> ClippedSum:
         """``sum_i c_i (g_i - a)`` and the counts, from the ``[n, d]`` per-example gradients.
 
         The default uses the norm interface: ``c_i = example_weights(||(g_i - a) / b||)`` with
-        ``(a, b) = norm_transform(state)`` (plain ``||g_i||`` when that is ``None``).
+        ``(a, b) = norm_transform(state)`` (plain ``||g_i||`` when that is ``None``); non-finite examples
+        are dropped (:func:`drop_nonfinite`).
         """
         shift_scale = self.norm_transform(state)
         if shift_scale is None:
@@ -145,8 +198,8 @@ class ClipRule(ABC):
             shift, scale = shift_scale
             deviations = per_example_grads - shift
             norms = torch.linalg.vector_norm(deviations / scale, dim=1)
-        weights = self.example_weights(norms, state)
-        return ClippedSum.of(weights @ deviations, weights)
+        weights, dropped = drop_nonfinite(norms, self.example_weights(norms, state))
+        return ClippedSum.of(weights @ zero_rows(deviations, dropped), weights, dropped)
 
     def release(self, clipped: ClippedSum, state: Any, noise: Tensor) -> tuple[Tensor, Any, Stats]:
         """``(sum_i c_i g_i + N(0, sigma^2 s^2 I)) / B`` with ``s = weight_bound(state)``; the state is unchanged.
@@ -189,10 +242,13 @@ class ClipRule(ABC):
             )
         return float(bound)
 
-    def clipped_sum_from_weights(self, weighted_sum: Tensor, weights: Tensor, state: Any) -> ClippedSum:
+    def clipped_sum_from_weights(
+        self, weighted_sum: Tensor, weights: Tensor, state: Any, dropped: Tensor | None = None
+    ) -> ClippedSum:
         """:meth:`clipped_sum` from ``S = sum_i c_i g_i`` and the weights ``c_i`` (the fast path).
 
-        With a shift ``a``, ``sum_i c_i (g_i - a) = S - a sum_i c_i``: one pass over ``d``.
+        With a shift ``a``, ``sum_i c_i (g_i - a) = S - a sum_i c_i``: one pass over ``d``.  ``dropped``
+        marks the examples :func:`drop_nonfinite` dropped (their weights are 0 and ``S`` must not hold them).
         """
         if not isinstance(weighted_sum, Tensor) or weighted_sum.dim() != 1:
             raise ValueError(
@@ -205,17 +261,17 @@ class ClipRule(ABC):
             )
         shift_scale = self.norm_transform(state)
         vector = weighted_sum if shift_scale is None else weighted_sum - shift_scale[0] * weights.sum()  # no host sync
-        return ClippedSum.of(vector, weights)
+        return ClippedSum.of(vector, weights, dropped)
 
     def _check_release_inputs(self, clipped: ClippedSum, noise: Tensor) -> int:
-        if not isinstance(clipped, ClippedSum) or clipped.vector.dim() != 1 or clipped.counts.shape != (2,):
+        if not isinstance(clipped, ClippedSum) or clipped.vector.dim() != 1 or clipped.counts.shape != (3,):
             got = (
                 f"vector {tuple(clipped.vector.shape)}, counts {tuple(clipped.counts.shape)}"
                 if isinstance(clipped, ClippedSum)
                 else type(clipped).__name__
             )
             raise ValueError(
-                "clipped must be a ClippedSum with a 1-D vector [n_params] and counts [n, n_clipped] "
+                "clipped must be a ClippedSum with a 1-D vector [n_params] and counts [n, n_clipped, n_dropped] "
                 f"(from clipped_sum); got {got}"
             )
         dim = clipped.vector.shape[0]
@@ -240,6 +296,30 @@ class ClipRule(ABC):
                 f"(noise_size({dim})); got {getattr(noise, 'shape', type(noise))}"
             )
         return dim
+
+
+def release_counted(rule: ClipRule, clipped: ClippedSum, state: Any, noise: Tensor) -> tuple[Tensor, Any, Stats]:
+    """``rule.release(clipped, state, noise)`` with ``nonfinite_dropped`` added to its statistics."""
+    released, new_state, stats = rule.release(clipped, state, noise)
+    return released, new_state, {**stats, "nonfinite_dropped": clipped.nonfinite_dropped}
+
+
+def check_state_matches(state: Any, reference: Tensor) -> None:
+    """Refuse a state whose tensors differ in dtype or device from ``reference`` (the gradients), naming the field.
+
+    Mixing them would fail deep inside torch (e.g. ``expected dtype double for 'end' but got dtype float``
+    from ``torch.lerp``) or silently compute in the wrong precision.
+    """
+    if not is_dataclass(state):
+        return
+    for item in fields(state):
+        value = getattr(state, item.name)
+        if isinstance(value, Tensor) and (value.dtype != reference.dtype or value.device != reference.device):
+            raise ValueError(
+                f"state.{item.name} is {value.dtype} on {value.device} but the gradients are {reference.dtype} on "
+                f"{reference.device}: build the state with rule.init_state(dim, dtype={reference.dtype}, "
+                f"device='{reference.device}')"
+            )
 
 
 def supports_norm_path(rule: ClipRule) -> bool:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from adaclip._validate import require_bool, require_in_range, require_int, require_one_of, require_positive
-from adaclip.methods.base import ClippedSum, ClipRule, Stats, check_dim, clip_factors
+from adaclip.methods.base import ClippedSum, ClipRule, Stats, check_dim, clip_factors, drop_nonfinite, zero_rows
 from adaclip.methods.canary import CANARY_SCALE, DTYPE, CanaryAdapter
 
 VarianceTarget = Literal["per_example", "batch_mean"]
@@ -243,12 +243,13 @@ class GeoClip(ClipRule):
     def clipped_sum(self, per_example_grads: Tensor, state: GeoClipState) -> ClippedSum:
         """``M^-1 sum_i clip(M (g_i - a)) = sum_i f_i (g_i - a)``, ``f_i = min(1, 1 / ||M (g_i - a)||)``.
 
-        No ``M^-1`` needed.
+        No ``M^-1`` needed.  Non-finite examples are dropped (:func:`~adaclip.methods.base.drop_nonfinite`).
         """
         transform = self._transform(state, per_example_grads.shape[1])
         deviations = per_example_grads - state.mean
-        factors = clip_factors(transform.norms(deviations))
-        return ClippedSum.of(factors @ deviations, factors)
+        norms = transform.norms(deviations)
+        factors, dropped = drop_nonfinite(norms, clip_factors(norms))
+        return ClippedSum.of(factors @ zero_rows(deviations, dropped), factors, dropped)
 
     def release(self, clipped: ClippedSum, state: GeoClipState, noise: Tensor) -> tuple[Tensor, GeoClipState, Stats]:
         """``g~ = a + (sum_i f_i (g_i - a) + M^-1 sigma z) / B``, then ``a`` and ``Sigma`` from ``g~``."""

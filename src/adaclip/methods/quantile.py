@@ -60,7 +60,7 @@ def noisy_unclipped_fraction(clipped: ClippedSum, count_noise: float, expected_b
     The unclipped count is ``n - n_clipped`` (an example is unclipped exactly when its weight is 1), so
     ``sum_i u_i = n - n_clipped - n / 2``; ``count_noise`` is the draw ``N(0, sigma_b^2)``.
     """
-    examples, clipped_count = (float(count) for count in clipped.counts.tolist())
+    examples, clipped_count = (float(count) for count in clipped.counts[:2].tolist())
     return (examples - clipped_count - examples / 2 + count_noise) / expected_batch_size + 0.5
 
 

@@ -12,6 +12,26 @@ Three accountants, all for add/remove-one neighbours:
 Opacus's GDP accountant is deliberately absent: it underestimates epsilon under subsampling.
 Every method in this package that releases extra statistics (the quantile rule's count) folds
 them into one Gaussian with the *total* noise multiplier, so the single event here accounts for it.
+
+**Bounded work.**  PRV and PLD discretise the privacy loss on a grid that grows without bound as the
+noise multiplier shrinks (the loss range grows like ``1 / sigma^2``) or, for PRV, as the steps grow
+(its mesh shrinks like ``1 / sqrt(T)``): ``sigma = 0.05, q = 0.01, T = 1000`` would need 3.5e9 PRV grid
+points (tens of GiB).  Before discretising, :func:`grid_points` predicts the grid from the
+accountants' own recipes for the price of two RDP evaluations:
+
+* PRV: Opacus's domain, ``2 L / mesh`` with ``L`` its RDP bound on the loss range (Gopi et al. 2021,
+  Remark 5.6) and ``mesh = eps_error / sqrt(T log(12 / delta_error) / 2)``, ``delta_error = delta / 1000``;
+* PLD: one step's grid (dp-accounting's connect-the-dots loss range over the interval ``1e-4``) and
+  the composed one (the same ``2 L`` over ``1e-4``; for ``q = 1`` the composition is one Gaussian with
+  ``sigma / sqrt(T)``, built directly, which is exact).
+
+Above :data:`PRV_MAX_POINTS` or the PLD budgets (:data:`PLD_MAX_STEP_POINTS`, :data:`PLD_MAX_POINTS`;
+``reports/probes/accounting_budget.md`` has the measured cost per point) RDP answers instead: it costs
+milliseconds and is an upper bound on epsilon, so the reported value stays safe, only looser.  An
+:class:`AccountingFallbackWarning` names the fallback, the reason and the value reported, and
+:func:`account` returns which accountant answered.  Such grids arise only where epsilon is in the
+tens or more (``sigma`` well below 0.5).  Noise multipliers above :data:`MAX_NOISE_MULTIPLIER` are
+refused.
 """
 
 from __future__ import annotations
@@ -20,14 +40,45 @@ import functools
 import math
 import numbers
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.pld import pld_privacy_accountant, privacy_loss_mechanism
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
 Accountant = Literal["prv", "pld", "rdp"]
 ACCOUNTANTS: tuple[str, ...] = ("prv", "pld", "rdp")
+
+MAX_NOISE_MULTIPLIER = 1e6
+"""Largest noise multiplier accepted; calibration never goes beyond it either."""
+PRV_MAX_POINTS = 2_000_000
+"""Largest PRV grid computed; above it RDP answers (cost per point: ``reports/probes/accounting_budget.md``)."""
+PLD_MAX_STEP_POINTS = 400_000
+"""Largest grid of one subsampled PLD step (the slowest part to build); above it RDP answers."""
+PLD_MAX_POINTS = 4_000_000
+"""Largest composed PLD grid (the length of its FFTs); above it RDP answers."""
+PRV_EPS_ERROR = 0.01
+"""Opacus's default ``eps_error`` of the PRV accountant (``delta_error = delta / 1000``)."""
+PLD_INTERVAL = 1e-4
+"""dp-accounting's default value discretisation interval of the PLD accountant."""
+
+
+class AccountingFallbackWarning(UserWarning):
+    """A numerical accountant's grid would exceed its budget, so RDP answered (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Spent:
+    """An epsilon and the accountant that computed it; ``fallback`` says why that is not ``requested``."""
+
+    epsilon: float
+    accountant: str
+    requested: str
+    fallback: str | None = None
 
 
 def _validate(noise_multiplier: float | None, sample_rate: float, steps: int, delta: float, accountant: str) -> None:
@@ -37,15 +88,81 @@ def _validate(noise_multiplier: float | None, sample_rate: float, steps: int, de
             "(GDP is not offered: it underestimates epsilon)"
         )
     if noise_multiplier is not None and not (
-        isinstance(noise_multiplier, numbers.Real) and 0 < noise_multiplier < math.inf
+        _is_real(noise_multiplier) and 0 < noise_multiplier <= MAX_NOISE_MULTIPLIER
     ):
-        raise ValueError(f"noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
-    if not (isinstance(sample_rate, numbers.Real) and 0 < sample_rate <= 1):
+        raise ValueError(
+            f"noise_multiplier must be a number in (0, {MAX_NOISE_MULTIPLIER:g}], got {noise_multiplier!r}"
+        )
+    if not (_is_real(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must lie in (0, 1] (expected batch size / dataset size), got {sample_rate!r}")
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not (isinstance(delta, numbers.Real) and 0 < delta < 1):
+    if not (_is_real(delta) and 0 < delta < 1):
         raise ValueError(f"delta must lie in (0, 1); use at most 1/N for a dataset of N examples, got {delta!r}")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@contextmanager
+def _quiet_opacus() -> Iterator[None]:
+    """Opacus's PRV evaluates log(0) outside its support for q = 1, and its RDP warns when the best order is at
+    the end of its grid (which happens for the tiny ``delta_error`` of the PRV domain); neither affects a result."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RuntimeWarning, message="divide by zero")
+        warnings.filterwarnings("ignore", category=UserWarning, message="Optimal order is the")
+        yield
+
+
+def _safe_loss_range(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Opacus's RDP bound ``L`` on the composed privacy loss that PRV discretises on ``[-L, L]``."""
+    prv = PoissonSubsampledGaussianPRV(sample_rate, noise_multiplier)
+    with _quiet_opacus():
+        return float(compute_safe_domain_size([prv], [steps], eps_error=PRV_EPS_ERROR, delta_error=delta / 1000))
+
+
+def _pld_step_points(noise_multiplier: float, sample_rate: float) -> float:
+    """Grid points of one step's PLD: dp-accounting's connect-the-dots loss range over the interval."""
+    bounds = privacy_loss_mechanism.GaussianPrivacyLoss(
+        noise_multiplier, sampling_prob=sample_rate
+    ).connect_dots_bounds()
+    return (float(bounds.epsilon_upper) - float(bounds.epsilon_lower)) / PLD_INTERVAL
+
+
+def grid_points(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str
+) -> tuple[float, float]:
+    """``(points of one step, points composed)`` that ``accountant`` would discretise; ``(0, 0)`` for RDP, which has
+    no grid.  PRV discretises once, on the composed domain; PLD at ``q = 1`` builds the composed Gaussian directly
+    (no step grid).  Cheap (two RDP evaluations); see the module docstring."""
+    if accountant == "rdp":
+        return 0.0, 0.0
+    if accountant == "pld" and sample_rate == 1:  # one Gaussian PLD, built directly (no step grid)
+        return 0.0, _pld_step_points(noise_multiplier / math.sqrt(steps), 1.0)
+    loss_range = _safe_loss_range(noise_multiplier, sample_rate, steps, delta)
+    if accountant == "prv":
+        mesh = PRV_EPS_ERROR / math.sqrt(steps * math.log(12 / (delta / 1000)) / 2)
+        return 2 * loss_range / mesh, 2 * loss_range / mesh
+    return _pld_step_points(noise_multiplier, sample_rate), 2 * loss_range / PLD_INTERVAL
+
+
+def _over_budget(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> str | None:
+    """Why ``accountant`` must not run here (its grid is over budget), or ``None``."""
+    if accountant == "rdp":
+        return None
+    step, composed = grid_points(noise_multiplier, sample_rate, steps, delta, accountant)
+    if accountant == "prv":
+        step_budget, budget = PRV_MAX_POINTS, PRV_MAX_POINTS
+    else:
+        step_budget, budget = PLD_MAX_STEP_POINTS, PLD_MAX_POINTS
+    if math.isfinite(composed) and composed <= budget and step <= step_budget:
+        return None
+    points, limit = (step, step_budget) if step > step_budget else (composed, budget)
+    return (
+        f"the {accountant.upper()} accountant would discretise {points:.3g} grid points for noise_multiplier="
+        f"{noise_multiplier:.4g}, sample_rate={sample_rate:.4g}, steps={steps} (budget {limit:.0e})"
+    )
 
 
 def _epsilon_unchecked(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
@@ -57,33 +174,63 @@ def _epsilon_unchecked(noise_multiplier: float, sample_rate: float, steps: int, 
         return float(pld.get_epsilon(delta))
     opacus_accountant = PRVAccountant() if accountant == "prv" else RDPAccountant()
     opacus_accountant.history = [(noise_multiplier, sample_rate, steps)]
-    with warnings.catch_warnings():
-        # Opacus's PRV evaluates log(0) outside its support for q = 1, and bounds its domain with RDP,
-        # which warns when the best order is at the end of its grid; neither affects the result.
-        warnings.filterwarnings("ignore", category=RuntimeWarning, message="divide by zero")
-        warnings.filterwarnings("ignore", category=UserWarning, message="Optimal order is the")
+    with _quiet_opacus():
         return float(opacus_accountant.get_epsilon(delta))
+
+
+def _bounded_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> Spent:
+    """Epsilon from ``accountant``, or from RDP when its grid is over budget (no warning here)."""
+    reason = _over_budget(noise_multiplier, sample_rate, steps, delta, accountant)
+    used = accountant if reason is None else "rdp"
+    value = _epsilon_unchecked(noise_multiplier, sample_rate, steps, delta, used)
+    if not math.isfinite(value):
+        raise ValueError(
+            f"the {used} accountant gives no finite epsilon for noise_multiplier={noise_multiplier:g}, "
+            f"sample_rate={sample_rate:g}, steps={steps}, delta={delta:g}: raise noise_multiplier or lower steps"
+        )
+    return Spent(epsilon=value, accountant=used, requested=accountant, fallback=reason)
+
+
+def _warn_fallback(spent: Spent, what: str) -> None:
+    warnings.warn(
+        f"{spent.fallback}; {what} uses the RDP accountant instead (an upper bound, looser): "
+        f"epsilon={spent.epsilon:.6g}",
+        AccountingFallbackWarning,
+        stacklevel=3,
+    )
+
+
+def account(
+    *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: Accountant = "prv"
+) -> Spent:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps at ``delta``, and which accountant computed it.
+
+    ``accountant``'s work is bounded (see the module docstring): over budget, RDP answers with an
+    :class:`AccountingFallbackWarning`.  A negative value from a numerical accountant (possible for large
+    ``delta``) is clamped to 0 with a warning.
+    """
+    _validate(noise_multiplier, sample_rate, steps, delta, accountant)
+    spent = _bounded_epsilon(float(noise_multiplier), float(sample_rate), int(steps), float(delta), accountant)
+    if spent.fallback is not None:
+        _warn_fallback(spent, "epsilon")
+    if spent.epsilon < 0:
+        warnings.warn(
+            f"the {spent.accountant} accountant returned epsilon={spent.epsilon:.3g} < 0 at delta={delta}; reporting 0",
+            stacklevel=2,
+        )
+        return Spent(epsilon=0.0, accountant=spent.accountant, requested=accountant, fallback=spent.fallback)
+    return spent
 
 
 def epsilon(
     *, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: Accountant = "prv"
 ) -> float:
-    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps at the given ``delta``.
-
-    A negative value from a numerical accountant (possible for large ``delta``) is clamped to 0
-    with a warning.
-    """
-    _validate(noise_multiplier, sample_rate, steps, delta, accountant)
-    eps = _epsilon_unchecked(float(noise_multiplier), float(sample_rate), int(steps), float(delta), accountant)
-    if eps < 0:
-        warnings.warn(
-            f"the {accountant} accountant returned epsilon={eps:.3g} < 0 at delta={delta}; reporting 0", stacklevel=2
-        )
-        return 0.0
-    return eps
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps at the given ``delta`` (:func:`account`'s value)."""
+    return account(
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant
+    ).epsilon
 
 
-@functools.lru_cache(maxsize=1024)
 def noise_multiplier_for(
     *,
     target_epsilon: float,
@@ -95,34 +242,84 @@ def noise_multiplier_for(
 ) -> float:
     """The smallest noise multiplier (to within ``epsilon_tolerance``, relative) whose epsilon is <= target.
 
-    Bisection on sigma; the returned sigma always satisfies ``epsilon(sigma) <= target_epsilon``
-    and ``epsilon(sigma) >= target_epsilon * (1 - epsilon_tolerance)``.  Results are memoised
-    (sweeps calibrate the same setting for many methods and seeds).
+    A bracketed search on sigma (see ``_calibrate``); the returned sigma always satisfies
+    ``epsilon(sigma) <= target_epsilon`` and ``epsilon(sigma) >= target_epsilon * (1 - epsilon_tolerance)``.
+    Where ``accountant``'s grid is over budget (small sigma: large targets) RDP's epsilon is used, which
+    is an upper bound, so the returned sigma is still safe, only larger than needed; an
+    :class:`AccountingFallbackWarning` says so when that happened at the returned sigma.  Results are
+    memoised (sweeps calibrate the same setting for many methods and seeds).
     """
     _validate(None, sample_rate, steps, delta, accountant)
-    if not (isinstance(target_epsilon, numbers.Real) and 0 < target_epsilon < math.inf):
+    if not (_is_real(target_epsilon) and 0 < target_epsilon < math.inf):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
-    if not 0 < epsilon_tolerance < 1:
+    if not (_is_real(epsilon_tolerance) and 0 < epsilon_tolerance < 1):
         raise ValueError(f"epsilon_tolerance must lie in (0, 1), got {epsilon_tolerance!r}")
+    sigma, spent = _calibrate(
+        float(target_epsilon), float(sample_rate), int(steps), float(delta), accountant, float(epsilon_tolerance)
+    )
+    if spent.fallback is not None:
+        _warn_fallback(spent, f"calibration for target_epsilon={target_epsilon:g} (noise_multiplier={sigma:.6g})")
+    return sigma
 
-    def eps_at(sigma: float) -> float:
-        return _epsilon_unchecked(sigma, float(sample_rate), int(steps), float(delta), accountant)
 
-    low, high = 0.0, 1.0
-    eps_high = eps_at(high)
-    while eps_high > target_epsilon:
-        low, high = high, 2 * high
-        if high > 1e6:
+@functools.lru_cache(maxsize=1024)
+def _calibrate(
+    target_epsilon: float, sample_rate: float, steps: int, delta: float, accountant: str, epsilon_tolerance: float
+) -> tuple[float, Spent]:
+    """The calibrated sigma and its :class:`Spent`: a bracket ``eps(low) > target >= eps(high)``, then regula falsi
+    (Illinois variant: Dahlquist & Björck, *Numerical Methods*, 1974, §6.2) on ``log eps`` against ``log sigma``,
+    which is nearly linear, so a handful of accountant calls suffice; ``high`` always satisfies the target."""
+
+    def eps_at(sigma: float) -> Spent:
+        return _bounded_epsilon(sigma, sample_rate, steps, delta, accountant)
+
+    def doubling(at: Callable[[float], Spent], target: float) -> tuple[float, Spent]:
+        """The first of 1, 2, 4, ... (capped at the maximum) whose epsilon is <= target; an unreachable target is
+        refused after one evaluation at the cap."""
+        if at(MAX_NOISE_MULTIPLIER).epsilon > target:
             raise ValueError(
-                f"target_epsilon={target_epsilon} is out of reach for sample_rate={sample_rate}, steps={steps}, "
-                f"delta={delta}: even noise_multiplier=1e6 exceeds it. Raise target_epsilon or delta, or lower steps."
+                f"target_epsilon={target} is out of reach for sample_rate={sample_rate}, steps={steps}, "
+                f"delta={delta}: even noise_multiplier={MAX_NOISE_MULTIPLIER:g} exceeds it. Raise "
+                "target_epsilon or delta, or lower steps."
             )
-        eps_high = eps_at(high)
-    while eps_high < target_epsilon * (1 - epsilon_tolerance) and high - low > 1e-9 * high:
-        middle = (low + high) / 2
-        eps_middle = eps_at(middle)
-        if eps_middle > target_epsilon:
-            low = middle
+        high, at_high = 1.0, at(1.0)
+        while at_high.epsilon > target:
+            high = min(2 * high, MAX_NOISE_MULTIPLIER)
+            at_high = at(high)
+        return high, at_high
+
+    # RDP bounds epsilon from above and costs milliseconds: its sigma for the target is safe, so the search
+    # starts below it; where the requested accountant is over budget there, RDP's sigma is the answer.
+    if accountant == "rdp":
+        high, at_high = doubling(eps_at, target_epsilon)
+    else:
+        try:
+            high, at_high = _calibrate(target_epsilon, sample_rate, steps, delta, "rdp", epsilon_tolerance)
+        except ValueError:  # RDP is too loose to reach the target below the cap; the accountant may be tight enough
+            high, at_high = doubling(eps_at, target_epsilon)
         else:
-            high, eps_high = middle, eps_middle
-    return high
+            reason = _over_budget(high, sample_rate, steps, delta, accountant)
+            if reason is not None:
+                return high, Spent(epsilon=at_high.epsilon, accountant="rdp", requested=accountant, fallback=reason)
+            at_high = eps_at(high)
+    low, at_low = high / 2, eps_at(high / 2)
+    while at_low.epsilon <= target_epsilon:
+        high, at_high = low, at_low
+        low, at_low = low / 2, eps_at(low / 2)
+
+    def gap(spent: Spent) -> float:  # log(eps / target), finite
+        return math.log(max(spent.epsilon, 1e-300) / target_epsilon)
+
+    x_low, x_high, f_low, f_high, last = math.log(low), math.log(high), gap(at_low), gap(at_high), 0
+    while at_high.epsilon < target_epsilon * (1 - epsilon_tolerance) and x_high - x_low > 1e-9:
+        width = x_high - x_low
+        x = min(max((x_low * f_high - x_high * f_low) / (f_high - f_low), x_low + 0.01 * width), x_high - 0.01 * width)
+        sigma = math.exp(x)
+        at_x = eps_at(sigma)
+        if at_x.epsilon > target_epsilon:
+            x_low, f_low = x, gap(at_x)
+            f_high, last = (f_high / 2 if last == 1 else f_high), 1
+        else:
+            x_high, f_high, high, at_high = x, gap(at_x), sigma, at_x
+            f_low, last = (f_low / 2 if last == -1 else f_low), -1
+    return high, at_high

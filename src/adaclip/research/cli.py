@@ -4,6 +4,11 @@
 --out runs/x.json``); the same command under ``torchrun --nproc_per_node N -m adaclip train ...`` trains
 data-parallel on N processes (gloo on CPU, NCCL with ``--device cuda``; see :mod:`adaclip.engine.distributed`).
 ``prepare``, ``sweep`` and ``aggregate`` are the report pipeline's data, run and aggregation stages.
+
+Every error the user can fix (a bad option, value, file or destination) is one line on stderr,
+``error: ...`` naming the option or key, with exit status 2, and leaves no file behind; warnings (e.g.
+an accountant falling back to RDP) are one line each, ``warning: ...``.  ``train --checkpoint PATH``
+saves the run at the end of every epoch and ``--resume`` continues it (see :mod:`adaclip.research.train`).
 """
 
 from __future__ import annotations
@@ -11,10 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, NoReturn
 
 from adaclip.engine import distributed as dist_utils
 from adaclip.methods import METHODS
@@ -22,7 +26,7 @@ from adaclip.privacy.accounting import ACCOUNTANTS
 from adaclip.research.data import DATASETS
 from adaclip.research.models import MODELS
 from adaclip.research.params import SWEEPS, load_params
-from adaclip.research.records import read_records
+from adaclip.research.records import load_yaml, parse_yaml_value, read_records
 from adaclip.research.reporting import write_text_atomic
 
 COMMAND_MODULES = {
@@ -39,14 +43,22 @@ def _method_param(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--param takes KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+    try:
+        return key, parse_yaml_value(value, f"--param {key}")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with one-line errors (``error: ...``, exit status 2) instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
-        prog="python -m adaclip", description="Differentially private training with adaptive clipping."
-    )
-    commands = top.add_subparsers(dest="command", required=True)
+    top = _Parser(prog="python -m adaclip", description="Differentially private training with adaptive clipping.")
+    commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = commands.add_parser(
         "train",
         help="train one model and write its metrics record",
@@ -93,7 +105,20 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (or set TQDM_DISABLE=1)")
+    train.add_argument(
+        "--on-divergence",
+        choices=["raise", "record"],
+        help="a non-finite loss or metric: stop with an error (raise, default) or record diverged: true (record)",
+    )
     train.add_argument("--out", type=Path, help="write the JSON record here (atomically)")
+    train.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="save the run here (atomically) at the end of every epoch; must not exist unless --resume",
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --checkpoint (same options) to its end"
+    )
     prepare = commands.add_parser(
         "prepare",
         help="the data stage: verified copies of the datasets in params.yaml",
@@ -138,14 +163,21 @@ def _aggregate(args: argparse.Namespace) -> None:
 
     params = load_params(args.params)
     sweeps = {name: read_records(args.runs / f"{name}.jsonl") for name in SWEEPS}
-    bench = json.loads(args.bench.read_text()) if args.bench is not None else None
-    audit = json.loads(args.audit.read_text()) if args.audit is not None else None
+    bench = _read_json(args.bench) if args.bench is not None else None
+    audit = _read_json(args.audit) if args.audit is not None else None
     summary = summarise(params, sweeps, bench, audit)
     metrics = headline_metrics(summary)
     for name, values in metrics.items():
         write_text_atomic(args.metrics / f"{name}.json", json.dumps(values, indent=1, sort_keys=True) + "\n")
     write_text_atomic(args.summary, json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print(f"wrote {args.summary} and {len(metrics)} metrics files in {args.metrics}")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
 
 
 def _prepare(args: argparse.Namespace) -> None:
@@ -180,12 +212,15 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"{args.name}: {len(records)} runs written to {args.out}")
 
 
+PRIVACY_OPTIONS = ("epsilon", "noise_multiplier", "delta")
+
+
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {}
     if args.config is not None:
-        loaded = yaml.safe_load(args.config.read_text())
+        loaded = load_yaml(args.config)
         if not isinstance(loaded, dict):
-            raise ValueError(f"--config {args.config} must hold a mapping of TrainConfig keys")
+            raise ValueError(f"--config {args.config} must hold a mapping of TrainConfig keys, got {loaded!r}")
         values.update(loaded)
     options = (
         "dataset",
@@ -205,10 +240,19 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "device",
     )
     values.update({name: getattr(args, name) for name in options if getattr(args, name) is not None})
+    if values.get("method") == "nonprivate":
+        given = [f"--{name.replace('_', '-')}" for name in PRIVACY_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} has no effect with --method nonprivate (it trains without privacy)")
     if args.noise_multiplier is not None and args.epsilon is None:
         values["epsilon"] = None
     if args.param:
-        values["method_params"] = {**values.get("method_params", {}), **dict(args.param)}
+        loaded_params = values.get("method_params", {})
+        if not isinstance(loaded_params, dict):
+            raise ValueError(f"method_params must be a mapping of the method's parameters, got {loaded_params!r}")
+        values["method_params"] = {**loaded_params, **dict(args.param)}
+    if args.on_divergence is not None:
+        values["on_divergence"] = args.on_divergence
     if args.diagnostics:
         values["diagnostics"] = True
     if args.check_replicas:
@@ -218,13 +262,23 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning  # one line per warning; restored when the block ends
+        return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     if args.command in ("prepare", "sweep", "aggregate"):
         try:
             {"prepare": _prepare, "sweep": _sweep, "aggregate": _aggregate}[args.command](args)
-        except (ValueError, FileNotFoundError, OSError) as error:
-            print(f"error: {error}", file=sys.stderr)
+        except (ValueError, TypeError, OSError) as error:
+            print(f"error: {_one_line(error)}", file=sys.stderr)
             return 2
         return 0
     from adaclip.research.train import TrainConfig, run
@@ -233,10 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         values = config_from_args(args)
         if dist_utils.launched_with_several_processes():
             dist_utils.init_from_environment(values.get("device", "cpu"))
-        record = run(TrainConfig.from_dict(values), out=args.out)
-    except (ValueError, FileNotFoundError, OSError) as error:
+        record = run(TrainConfig.from_dict(values), out=args.out, checkpoint=args.checkpoint, resume=args.resume)
+    except (ValueError, TypeError, OSError) as error:
         where = f" (rank {dist_utils.rank()})" if dist_utils.world_size() > 1 else ""
-        print(f"error{where}: {error}", file=sys.stderr)
+        print(f"error{where}: {_one_line(error)}", file=sys.stderr)
         return 2
     finally:
         if dist_utils.is_initialized():
@@ -247,14 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     privacy = (
         "non-private"
         if record["epsilon"] is None
-        else f"epsilon={record['epsilon']:.3f} delta={record['delta']:.2g} ({record['accountant']})"
+        else f"epsilon={record['epsilon']:.3f} delta={record['delta']:.2g} ({record['epsilon_accountant']})"
     )
     ranks = f" on {record['world_size']} ranks" if record["world_size"] > 1 else ""
-    print(
-        f"{record['method']} on {record['dataset']}: {metric}={record[metric]:.4f}, {privacy}, "
-        f"{record['wall_time_s']:.1f} s{ranks}"
-    )
+    outcome = f"DIVERGED ({record['divergence']})" if record["diverged"] else f"{metric}={record[metric]:.4f}"
+    print(f"{record['method']} on {record['dataset']}: {outcome}, {privacy}, {record['wall_time_s']:.1f} s{ranks}")
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a ``TypeError`` from a bad value keeps its type name)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, FileNotFoundError) and error.filename is not None and str(error.filename) not in text:
+        text = f"{error.filename}: {text}"
+    return f"{type(error).__name__}: {text}" if isinstance(error, TypeError) else text
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Datasets as tensors with seeded train / validation / test splits, all offline by default.
 
-* ``fashion-mnist`` and ``mnist``: IDX ``.gz`` files, looked for in this order: the ``data_dir``
-  argument, the environment variable (``FASHION_MNIST_DIR`` / ``MNIST_DIR``), ``data/raw/<name>/``
-  (relative to the working directory), the system folder (Debian's ``dataset-fashion-mnist``
-  package puts Fashion-MNIST in ``/usr/share/datasets/fashion-mnist/``), and last a download from
-  the official mirror into ``data/raw/<name>/``.  The decompressed content of every file is checked
+* ``fashion-mnist`` and ``mnist``: IDX ``.gz`` files.  A ``data_dir`` argument is the only place looked
+  at: it must hold the four files, or loading fails naming what is missing (a folder the user names
+  is used or refused, never silently replaced).  Without it they are looked for in this order: the
+  environment variable (``FASHION_MNIST_DIR`` / ``MNIST_DIR``), ``data/raw/<name>/`` (relative to the
+  working directory), the system folder (Debian's ``dataset-fashion-mnist`` package puts
+  Fashion-MNIST in ``/usr/share/datasets/fashion-mnist/``), and last a download from the official
+  mirror into ``data/raw/<name>/``.  The decompressed content of every file is checked
   against its SHA-256 wherever it came from.  The official test set is the test split; the
   validation split is carved from the training set.
 * ``fashion-mnist-scatternet``: the ScatterNet features of Fashion-MNIST (:mod:`adaclip.research.features`),
@@ -103,6 +105,10 @@ IDX_SOURCES = {
 }
 
 
+FILE_DATASETS = (*IDX_SOURCES, "fashion-mnist-scatternet")
+"""The datasets read from files, the only ones a ``data_dir`` applies to."""
+
+
 class DataNotFoundError(FileNotFoundError):
     """An IDX dataset is missing everywhere it was looked for (the message lists where and how to fix)."""
 
@@ -162,12 +168,28 @@ def read_idx(path: Path, expected_sha256: str | None = None) -> np.ndarray:
     return np.frombuffer(payload, dtype=np.uint8, offset=offset).reshape(shape)
 
 
-def _candidate_dirs(name: str, data_dir: str | os.PathLike[str] | None) -> list[Path]:
+def _candidate_dirs(name: str) -> list[Path]:
     source = IDX_SOURCES[name]
-    candidates = [Path(data_dir)] if data_dir is not None else []
-    if os.environ.get(source.env_var):
-        candidates.append(Path(os.environ[source.env_var]))
+    candidates = [Path(os.environ[source.env_var])] if os.environ.get(source.env_var) else []
     return [*candidates, Path("data/raw") / name, Path(source.system_dir)]
+
+
+def _check_data_dir(name: str, data_dir: str | os.PathLike[str]) -> Path:
+    """The folder the user named, if it holds all four files of ``name``; otherwise a one-line error."""
+    if not isinstance(data_dir, (str, os.PathLike)) or str(data_dir) == "":
+        raise ValueError(f"data_dir must be a folder path (a string), got {data_dir!r}")
+    directory = Path(data_dir)
+    if not directory.is_dir():
+        raise DataNotFoundError(
+            f"data_dir {directory} is not a folder (it does not exist or is a file); it must hold the four "
+            f"{name} .gz files, or leave data_dir out to use the default places"
+        )
+    missing = [f"{part}.gz" for part in IDX_PARTS if not (directory / f"{part}.gz").is_file()]
+    if missing:
+        raise DataNotFoundError(
+            f"data_dir {directory} lacks {len(missing)} of the four {name} files: {', '.join(missing)}"
+        )
+    return directory
 
 
 def _has_all_parts(directory: Path) -> bool:
@@ -196,8 +218,11 @@ def _download(name: str, destination: Path) -> None:
 
 
 def locate_idx(name: str, data_dir: str | os.PathLike[str] | None = None, download: bool = True) -> Path:
-    """The first folder holding all four IDX files of ``name``; download them as the last resort."""
-    candidates = _candidate_dirs(name, data_dir)
+    """``data_dir`` if given (it must hold all four IDX files of ``name``); else the first default folder holding
+    them, downloading them as the last resort."""
+    if data_dir is not None:
+        return _check_data_dir(name, data_dir)
+    candidates = _candidate_dirs(name)
     for directory in candidates:
         if _has_all_parts(directory):
             return directory
@@ -368,7 +393,13 @@ def load_dataset(
     feature_spread: float = 100.0,
 ) -> Splits:
     """Load dataset ``name`` (one of :data:`DATASETS`); ``seed`` draws the ``train_size`` subsample
-    (and, for ``synthetic``, the data)."""
+    (and, for ``synthetic``, the data).
+
+    ``data_dir`` is for the datasets read from files (:data:`FILE_DATASETS`); for any other it is
+    refused rather than ignored.
+    """
+    if data_dir is not None and name not in FILE_DATASETS:
+        raise ValueError(f"data_dir is for the datasets read from files {list(FILE_DATASETS)}; {name!r} needs no files")
     if name == "fashion-mnist-scatternet":
         return load_scatternet(seed=seed, train_size=train_size, data_dir=data_dir)
     if name in IDX_SOURCES:

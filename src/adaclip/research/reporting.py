@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from collections.abc import Sequence
@@ -24,17 +25,58 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename, so no half-written file is left."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so no half-written file is left.
+
+    The file gets the permissions a plain ``open`` would give (``0o666`` less the umask), not the
+    temporary file's ``0o600``.  The temporary file, ``.<name>.<pid>.<random>.tmp`` next to ``path``, is
+    removed on any error; one left by a process that died inside the write (killed) is removed by the
+    next write of the same file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove ``path``'s temporary files whose writing process no longer runs (on this machine)."""
+    prefix = f".{path.name}."
+    for candidate in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid = candidate.name[len(prefix) :].split(".", 1)[0]
+        if pid.isdigit() and not _process_running(int(pid)):
+            candidate.unlink(missing_ok=True)
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, under another user
+        return True
+    return True
 
 
 def apply_style() -> None:
@@ -70,6 +112,7 @@ def save_figure(figure: Any, stem: str | os.PathLike[str]) -> list[Path]:
         os.close(fd)
         try:
             figure.savefig(tmp, format=suffix[1:], metadata=metadata)
+            os.chmod(tmp, 0o666 & ~_umask())  # as a plain open would create it, not mkstemp's 0600
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

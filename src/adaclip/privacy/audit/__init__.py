@@ -60,21 +60,27 @@ Adding a rule: give its registry entry (:data:`adaclip.methods.METHODS`) a
 :class:`~adaclip.methods.canary.CanaryAdapter` in the method's own module.
 """
 
-from adaclip.privacy.audit.config import AuditConfig, AuditResult, audit_config, table_header, table_row
+from adaclip.privacy.audit.config import PASS_MEANING, AuditConfig, AuditResult, audit_config, table_header, table_row
 from adaclip.privacy.audit.optimizer import audit_optimizer, canary_dataset, optimizer_expected_mu
 from adaclip.privacy.audit.rule import audit_method, audit_rule, warm_state
 from adaclip.privacy.audit.statistics import (
     EpsilonLowerBound,
+    GaussianLowerBound,
     MeanShift,
     clopper_pearson_upper,
     epsilon_lower_bound,
+    gaussian_delta,
+    gaussian_epsilon,
+    gaussian_epsilon_lower_bound,
     standardised_mean_shift,
 )
 
 __all__ = [
+    "PASS_MEANING",
     "AuditConfig",
     "AuditResult",
     "EpsilonLowerBound",
+    "GaussianLowerBound",
     "MeanShift",
     "audit_config",
     "audit_method",
@@ -83,6 +89,9 @@ __all__ = [
     "canary_dataset",
     "clopper_pearson_upper",
     "epsilon_lower_bound",
+    "gaussian_delta",
+    "gaussian_epsilon",
+    "gaussian_epsilon_lower_bound",
     "optimizer_expected_mu",
     "standardised_mean_shift",
     "table_header",

@@ -126,6 +126,8 @@ def audit_optimizer(method: str, config: AuditConfig) -> AuditResult:
     rule = build_rule(method, noise_multiplier=sigma, expected_batch_size=batch, **adapter.rule_params(sigma, batch))
     shift = float(adapter.canary_shift(rule, rule.init_state(config.dim, dtype=DTYPE), config.dim)[0])
     sample_rate = batch / config.optimizer_dataset_size
+    # the statistic is a Poisson mixture, not Gaussian, in the canary world: the threshold bound is the one that holds
+    threshold = epsilon_lower_bound(scores[False], scores[True], delta=config.delta, confidence=config.confidence)
     return AuditResult(
         name=f"{method} (optimizer, q = {sample_rate:.3g})",
         kind="optimizer",
@@ -140,7 +142,8 @@ def audit_optimizer(method: str, config: AuditConfig) -> AuditResult:
         ),
         accountant="prv",
         expected_mu=optimizer_expected_mu(sample_rate, steps, shift),
-        lower_bound=epsilon_lower_bound(scores[False], scores[True], delta=config.delta, confidence=config.confidence),
+        lower_bound=threshold,
+        threshold_bound=threshold,
         mean_shift=standardised_mean_shift(scores[False], scores[True], confidence=config.confidence),
         null_scores=scores[False],
         canary_scores=scores[True],

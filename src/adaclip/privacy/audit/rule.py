@@ -14,7 +14,11 @@ from adaclip.methods import METHODS, ClipRule, build_rule
 from adaclip.methods.canary import DTYPE, CanaryAdapter
 from adaclip.privacy.accounting import epsilon
 from adaclip.privacy.audit.config import AuditConfig, AuditResult
-from adaclip.privacy.audit.statistics import epsilon_lower_bound, standardised_mean_shift
+from adaclip.privacy.audit.statistics import (
+    epsilon_lower_bound,
+    gaussian_epsilon_lower_bound,
+    standardised_mean_shift,
+)
 
 
 def seeds(seed: int, count: int) -> list[int]:
@@ -101,8 +105,10 @@ def audit_rule(
 
     Theory: ``config.steps`` Gaussian mechanisms with the rule's total noise multiplier, no subsampling
     (dp-accounting's PLD, within 1e-4 of the exact Gaussian value).  Expected shift
-    ``mu = sqrt(steps) / sigma``.  ``rule`` may be any :class:`ClipRule`, including a broken one
-    (``kind="control"``, see :mod:`adaclip.privacy.audit.controls`).
+    ``mu = sqrt(steps) / sigma``.  The headline lower bound is the Gaussian trade-off bound of ``mu_hat``'s
+    lower confidence limit (exact for a correct rule: the statistic is ``N(0, 1)`` against ``N(mu, 1)``).
+    ``rule`` may be any :class:`ClipRule`, including a broken one (``kind="control"``, see
+    :mod:`adaclip.privacy.audit.controls`).
     """
     warm_seed, trial_seed = seeds(config.seed, 2)
     dim, batch_size = config.dim, config.expected_batch_size
@@ -145,7 +151,12 @@ def audit_rule(
         ),
         accountant="pld",
         expected_mu=math.sqrt(config.steps) / sigma,
-        lower_bound=epsilon_lower_bound(scores[False], scores[True], delta=config.delta, confidence=config.confidence),
+        lower_bound=gaussian_epsilon_lower_bound(
+            scores[False], scores[True], delta=config.delta, confidence=config.confidence
+        ),
+        threshold_bound=epsilon_lower_bound(
+            scores[False], scores[True], delta=config.delta, confidence=config.confidence
+        ),
         mean_shift=standardised_mean_shift(scores[False], scores[True], confidence=config.confidence),
         null_scores=scores[False],
         canary_scores=scores[True],
