@@ -276,3 +276,28 @@ def test_step_without_backward_names_the_problem():
     _model, optimizer, _, _ = private_setup("adaclip")
     with pytest.raises(RuntimeError, match="no per-example gradient"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if METHODS[m].releases_step])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda params: torch.optim.Adam(params, lr=0.01),
+        lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
+        lambda params: torch.optim.SGD(params, lr=0.01, weight_decay=1e-4),
+    ],
+)
+def test_a_rule_releasing_an_adam_step_needs_plain_sgd(method, optimizer):
+    model = nn.Linear(10, 2)
+    loader = DataLoader(toy_problem(), batch_size=50)
+    with pytest.raises(ValueError, match=rf"method '{method}' releases an Adam step .* plain torch.optim.SGD"):
+        make_private(
+            module=model,
+            optimizer=optimizer(model.parameters()),
+            data_loader=loader,
+            method=method,
+            noise_multiplier=1.0,
+            delta=1e-5,
+        )
+    plain = torch.optim.SGD(model.parameters(), lr=0.01)
+    make_private(module=model, optimizer=plain, data_loader=loader, method=method, noise_multiplier=1.0, delta=1e-5)

@@ -108,7 +108,11 @@ BAD_EDITS = [
         lambda p: _task(p)["lr"].update(fixd=1.0),
         r"setting.tasks.breast-cancer.lr has unknown .*fixd",
     ),
-    ("missing scale centre", lambda p: _task(p)["scale"].pop("adaclip"), r"breast-cancer.scale needs .*'adaclip'.*h2"),
+    (
+        "missing scale centre",
+        lambda p: _task(p)["scale"].pop("adaclip"),
+        r"breast-cancer.scale needs .*'adaclip'.*initial_clip",
+    ),
     ("scale of AUTO-S", lambda p: _task(p)["scale"].update(auto=1.0), r"breast-cancer.scale has unknown method.*auto"),
     ("zero lr", lambda p: _task(p)["lr"].update(fixed=0.0), r"^setting.tasks.breast-cancer.lr must be a mapping"),
     (
@@ -180,7 +184,7 @@ def test_load_params_names_the_file_and_the_yaml_position(tmp_path, tiny):
     with pytest.raises(ValueError, match=rf"^{bad}: tuning.seeds must be a non-empty list of ints >= 0"):
         load_params(bad)
     bad.write_text("profile: [unclosed\n")
-    with pytest.raises(ValueError, match=rf"^{bad}: not valid YAML at line 2"):
+    with pytest.raises(ValueError, match=rf"^{bad}: malformed YAML at line 2"):
         load_params(bad)
 
 

@@ -26,7 +26,7 @@ from adaclip.engine.optimizer import (
     PerExample,
 )
 from adaclip.engine.sampling import PoissonDataLoader, TensorPoissonLoader
-from adaclip.methods import ClipRule, build_rule, check_method, supports_norm_path
+from adaclip.methods import METHODS, ClipRule, build_rule, check_method, supports_norm_path
 from adaclip.privacy.accounting import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, Accountant, noise_multiplier_for
 
 
@@ -138,6 +138,7 @@ def make_private(
         raise ValueError(
             "optimizer holds parameters that are not the module's: build the optimizer over module.parameters()"
         )
+    _check_step_optimizer(method, optimizer)
     require_one_of("accountant", accountant, ACCOUNTANTS)
     require_one_of("per_example", per_example, PER_EXAMPLE_PATHS)
     require_one_of("loss_reduction", loss_reduction, ("mean", "sum"))
@@ -213,6 +214,21 @@ def make_private(
     if private_loader.num_workers == 0:
         private_loader.poisson_sampler.before_batch = private_optimizer.begin_logical_batch
     return module, private_optimizer, private_loader
+
+
+def _check_step_optimizer(method: str, optimizer: Optimizer) -> None:
+    """A rule that releases an optimiser step (DP-MacAdam, DP-AdamBC) needs plain SGD to apply it as it is."""
+    if not METHODS[method].releases_step:
+        return
+    plain = type(optimizer) is torch.optim.SGD and all(
+        not group.get("momentum") and not group.get("weight_decay") and not group.get("nesterov")
+        for group in optimizer.param_groups
+    )
+    if not plain:
+        raise ValueError(
+            f"method {method!r} releases an Adam step built from the noisy gradient: wrap plain torch.optim.SGD "
+            f"(no momentum, no weight decay) to apply it, not {type(optimizer).__name__} with its own update"
+        )
 
 
 def calibrate_noise(

@@ -398,3 +398,41 @@ def wide(series: pd.DataFrame, index: str, columns: str = "method", values: str 
     table = series.pivot_table(index=index, columns=columns, values=values, aggfunc="mean")
     ordered = sorted(table.columns, key=lambda m: METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER))
     return table[ordered].reset_index()
+
+
+def heterogeneity_gains(
+    diagnostics: Iterable[dict[str, Any]], accuracy: Iterable[dict[str, Any]], epsilon: float
+) -> pd.DataFrame:
+    """Per task and private method: the task's heterogeneity index ``h`` and the method's gain over DP-SGD.
+
+    ``h`` is the mean over steps of DP-SGD's diagnostics run on the task (the per-example gradients' own
+    heterogeneity); ``snr_ratio`` the method's mean release signal-to-noise ratio over DP-SGD's; ``difference``
+    (with ``low``, ``high`` and ``verdict``) the seed-paired test-metric difference to DP-SGD at ``epsilon``.
+    """
+    summary = diagnostics_summary(diagnostics)
+    differences = paired_differences(runs_frame(accuracy))
+    differences = differences[differences["target_epsilon"] == epsilon]
+    rows = []
+    for task, block in summary.groupby("task"):
+        reference = block[block["method"] == BASELINE]
+        if reference.empty:
+            continue
+        h, snr = float(reference["heterogeneity"].iloc[0]), float(reference["snr"].iloc[0])
+        for row in block[block["method"] != BASELINE].itertuples():
+            paired = differences[(differences["task"] == task) & (differences["method"] == row.method)]
+            rows.append(
+                {
+                    "task": task,
+                    "method": row.method,
+                    "heterogeneity": h,
+                    "snr_ratio": row.snr / snr if snr > 0 else math.nan,
+                    **(
+                        paired[["difference", "low", "high", "verdict"]].iloc[0].to_dict()
+                        if not paired.empty
+                        else {"difference": math.nan, "low": math.nan, "high": math.nan, "verdict": "undefined"}
+                    ),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["task", "method", "heterogeneity", "snr_ratio", "difference", "low", "high", "verdict"]
+    )

@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--momentum", type=float)
     train.add_argument("--seed", type=int, help="fixes split, init, sampling and noise (default 0)")
     train.add_argument("--train-size", type=int, help="subsample the training split to this many examples")
+    train.add_argument(
+        "--feature-spread", type=float, help="synthetic only: largest / smallest feature scale (default 100)"
+    )
     train.add_argument("--data-dir", help="folder with the IDX .gz files (image datasets)")
     train.add_argument("--device", help="cpu (default) or cuda")
     train.add_argument(
@@ -236,6 +239,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "momentum",
         "seed",
         "train_size",
+        "feature_spread",
         "data_dir",
         "device",
     )

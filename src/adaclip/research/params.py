@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
 import torch
-import yaml
 
 from adaclip._validate import as_int, as_real, is_finite
 from adaclip.methods import METHODS, check_method
@@ -31,6 +30,7 @@ from adaclip.privacy.accounting import ACCOUNTANTS
 from adaclip.privacy.audit import AuditConfig, audit_config
 from adaclip.research.data import DATASETS, TRAIN_SIZES
 from adaclip.research.models import MODELS
+from adaclip.research.records import load_yaml
 
 SWEEPS = ("tuning", "accuracy", "size", "diagnostics")
 """The training sweeps of the pipeline, each a section of the params file and a ``runs/<name>.jsonl``."""
@@ -92,11 +92,15 @@ def parse(kind: type[S], values: Any, path: str) -> S:
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown key(s) {[prefix + str(k) for k in unknown]}; '{path or 'params'}' accepts {names}")
-    missing = [name for name in names if name not in values]
+    optional = {f.name for f in fields(kind) if f.default is not MISSING}  # type: ignore[arg-type]
+    missing = [name for name in names if name not in values and name not in optional]
     if missing:
         raise ValueError(f"missing key(s) {[prefix + k for k in missing]}")
     converted = {}
     for item in fields(kind):  # type: ignore[arg-type]
+        if item.name not in values:  # an optional key left out: its default
+            converted[item.name] = item.default
+            continue
         value, where = values[item.name], prefix + item.name
         if "parser" in item.metadata:
             try:
@@ -163,7 +167,9 @@ class Task:
     ``lr`` maps each method (and ``nonprivate``) to the centre of its learning-rate grid; for a method
     whose release scales with its scale parameter (``METHODS[m].step_per_scale``) the value is the step
     per unit of scale, ``lr x scale``, and the learning rate used is ``lr / scale``.  ``scale`` maps each
-    method with a scale parameter to the centre of that parameter's grid.
+    method with a scale parameter to the centre of that parameter's grid.  ``feature_spread`` (optional,
+    the synthetic dataset only) sets how unequal the synthetic features' scales are, and so how
+    heterogeneous the per-example gradients' coordinates are.
     """
 
     dataset: str = field(metadata=_checked(_one_of(DATASETS), f"one of {list(DATASETS)}"))
@@ -182,6 +188,13 @@ class Task:
     )
     scale: dict[str, float] = field(
         metadata=_checked(_number_map, "a mapping from method to a number > 0 (its scale parameter)")
+    )
+    feature_spread: float | None = field(
+        default=None,
+        metadata=_checked(
+            _optional(lambda v: is_finite(v) and v >= 1),
+            "a number >= 1 for the synthetic dataset (largest / smallest feature scale), or left out",
+        ),
     )
     method_params: dict[str, dict[str, Any]] = field(
         metadata=_checked(
@@ -332,6 +345,8 @@ def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ..
         raise ValueError(f"{where}.batch_size={task.batch_size} exceeds the {size} training examples; lower it")
     if setting.delta >= 1 / size:
         raise ValueError(f"setting.delta={setting.delta} must be below 1/N = {1 / size:.3g} for {where} (N = {size})")
+    if (task.feature_spread is not None) != (task.dataset == "synthetic"):
+        raise ValueError(f"{where}.feature_spread is for (and needed by) the synthetic dataset only")
     if task.model == "cnn" and task.dataset not in ("fashion-mnist", "mnist"):
         raise ValueError(f"{where}.model='cnn' needs 28x28 images (fashion-mnist or mnist), not {task.dataset}")
     if task.model == "scatter_cnn" and task.dataset != "fashion-mnist-scatternet":
@@ -431,14 +446,12 @@ def params_from_mapping(values: Any) -> Params:
 
 
 def load_params(path: str | os.PathLike[str] = "params.yaml") -> Params:
-    """Read and validate a params file; errors start with the file name and name the dotted key."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ValueError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+    """Read and validate a params file; errors start with the file name and name the dotted key.
+
+    Read with :func:`adaclip.research.records.load_yaml`: numbers written like ``1e-5`` are numbers, and a
+    syntax error names the line and column.
+    """
+    values = load_yaml(path)
     try:
         return params_from_mapping(values)
     except ValueError as error:

@@ -69,7 +69,9 @@ def _base(params: Params, name: str, method: str, seed: int) -> dict[str, Any]:
         "batch_size": task.batch_size,
         "momentum": task.momentum,
         "train_size": task.train_size,
+        **({} if task.feature_spread is None else {"feature_spread": task.feature_spread}),
         "progress": False,
+        "on_divergence": "record",  # a diverged grid cell is a result (never selected), not a failed sweep
         "method_params": dict(task.method_params.get(method, {})),
     }
     if task.dataset in IMAGE_DATASETS or task.dataset == "fashion-mnist-scatternet":

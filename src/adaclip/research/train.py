@@ -157,6 +157,7 @@ class TrainConfig:
     seed: int = 0
     method_params: dict[str, Any] = field(default_factory=dict)
     train_size: int | None = None
+    feature_spread: float | None = None
     data_dir: str | None = None
     device: str = "cpu"
     diagnostics: bool = False
@@ -271,10 +272,16 @@ def resolve(config: TrainConfig) -> TrainConfig:
         momentum=_number("momentum", config.momentum, low_open=False),
         seed=_integer("seed", config.seed, 0),
         train_size=None if config.train_size is None else _integer("train_size", config.train_size, 1),
+        feature_spread=None if config.feature_spread is None else _number("feature_spread", config.feature_spread),
         method_params=dict(config.method_params),
         **_privacy_fields(config),
     )
     _one_of("model", resolved.model, MODELS)
+    _check(
+        resolved.feature_spread is None or (resolved.dataset == "synthetic" and resolved.feature_spread >= 1),
+        "feature_spread is the synthetic dataset's spread of feature scales, a number >= 1; "
+        f"got {config.feature_spread!r} for dataset {resolved.dataset!r}",
+    )
     _check(resolved.momentum < 1, f"momentum must lie in [0, 1), got {config.momentum!r}")
     _one_of("accountant", resolved.accountant, ACCOUNTANTS)
     _one_of("on_divergence", resolved.on_divergence, DIVERGENCE_POLICIES)
@@ -495,7 +502,11 @@ def run(
     device = f"cuda:{torch.cuda.current_device()}" if world_size > 1 and config.device == "cuda" else config.device
     # moved to the device once (not per batch); sampling and evaluation gather batches there
     splits: Splits = load_dataset(
-        config.dataset, seed=config.seed, train_size=config.train_size, data_dir=config.data_dir
+        config.dataset,
+        seed=config.seed,
+        train_size=config.train_size,
+        data_dir=config.data_dir,
+        **({} if config.feature_spread is None else {"feature_spread": config.feature_spread}),
     ).to(device)
     n_train = len(splits.train)
     _check(
