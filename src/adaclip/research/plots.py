@@ -174,6 +174,7 @@ def tuning_heatmaps(grid: pd.DataFrame, *, task: str, caption: str) -> Figure:
         image = ax.imshow(
             table.to_numpy(dtype=float), cmap="viridis", vmin=low, vmax=high, origin="lower", aspect="auto"
         )
+        ax.grid(False)
         ax.set_xticks(range(table.shape[1]), [f"{v:.3g}" for v in table.columns], rotation=45)
         ax.set_yticks(range(table.shape[0]), [f"{v:.3g}" if isinstance(v, float) else str(v) for v in table.index])
         for (row, col), value in np.ndenumerate(table.to_numpy(dtype=float)):
@@ -365,8 +366,11 @@ def gains_against_heterogeneity(gains: pd.DataFrame, *, ylabel: str, caption: st
         right.plot(xs, block["snr_ratio"], linestyle="none", **style)
     left.axhline(0.0, color=color("fixed"), linewidth=1, label="DP-SGD (tuned)")
     right.axhline(1.0, color=color("fixed"), linewidth=1)
+    ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1.0) if gains["heterogeneity"].min() / 2 <= t <= 1.0]
     for ax in (left, right):
         ax.set_xscale("log")
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("heterogeneity index h = (Σ s_j)² / (d Σ s_j²)")
     left.set_ylabel(ylabel)
     right.set_yscale("log")
