@@ -171,7 +171,7 @@ def test_queued_grid_runs_in_parallel_in_isolated_workspaces(tiny_repo):
     """The README's parallel-sweep commands: a grid over the diagnostics sweep's seed.
 
     Each experiment reruns a real training sweep (sweep@diagnostics) and what depends on it (noise,
-    aggregate, report) in its own copy under .dvc/tmp/exps, two at a time. The workspace imports adaclip
+    heterogeneity, aggregate, report) in its own copy under .dvc/tmp/exps, two at a time. The workspace imports adaclip
     from its own src/ (as after `pip install -e .`) and that code is broken after queueing: the queued
     experiments must run the code they were queued with, and leave the workspace untouched.
     """
@@ -198,7 +198,7 @@ def test_queued_grid_runs_in_parallel_in_isolated_workspaces(tiny_repo):
     assert _workspace_digest(repo) == before
     for task in tasks:  # each reran the sweep whose params changed and what depends on it, nothing else
         ran = set(re.findall(r"Running stage '([^']+)'", _run(["dvc", "queue", "logs", task], repo, env)))
-        assert ran == {"sweep@diagnostics", "noise", "aggregate", "report"}, (task, ran)
+        assert ran == {"sweep@diagnostics", "noise", "heterogeneity", "aggregate", "report"}, (task, ran)
 
     baseline = json.loads(_stdout(["dvc", "exp", "show", "--json"], repo, env))[1]  # [0] is the workspace, [1] HEAD
     experiments = {}
