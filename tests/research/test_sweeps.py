@@ -3,6 +3,11 @@
 import copy
 import dataclasses
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -271,3 +276,59 @@ def test_run_sweep_records_do_not_depend_on_the_number_of_workers(tmp_path):
             b["epsilon"],
         )
         assert math.isfinite(a["test_accuracy"])
+
+
+SWEEP_PARENT = """
+import sys
+from adaclip.research.sweeps import run_sweep
+run = {"dataset": "breast-cancer", "method": "fixed", "epochs": 100000, "progress": False}
+configs = [{**run, "seed": seed} for seed in (0, 1)]
+run_sweep(configs, sys.argv[1], workers=2, progress=False)
+"""
+
+
+def _workers_of(parent: int) -> list[int]:
+    """Live pool workers (spawned processes other than the resource tracker) whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        state, ppid = stat.rpartition(")")[2].split()[:2]
+        if int(ppid) == parent and state != "Z" and b"spawn_main" in command and b"resource_tracker" not in command:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_sweep_workers_exit_when_the_sweep_is_killed(tmp_path):
+    """``kill -9`` of a sweep's process ends its pool workers soon, not after their runs (hours here)."""
+    parent = subprocess.Popen([sys.executable, "-c", SWEEP_PARENT, str(tmp_path / "runs.jsonl")])
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _workers_of(parent.pid)) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, "the sweep did not start two workers"
+            time.sleep(0.2)
+        assert all(_alive(pid) for pid in workers)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 60  # generous for a loaded machine: a worker may still be importing torch
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [pid for pid in workers if _alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "pool workers outlived their killed sweep"
+    assert not (tmp_path / "runs.jsonl").exists()

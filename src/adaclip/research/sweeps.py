@@ -18,7 +18,8 @@ A sweep is a list of :class:`adaclip.research.train.TrainConfig` dictionaries, e
   ``setting.epsilon``, recording :mod:`adaclip.research.diagnostics` every step.
 
 Every config is resolved (validated) before the first run.  Runs execute in ``runtime.workers``
-processes with one torch thread each, so the records do not depend on the number of workers.
+processes with one torch thread each, so the records do not depend on the number of workers; a worker
+exits within a second of its sweep's process dying (even by ``kill -9``), instead of finishing its run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -169,6 +171,20 @@ def _train_size(task: Task) -> int:
     return TRAIN_SIZES[task.dataset]
 
 
+PARENT_POLL_S = 0.5
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: a daemon thread ends this worker once ``parent`` is gone (it is then re-parented)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _run_one(task: tuple[dict[str, Any], bool]) -> dict[str, Any]:
     import torch
 
@@ -278,7 +294,8 @@ def _map(
                 yield _run_one(task)
                 bar.update()
             return
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(workers, len(tasks)), initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             for record in pool.imap(_run_one, tasks, chunksize=1):
                 yield record
                 bar.update()
