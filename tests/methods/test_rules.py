@@ -37,7 +37,7 @@ def noise_corrected_second_moment(released, mean, scale, sigma, batch):
     return (released - mean) ** 2 - (scale * sigma / batch) ** 2
 
 
-# The example of DESIGN.md §2: per-coordinate standard deviations, zero mean.
+# A heterogeneous example: per-coordinate standard deviations spread over two decades, zero mean.
 STD = torch.tensor([1.0, 0.25, 0.04, 0.01], dtype=torch.float64)
 
 

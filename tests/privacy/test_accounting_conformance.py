@@ -1,6 +1,6 @@
 """Conformance of ``adaclip.privacy.accounting`` with independent values.
 
-Complements ``tests/test_accounting.py`` (which holds the DESIGN.md vectors, four PRV/PLD/RDP
+Complements ``tests/privacy/test_accounting.py`` (which holds the reference vectors, four PRV/PLD/RDP
 settings at delta = 1e-5 and one calibration setting) without repeating it:
 
 * the Gaussian mechanism at q = 1 against the analytic Gaussian closed form (Balle & Wang 2018,
