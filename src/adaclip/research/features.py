@@ -56,7 +56,7 @@ def scatter_features(
     require_int("scales", scales)
     require_int("orientations", orientations)
     require_int("groups", groups)
-    transform = scattering(scales, orientations, tuple(images.shape[-2:]))  # type: ignore[arg-type]
+    transform = scattering(scales, orientations, (images.shape[-2], images.shape[-1]))
     channels = 1 + scales * orientations + orientations**2 * scales * (scales - 1) // 2
     if channels % groups:
         raise ValueError(f"groups={groups} must divide the {channels} scattering channels (27 for J = 2, L = 8)")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"wrote {path}: {len(train_x)} training and {len(features['test_x'])} test examples "
         f"of {tuple(train_x.shape[1:])}"
-    )  # type: ignore[arg-type]
+    )
     return 0
 
 

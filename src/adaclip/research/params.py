@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -36,7 +36,10 @@ SWEEPS = ("tuning", "accuracy", "size", "diagnostics")
 """The training sweeps of the pipeline, each a section of the params file and a ``runs/<name>.jsonl``."""
 
 Checker = Callable[[Any], bool]
-S = TypeVar("S")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+S = TypeVar("S", bound="DataclassInstance")
 
 
 def is_device_name(value: Any) -> bool:
@@ -48,7 +51,8 @@ def is_device_name(value: Any) -> bool:
 
 
 def _positive(value: Any) -> bool:
-    return is_finite(value) and as_real(value) > 0  # type: ignore[operator]
+    number = as_real(value)
+    return is_finite(value) and number is not None and number > 0
 
 
 def _positive_int(value: Any) -> bool:
@@ -85,19 +89,19 @@ def _frozen(value: Any) -> Any:
 
 def parse(kind: type[S], values: Any, path: str) -> S:
     """Build section ``kind`` from the mapping ``values`` found at dotted ``path``; every error names the key."""
-    names = [f.name for f in fields(kind)]  # type: ignore[arg-type]
+    names = [f.name for f in fields(kind)]
     prefix = f"{path}." if path else ""
     if not isinstance(values, Mapping):
         raise ValueError(f"{path or 'the params file'} must be a mapping with keys {names}, got {values!r}")
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown key(s) {[prefix + str(k) for k in unknown]}; '{path or 'params'}' accepts {names}")
-    optional = {f.name for f in fields(kind) if f.default is not MISSING}  # type: ignore[arg-type]
+    optional = {f.name for f in fields(kind) if f.default is not MISSING}
     missing = [name for name in names if name not in values and name not in optional]
     if missing:
         raise ValueError(f"missing key(s) {[prefix + k for k in missing]}")
     converted = {}
-    for item in fields(kind):  # type: ignore[arg-type]
+    for item in fields(kind):
         if item.name not in values:  # an optional key left out: its default
             converted[item.name] = item.default
             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
@@ -92,7 +93,7 @@ class AuditConfig:
         return list(METHODS) if self.methods == "all" else list(self.methods)
 
 
-def audit_config(settings: Mapping[str, object] | None = None, *, complete: bool = False) -> AuditConfig:
+def audit_config(settings: Mapping[str, Any] | None = None, *, complete: bool = False) -> AuditConfig:
     """Validate ``settings`` (e.g. the notebook's ``audit`` dict); missing keys take the defaults.
 
     ``complete=True`` also requires every key (for a params file that must spell out every knob).
@@ -105,7 +106,7 @@ def audit_config(settings: Mapping[str, object] | None = None, *, complete: bool
     missing = [name for name in accepted if name not in settings]
     if complete and missing:
         raise ValueError(f"missing audit key(s) {missing}; every one of {accepted} must be given")
-    return AuditConfig(**settings)  # type: ignore[arg-type]
+    return AuditConfig(**settings)
 
 
 @dataclass(frozen=True)
