@@ -46,16 +46,22 @@ class TextModel(nn.Module):
 
 
 class LSTMModel(nn.Module):
-    """Embedding, Opacus's DPLSTM (batch first) and a head on the last output."""
+    """Embedding, Opacus's DPLSTM and a head on the last output.
 
-    def __init__(self) -> None:
+    ``batch_first=False``: ids ``[T, B]``, a sequence-first DPLSTM, and the head on every position's
+    output ``[T, B, 6]`` before the last is taken (every layer of a sequence-first model sees ``[T, B, ...]``).
+    """
+
+    def __init__(self, batch_first: bool = True) -> None:
         super().__init__()
+        self.batch_first = batch_first
         self.embed = nn.Embedding(11, 5)
-        self.lstm = DPLSTM(5, 6, batch_first=True)
+        self.lstm = DPLSTM(5, 6, batch_first=batch_first)
         self.head = nn.Linear(6, CLASSES)
 
     def forward(self, ids):
-        return self.head(self.lstm(self.embed(ids))[0][:, -1])
+        outputs = self.lstm(self.embed(ids))[0]
+        return self.head(outputs[:, -1]) if self.batch_first else self.head(outputs)[-1]
 
 
 class PreLNTransformer(nn.Module):
@@ -169,6 +175,7 @@ CASES = {
     "tanh_cnn": Case(lambda: tanh_cnn(CLASSES), lambda g, n: torch.randn(n, 1, 28, 28, generator=g)),
     "embedding_layernorm": Case(TextModel, tokens),
     "dplstm": Case(LSTMModel, tokens),
+    "dplstm_sequence_first_model": Case(lambda: LSTMModel(batch_first=False), tokens, batch_first=False),
     "transformer_attention_batch_first": Case(
         lambda: PreLNTransformer(attention_batch_first=True), lambda g, n: torch.randn(n, 5, 4, generator=g)
     ),
@@ -241,7 +248,7 @@ def test_per_example_norms_and_sums_equal_plain_autograd_one_example_at_a_time(n
     weights = torch.linspace(0.2, 1.5, len(labels))
     dim = expected.shape[1]
     torch.testing.assert_close(weighted_sum(parts, weights, dim), weights @ expected, rtol=1e-10, atol=1e-12)
-    if per_example == "fast" and name in ("embedding_layernorm", "dplstm"):
+    if per_example == "fast" and name.startswith(("embedding_layernorm", "dplstm")):
         assert any(isinstance(part, EmbeddingPart) for part in parts)  # never [n, vocabulary x dim]
     if per_example == "fast" and name.startswith("transformer"):
         assert sum(isinstance(part, LinearWeightPart) for part in parts) == 8  # embed, q, k, v, out, mlp x2, head
