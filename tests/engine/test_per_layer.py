@@ -12,6 +12,8 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from scipy.optimize import brentq
 from scipy.special import log_ndtr, ndtr
 from torch import nn
@@ -19,6 +21,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import PrivacyEngine, make_private
+from adaclip.engine.bookkeeping import BookkeepingGradSampleModule, LayoutGradSampleModule
+from adaclip.engine.optimizer import AdaptiveClipDPOptimizer
 from adaclip.methods import (
     PER_LAYER_METHODS,
     AutoClip,
@@ -26,6 +30,7 @@ from adaclip.methods import (
     PerLayerClip,
     PerSampleAdaptiveClip,
     QuantileClip,
+    build_rule,
 )
 from adaclip.methods.per_layer import PER_LAYER_REFUSED
 
@@ -385,3 +390,59 @@ def test_the_total_bound_of_an_adaptive_per_layer_rule_cannot_be_scheduled():
     optimizer, _ = train_per_layer("quantile", "fast", TextModel())
     with pytest.raises(ValueError, match="cannot be set: only DP-SGD's and DP-PSAC's per-layer bounds are fixed"):
         optimizer.max_grad_norm = 1.0
+
+
+# --- data-parallel steps --------------------------------------------------------------------------------------
+
+WORLD = 2
+STEPS = [list(range(16)), [1, 2, 3, 5, 8, 13, 14], [0, 2, 4]]  # the third leaves rank 1 an empty share
+
+
+def distributed_steps(method: str, per_example: str, sigma: float, rank: int | None = None) -> list[torch.Tensor]:
+    """Three per-layer steps on STEPS; ``rank=None``: one process on whole batches, else this rank's share."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    base = build_rule(method, noise_multiplier=sigma, expected_batch_size=8.0, **PARAMS[method])
+    rule = PerLayerClip(base=base, layer_sizes=[20, 4, 12, 3], layer_bounds=[0.3, 0.1, 0.2, 0.05])
+    module = BookkeepingGradSampleModule(model) if per_example == "fast" else LayoutGradSampleModule(model)
+    optimizer = AdaptiveClipDPOptimizer(
+        torch.optim.SGD(module.parameters(), lr=0.5),
+        rule=rule,
+        sample_rate=0.5,
+        generator=torch.Generator().manual_seed(7),
+        per_example=per_example,
+        distributed=rank is not None,
+        check_replicas=rank is not None,
+    )
+    generator = torch.Generator().manual_seed(1)
+    features, labels = torch.randn(16, 5, generator=generator), torch.randint(0, 3, (16,), generator=generator)
+    params = []
+    for batch in STEPS:
+        local = batch if rank is None else batch[rank::WORLD]
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(module(features[local]), labels[local]).backward()
+        optimizer.step()
+        params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    return params
+
+
+def distributed_worker(rank: int, init_file: str) -> None:
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        for method in ("fixed", "quantile"):
+            for per_example in ("fast", "materialise"):
+                for sigma in (0.0, 1.0):
+                    single = distributed_steps(method, per_example, sigma)
+                    split = distributed_steps(method, per_example, sigma, rank)
+                    for expected, actual in zip(single, split, strict=True):
+                        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_data_parallel_per_layer_step_equals_the_single_process_step(tmp_path):
+    """2 gloo ranks with half the examples each give the single-process parameters after each of 3 steps
+    (DP-SGD and quantile clipping per layer, both paths, without and with noise of the same seed)."""
+    mp.spawn(distributed_worker, args=(str(tmp_path / "process_group"),), nprocs=WORLD, join=True)
