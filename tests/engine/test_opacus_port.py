@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import adaclip
 from adaclip import PrivacyEngine, make_private
-from adaclip.engine.bookkeeping import BookkeepingGradSampleModule
+from adaclip.engine.bookkeeping import BookkeepingGradSampleModule, LayoutGradSampleModule
 from adaclip.methods import METHODS, method_parameters
 
 # Copyright (c) Meta Platforms, Inc. and affiliates; Apache License 2.0 (as this repository).
@@ -236,7 +236,7 @@ def test_make_private_takes_opacus_names_with_their_meaning():
     )
     assert optimizer.rule.clip_norm == 0.7 and optimizer.max_grad_norm == 0.7
     assert optimizer.noise_multiplier == 1.1 and optimizer.delta == 1e-3
-    assert type(module) is GradSampleModule  # Opacus's hooks: the materialised path
+    assert type(module) is LayoutGradSampleModule  # Opacus's hooks: the materialised path
     module, optimizer, _ = private(grad_sample_mode="ghost")
     assert type(module) is BookkeepingGradSampleModule and optimizer.uses_norm_path
 
@@ -289,13 +289,13 @@ def test_max_grad_norm_is_refused_by_a_method_without_a_clip_bound():
         ("fixed", {"wrap_model": False}, r"wrap_model=False is not offered"),
         ("fixed", {"rand_on_empty": True}, r"rand_on_empty=True is not offered: an empty Poisson batch stays empty"),
         ("fixed", {"poisson_sampling": "yes"}, r"poisson_sampling must be true or false"),
-        ("fixed", {"clipping": "per_layer"}, r"per-layer clipping is planned.*clipping='flat'"),
+        ("adaclip", {"clipping": "per_layer"}, r"clipping='per_layer' is not offered for method 'adaclip': AdaCliP"),
+        ("fixed", {"max_grad_norm": [1.0, 1.0]}, r"max_grad_norm is a list of per-layer bounds: it needs clipping="),
         ("fixed", {"clipping": "adaptive"}, r"use method='quantile'"),
         ("fixed", {"clipping": "automatic"}, r"clipping must be one of \['flat', 'per_layer', 'adaptive'\]"),
         ("fixed", {"grad_sample_mode": "ew"}, r"grad_sample_mode='ew' is not offered: use 'hooks'.*'ghost'"),
         ("fixed", {"grad_sample_mode": "ghost_fsdp"}, r"distributed=True"),
         ("fixed", {"grad_sample_mode": "ghost", "per_example": "materialise"}, r"contradicts per_example"),
-        ("fixed", {"batch_first": False}, r"batch_first=False needs per_example='materialise'"),
         ("fixed", {"noise_generator": torch.Generator()}, r"noise_generator .*use seed="),
         ("fixed", {"criterion": nn.CrossEntropyLoss()}, r"criterion .*ghost clipping"),
         ("quantile", {"target_unclipped_quantile": 0.5}, r"target_quantile="),
@@ -350,7 +350,7 @@ def test_batch_first_false_trains_sequence_first_inputs_like_batch_first_ones(fl
             max_grad_norm=1.0,
             batch_first=batch_first,
         )
-        assert isinstance(module, BookkeepingGradSampleModule) is batch_first  # the hooks read dimension 1
+        assert isinstance(module, BookkeepingGradSampleModule)  # each layer reads its own batch dimension
         for x, y in loader:
             optimizer.zero_grad()
             nn.functional.cross_entropy(module(x if batch_first else x.transpose(0, 1)), y).backward()
@@ -446,7 +446,7 @@ def test_ghost_mode_returns_the_criterion_as_opacus_does():
     module, optimizer, returned, _ = engine_run(PrivacyEngine(), grad_sample_mode="ghost", criterion=criterion)
     assert returned is criterion and isinstance(module, BookkeepingGradSampleModule) and optimizer.steps_taken == 10
     module = engine_run(PrivacyEngine(), grad_sample_mode="hooks")[0]
-    assert type(module) is GradSampleModule
+    assert type(module) is LayoutGradSampleModule
 
 
 def test_one_engine_accounts_one_run():

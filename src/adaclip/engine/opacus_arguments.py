@@ -10,13 +10,18 @@ arguments first:
   DP-SGD with clip ``C``, as Opacus's ``clipping="adaptive"`` starts from ``max_grad_norm``).  A method
   without a clip bound (AUTO-S) refuses it.
 * ``target_delta``: ``delta``.
-* ``poisson_sampling=True``, ``clipping="flat"``, ``secure_mode=False``, ``wrap_model=True``,
-  ``rand_on_empty=False``: what adaclip always does; the other values are refused with the reason.
+* ``clipping``: ``"flat"`` (one norm over all parameters, the default) or ``"per_layer"`` (a bound per
+  trainable parameter, :mod:`adaclip.methods.per_layer`, for the methods in
+  :data:`~adaclip.methods.per_layer.PER_LAYER_METHODS`): ``max_grad_norm`` is then a list of per-layer
+  bounds, one per trainable parameter in the optimizer's order, or one bound split equally
+  (``C / sqrt(K)`` each).  ``"adaptive"`` is refused with ``method="quantile"``.
+* ``poisson_sampling=True``, ``secure_mode=False``, ``wrap_model=True``, ``rand_on_empty=False``: what
+  adaclip always does; the other values are refused with the reason.
 * ``grad_sample_mode``: ``"hooks"`` (Opacus's per-layer hooks, the ``[B, d]`` per-example gradients)
   is ``per_example="materialise"``; ``"ghost"`` (norms without per-example gradients) is adaclip's
   book-keeping path, ``per_example="fast"``.  When given it decides ``per_example``.
-* ``batch_first``: ``False`` (sequence-first inputs ``[K, B, ...]``) works on the materialised path,
-  whose Opacus hooks read the batch from dimension 1.
+* ``batch_first``: ``False`` for sequence-first inputs ``[T, B, ...]``, on both paths (each layer's
+  batch dimension: :func:`~adaclip.engine.bookkeeping.layer_batch_dims`).
 
 Names of Opacus features that adaclip lacks or names differently (``noise_generator``, Opacus's
 adaptive-clipping parameters, ``criterion``, ...) are refused with what to use.  A name is read as
@@ -25,12 +30,13 @@ Opacus's only when the chosen method has no parameter of that name.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from adaclip._validate import require_bool, require_open_unit
+from adaclip._validate import require_bool, require_open_unit, require_positive
 from adaclip.engine.optimizer import PerExample
 from adaclip.methods import method_parameters
+from adaclip.methods.per_layer import check_per_layer
 
 CLIP_BOUND_NAMES = ("clip_norm", "initial_clip")
 """The rules' names for the clip bound of the first step, in order of preference (see :func:`clip_bound_name`)."""
@@ -65,7 +71,7 @@ _ALWAYS: dict[str, tuple[object, str]] = {
 
 _CLIPPING = {
     "flat": "",
-    "per_layer": "per-layer clipping is planned, not yet available: use clipping='flat'",
+    "per_layer": "",
     "adaptive": "use method='quantile' (Andrew et al. 2021, what Opacus's clipping='adaptive' implements)",
 }
 
@@ -80,13 +86,16 @@ class Translated:
     """The keyword arguments with Opacus's names resolved.
 
     ``method_params`` are the rule's parameters (``max_grad_norm`` under the rule's name); ``delta``,
-    ``per_example`` and ``batch_first`` are the engine's settings.
+    ``per_example`` and ``batch_first`` are the engine's settings; ``clipping`` is ``"flat"`` or
+    ``"per_layer"``, and ``layer_bounds`` the per-layer bounds when ``max_grad_norm`` listed them.
     """
 
     method_params: dict[str, object]
     delta: float | None
     per_example: PerExample
     batch_first: bool
+    clipping: str = "flat"
+    layer_bounds: tuple[float, ...] | None = None
 
 
 def require_opacus_default(name: str, value: object) -> None:
@@ -118,25 +127,33 @@ def translate(
     for name in _ALWAYS.keys() & opacus.keys():
         require_opacus_default(name, opacus[name])
     _check_clip_bound_names(method, params)
-    if "max_grad_norm" in opacus:
-        params = _with_max_grad_norm(method, params, opacus["max_grad_norm"])
-    if "target_delta" in opacus:
-        if delta is not None:
-            raise ValueError("give delta or Opacus's target_delta, not both")
-        delta = require_open_unit("target_delta", opacus["target_delta"], " (use < 1/N for N examples)")
     clipping = opacus.get("clipping", "flat")
     if clipping not in _CLIPPING:
         raise ValueError(f"clipping must be one of {list(_CLIPPING)}, got {clipping!r}")
     if _CLIPPING[str(clipping)]:
         raise ValueError(f"clipping={clipping!r}: {_CLIPPING[str(clipping)]}")
+    if clipping == "per_layer":
+        check_per_layer(method)
+    layer_bounds = None
+    max_grad_norm = opacus.get("max_grad_norm")
+    if isinstance(max_grad_norm, list | tuple):
+        layer_bounds = _layer_bounds(method, params, max_grad_norm, str(clipping))
+    elif "max_grad_norm" in opacus:
+        params = _with_max_grad_norm(method, params, max_grad_norm)
+    if "target_delta" in opacus:
+        if delta is not None:
+            raise ValueError("give delta or Opacus's target_delta, not both")
+        delta = require_open_unit("target_delta", opacus["target_delta"], " (use < 1/N for N examples)")
     per_example = _per_example(opacus.get("grad_sample_mode"), per_example)
     batch_first = require_bool("batch_first", opacus.get("batch_first", True))
-    if not batch_first and per_example != "materialise":
-        raise ValueError(
-            "batch_first=False needs per_example='materialise' (Opacus's grad_sample_mode='hooks'): the fast path "
-            "reads batch-first layer inputs"
-        )
-    return Translated(method_params=params, delta=delta, per_example=per_example, batch_first=batch_first)
+    return Translated(
+        method_params=params,
+        delta=delta,
+        per_example=per_example,
+        batch_first=batch_first,
+        clipping=str(clipping),
+        layer_bounds=layer_bounds,
+    )
 
 
 def _check_clip_bound_names(method: str, params: Mapping[str, object]) -> None:
@@ -146,6 +163,24 @@ def _check_clip_bound_names(method: str, params: Mapping[str, object]) -> None:
         if name in params and name != own:
             use = f"its clip bound is {own}= (or Opacus's max_grad_norm=)" if own else "it has no clip bound"
             raise ValueError(f"{name} means nothing for method {method!r}: {use}")
+
+
+def _layer_bounds(
+    method: str, params: Mapping[str, object], bounds: Sequence[object], clipping: str
+) -> tuple[float, ...]:
+    """``max_grad_norm`` given as a list: the per-layer bounds, checked (Opacus's ``clipping="per_layer"``)."""
+    if clipping != "per_layer":
+        raise ValueError(
+            "max_grad_norm is a list of per-layer bounds: it needs clipping='per_layer' (or give one number)"
+        )
+    own = clip_bound_name(method)
+    if own is None:
+        raise ValueError(f"max_grad_norm means nothing for method {method!r}: it has no clip bound; drop max_grad_norm")
+    if own in params:
+        raise ValueError(f"give max_grad_norm or {own}, not both (for method {method!r} they are the same)")
+    if not bounds:
+        raise ValueError("max_grad_norm is an empty list: give one bound per trainable parameter")
+    return tuple(require_positive(f"max_grad_norm[{k}]", bound) for k, bound in enumerate(bounds))
 
 
 def _with_max_grad_norm(method: str, params: dict[str, object], value: object) -> dict[str, object]:

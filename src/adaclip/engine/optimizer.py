@@ -60,10 +60,11 @@ from adaclip.engine.per_example import (
     collect_parts,
     materialise,
     per_example_norms,
+    per_layer_clipped_sum,
     weighted_sum,
     zero_examples,
 )
-from adaclip.methods import METHODS, method_parameters
+from adaclip.methods import METHODS, PerLayerClip, method_parameters
 from adaclip.methods.base import (
     ClippedSum,
     ClipRule,
@@ -254,8 +255,11 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
     def _norm_path_sum(self, parts: list[Part], dim: int) -> ClippedSum:
         """The rule's clipped sum from per-example (transformed) norms and ``sum_i c_i g_i``, without ``[n, d]``.
 
-        Non-finite examples get weight 0 and their data is zeroed before the weighted sum.
+        Non-finite examples get weight 0 and their data is zeroed before the weighted sum.  Per-layer
+        clipping takes the norms and weights of each layer (:func:`per_layer_clipped_sum`).
         """
+        if isinstance(self.rule, PerLayerClip):
+            return per_layer_clipped_sum(self.rule, parts, self.rule_state, dim)
         shift_scale = self.rule.norm_transform(self.rule_state)
         transform = None if shift_scale is None else Transform.of(*shift_scale)
         norms = per_example_norms(parts, transform)

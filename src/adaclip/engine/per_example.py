@@ -7,6 +7,8 @@ layout the clipping rules and their state use).  Each parameter contributes one 
   (:mod:`adaclip.engine.bookkeeping`), from the layer inputs ``x`` ``[n, P, in]`` and per-example output
   gradients ``delta`` ``[n, P, out]`` over ``P`` positions (:class:`LinearFactors`):
   ``g_i(W) = sum_p delta_ip x_ip^T`` and ``g_i(b) = sum_p delta_ip``;
+* :class:`EmbeddingPart` for a book-keeping ``nn.Embedding``, from its token ids and per-example
+  output gradients (never the ``[n, vocab x dim]`` gradients);
 * :class:`MaterialisedPart` for everything else: a per-example gradient ``[n, k]`` of one layer
   (a book-keeping convolution's, :func:`conv2d_per_example_grads`, or Opacus's ``p.grad_sample``).
 
@@ -43,7 +45,8 @@ import torch
 from opacus.utils.tensor_utils import unfold2d
 from torch import Tensor, nn
 
-from adaclip.engine.bookkeeping import LayerCapture, layer_capture
+from adaclip.engine.bookkeeping import LayerCapture, layer_capture, parameter_name
+from adaclip.methods import ClippedSum, PerLayerClip, PerLayerQuantileState
 
 
 @dataclass(frozen=True)
@@ -352,18 +355,126 @@ class LinearBiasPart(MaterialisedPart):
         self.factors.zero_examples(dropped)
 
 
+class EmbeddingPart(Part):
+    """The weight ``[V, D]`` of a book-keeping ``nn.Embedding``, from its token ids and output gradients.
+
+    ``ids`` ``[n, P]`` and ``delta`` ``[n, P, D]`` hold the ``P`` positions of every use (``delta`` is 0
+    at ``padding_idx``, whose row gets no gradient).  Row ``r`` of ``g_i`` is the sum of ``delta_ip``
+    over the positions ``p`` holding token ``r``.  With ``M_ipq = 1[id_ip = id_iq]`` (the Gram form over
+    positions), each position's row sum ``s_ip = sum_q M_ipq delta_iq`` and the number
+    ``k_ip = sum_q M_ipq`` of positions holding its token, every distinct token counts once in
+    ``sum_p (.) / k_ip``:
+
+    * ``||g_i||^2 = sum_pq M_ipq (delta_ip . delta_iq) = sum_p ||s_ip||^2 / k_ip`` (the latter a sum of
+      non-negative terms, computed so);
+    * ``||(g_i - A) / S||^2 = sum_r ||A_r / S_r||^2 + sum_p sum_j s_ipj (s_ipj - 2 A_rj) / S_rj^2 / k_ip``
+      with ``r = id_ip`` (AdaCliP's transformed norm: rows the example does not touch keep
+      ``||A_r / S_r||^2``); recomputed in float64 where cancellation could cost more than
+      ``NORM_ERROR_TOLERANCE``, as for linear layers;
+    * ``sum_i c_i g_i``: ``c_i delta_ip`` added into row ``id_ip`` (``index_add``).
+
+    Memory ``O(n P (P + D))`` and time ``O(n P^2 D)``; the ``[n, V D]`` matrix only by :meth:`materialise`.
+    """
+
+    def __init__(self, param: nn.Parameter, offset: int, ids: Tensor, delta: Tensor) -> None:
+        super().__init__(param, offset)
+        self.ids, self.delta = ids, delta
+        self._row_sums: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return self.ids.shape[0]
+
+    def row_sums(self) -> tuple[Tensor, Tensor]:
+        """``s_ip`` ``[n, P, D]`` and ``k_ip`` ``[n, P]`` (see the class docstring)."""
+        if self._row_sums is None:
+            same = (self.ids.unsqueeze(2) == self.ids.unsqueeze(1)).to(self.delta.dtype)
+            self._row_sums = torch.bmm(same, self.delta), same.sum(2)
+        return self._row_sums
+
+    def squared_norms(self) -> Tensor:
+        sums, counts = self.row_sums()
+        return sums.square().sum(2).div_(counts).sum(1)
+
+    def transformed_squared_norms(self, transform: Transform) -> Tensor:
+        shape = self.param.shape
+        inv_scale_sq = transform.inv_scale_sq[self.span].view(shape)
+        shift_inv_scale_sq = transform.shift_inv_scale_sq[self.span].view(shape)
+        constant = torch.dot(transform.shift[self.span], transform.shift_inv_scale_sq[self.span])
+        value, magnitude = self._transformed(inv_scale_sq, shift_inv_scale_sq, constant, *self.row_sums())
+        if _needs_float64(value, magnitude, self.param.numel() + self.delta[0].numel(), floor=1.0):
+            exact = Transform.of(transform.shift[self.span].double(), transform.scale[self.span].double())
+            sums, counts = self.row_sums()
+            value = self._transformed(
+                exact.inv_scale_sq.view(shape),
+                exact.shift_inv_scale_sq.view(shape),
+                torch.dot(exact.shift, exact.shift_inv_scale_sq),
+                sums.double(),
+                counts.double(),
+            )[0].to(value.dtype)
+        return value.clamp_min_(0)
+
+    def _transformed(
+        self, inv_scale_sq: Tensor, shift_inv_scale_sq: Tensor, constant: Tensor, sums: Tensor, counts: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The transformed squared norms and the size of their terms (for the rounding-error estimate)."""
+        inv, shifted = inv_scale_sq[self.ids], shift_inv_scale_sq[self.ids]  # [n, P, D]: rows of each position
+        quadratic = sums.square().mul_(inv).sum(2).div_(counts).sum(1)
+        cross = sums.mul(shifted).sum(2).div_(counts).sum(1)
+        cross_size = sums.mul(shifted).abs_().sum(2).div_(counts).sum(1)
+        return quadratic - 2 * cross + constant, quadratic + 2 * cross_size + constant
+
+    def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
+        scaled = self.delta * weights.view(-1, 1, 1)
+        out.zero_().index_add_(0, self.ids.flatten(), scaled.reshape(-1, out.shape[1]))
+
+    def materialise(self) -> Tensor:
+        n, (vocabulary, dim) = self.num_examples, self.param.shape
+        rows = (torch.arange(n, device=self.ids.device).unsqueeze(1) * vocabulary + self.ids).flatten()
+        grads = torch.zeros(n * vocabulary, dim, dtype=self.delta.dtype, device=self.delta.device)
+        return grads.index_add_(0, rows, self.delta.reshape(-1, dim)).view(n, vocabulary * dim)
+
+    def coordinate_square_sums(self) -> Tensor:
+        """``sum_i g_i[r]^2`` row by row: each example's distinct rows ``s_ip^2`` added into row ``id_ip``."""
+        sums, counts = self.row_sums()
+        out = torch.zeros(self.param.shape, dtype=self.delta.dtype, device=self.delta.device)
+        squares = sums.square().div_(counts.unsqueeze(2))
+        return out.index_add_(0, self.ids.flatten(), squares.reshape(-1, out.shape[1])).flatten()
+
+    def zero_examples(self, dropped: Tensor) -> None:
+        self.delta = _zeroed(self.delta, dropped)
+        self._row_sums = None
+
+
+def _embedding_factors(capture: LayerCapture) -> tuple[Tensor, Tensor]:
+    """An embedding's token ids ``[n, P]`` and output gradients ``[n, P, D]`` over every use (0 at padding)."""
+    layer, pairs = capture.layer, capture.pairs
+    n = _batch_size(capture)
+    ids = torch.cat([x.reshape(n, math.prod(x.shape[1:])) for x, _ in pairs], 1)
+    delta = torch.cat([d.reshape(n, math.prod(d.shape[1:-1]), d.shape[-1]) for _, d in pairs], 1)
+    padding = getattr(layer, "padding_idx", None)
+    if padding is not None:
+        delta = delta.masked_fill((ids == padding).unsqueeze(2), 0.0)
+    return ids, delta
+
+
+def _batch_size(capture: LayerCapture) -> int:
+    """The number of examples every use of the capture's layer saw (``RuntimeError`` naming it if they differ)."""
+    sizes = {x.shape[0] for x, _ in capture.pairs}
+    if len(sizes) != 1:
+        raise RuntimeError(
+            f"layer {capture.name!r} saw batches of different sizes {sorted(sizes)} in one step; "
+            "call optimizer.zero_grad() after every step"
+        )
+    return sizes.pop()
+
+
 def _factors(capture: LayerCapture) -> LinearFactors:
     """The capture's inputs and output gradients over every position of every use."""
     pairs = capture.pairs
     if len(pairs) == 1 and pairs[0][0].dim() == 2:
         return LinearFactors(*pairs[0])
-    sizes = {x.shape[0] for x, _ in pairs}
-    if len(sizes) != 1:
-        raise RuntimeError(
-            f"a linear layer saw batches of different sizes {sorted(sizes)} in one step; "
-            "call optimizer.zero_grad() after every step"
-        )
-    n = sizes.pop()
+    n = _batch_size(capture)
     xs = [x.reshape(n, math.prod(x.shape[1:-1]), x.shape[-1]) for x, _ in pairs]
     deltas = [delta.reshape(n, math.prod(delta.shape[1:-1]), delta.shape[-1]) for _, delta in pairs]
     return LinearFactors(torch.cat(xs, 1), torch.cat(deltas, 1))
@@ -394,12 +505,7 @@ def conv2d_per_example_grads(layer: nn.Conv2d, x: Tensor, delta: Tensor) -> tupl
 
 def _conv_grads(layer: nn.Conv2d, capture: LayerCapture) -> tuple[Tensor, Tensor]:
     """A convolution's per-example weight and bias gradients, summed over its uses."""
-    sizes = {x.shape[0] for x, _ in capture.pairs}
-    if len(sizes) != 1:
-        raise RuntimeError(
-            f"a layer saw batches of different sizes {sorted(sizes)} in one step; "
-            "call optimizer.zero_grad() after every step"
-        )
+    _batch_size(capture)
     weight, bias = conv2d_per_example_grads(layer, *capture.pairs[0])
     for x, delta in capture.pairs[1:]:
         more_weight, more_bias = conv2d_per_example_grads(layer, x, delta)
@@ -421,6 +527,8 @@ def _capture_part(p: nn.Parameter, offset: int, capture: LayerCapture, cache: _L
     It shares the layer's factors or gradients with the layer's other parameter.
     """
     layer, is_weight = capture.layer, p is capture.layer.weight
+    if isinstance(layer, nn.Embedding):
+        return EmbeddingPart(p, offset, *_embedding_factors(capture))
     if isinstance(layer, nn.Conv2d):
         grads = cache.conv.get(id(capture))
         if grads is None:
@@ -435,8 +543,9 @@ def _capture_part(p: nn.Parameter, offset: int, capture: LayerCapture, cache: _L
 def collect_parts(params: list[nn.Parameter]) -> list[Part]:
     """One part per parameter, in order, from ``p.grad_sample`` or a book-keeping ``p.layer_capture``.
 
-    Raises ``RuntimeError`` naming the problem when a parameter got no per-example gradient or
-    gradients of several backward passes are pending.
+    Raises ``RuntimeError`` naming the problem and the parameters (by name where ``make_private``
+    named them, :func:`~adaclip.engine.bookkeeping.name_parameters`) when a parameter got no per-example
+    gradient, gradients of several backward passes are pending, or layers disagree on the batch size.
     """
     parts: list[Part] = []
     missing, accumulated = [], []
@@ -457,22 +566,38 @@ def collect_parts(params: list[nn.Parameter]) -> list[Part]:
         else:
             missing.append(index)
         offset += p.numel()
+    if missing and len(missing) == len(params):
+        raise RuntimeError("no per-example gradient for any parameter: call loss.backward() before optimizer.step()")
     if missing:
+        names = _listed([parameter_name(params[i], i) for i in missing])
         raise RuntimeError(
-            f"parameters {missing} (in optimizer order) got no per-example gradient: every trainable parameter "
-            "must be used in forward, and loss.backward() must run before optimizer.step()"
+            f"parameters {names} got no per-example gradient: the forward pass did not use them. Every parameter "
+            "the optimizer trains must be used in every forward pass; freeze a layer the forward pass skips "
+            "(requires_grad_(False)) or leave it out of the optimizer"
         )
     if accumulated:
         raise RuntimeError(
             "per-example gradients from several backward passes are pending: call optimizer.zero_grad() "
             "after every optimizer.step(); accumulating Poisson batches is not supported"
         )
-    if len({part.num_examples for part in parts}) > 1:
+    sizes: dict[int, list[str]] = {}
+    for index, part in enumerate(parts):
+        sizes.setdefault(part.num_examples, []).append(parameter_name(part.param, index))
+    if len(sizes) > 1:
+        listed = "; ".join(f"{size} for {_listed(names)}" for size, names in sorted(sizes.items()))
         raise RuntimeError(
-            "parameters got per-example gradients for different batch sizes "
-            f"{sorted({part.num_examples for part in parts})}"
+            f"parameters got per-example gradients for different batch sizes ({listed}): some layer reads its "
+            "examples from the wrong dimension of its input. batch_first=True (the default) needs inputs "
+            "[B, ...] in every layer, batch_first=False needs [T, B, ...] in every layer (a layer after pooling "
+            "over T sees [B, ...]); a DPMultiheadAttention follows its own batch_first and DPLSTM its own layout"
         )
     return parts
+
+
+def _listed(names: list[str], shown: int = 4) -> str:
+    """``names`` for a message: the first ``shown``, then how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def per_example_norms(parts: list[Part], transform: Transform | None = None) -> Tensor:
@@ -486,6 +611,30 @@ def per_example_norms(parts: list[Part], transform: Transform | None = None) -> 
     for more in squared[2:]:
         total.add_(more)
     return total.sqrt_()
+
+
+def per_layer_clipped_sum(
+    rule: PerLayerClip, parts: list[Part], state: PerLayerQuantileState | None, dim: int
+) -> ClippedSum:
+    """Per-layer clipping's clipped sum from the parts (one per layer): ``sum_i sum_k c_ik g_i^k``, never ``[n, d]``.
+
+    The layer norms ``[n, K]`` are the parts' own; each part's weighted sum takes its column of the
+    weights (:class:`~adaclip.methods.per_layer.PerLayerClip`).  Non-finite examples get weight 0 in every
+    layer and their data is zeroed before the weighted sums.
+    """
+    if [part.param.numel() for part in parts] != list(rule.layer_sizes):
+        raise ValueError(
+            f"per-layer clipping was set up for layers of sizes {list(rule.layer_sizes)} but the optimizer's "
+            f"parameters have sizes {[part.param.numel() for part in parts]}"
+        )
+    norms = torch.stack([part.squared_norms() for part in parts], dim=1).sqrt_()
+    weights, dropped = rule.layer_weights(norms, state)
+    if dropped is not None:
+        zero_examples(parts, dropped)
+    flat = torch.empty(dim, dtype=weights.dtype, device=weights.device)
+    for k, part in enumerate(parts):
+        part.weighted_sum_into(weights[:, k].contiguous(), flat[part.span].view(part.param.shape))
+    return rule.clipped_sum_from_layer_weights(flat, weights, dropped)
 
 
 def zero_examples(parts: list[Part], dropped: Tensor) -> None:

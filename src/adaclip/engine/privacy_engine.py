@@ -28,7 +28,6 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from adaclip._validate import require_bool
 from adaclip.engine.opacus_arguments import require_opacus_default
 from adaclip.engine.optimizer import AdaptiveClipDPOptimizer
 from adaclip.engine.private import make_private
@@ -121,7 +120,7 @@ class PrivacyEngine:
         optimizer: Optimizer,
         data_loader: DataLoader[Any],
         noise_multiplier: float,
-        max_grad_norm: float | None = None,
+        max_grad_norm: float | list[float] | None = None,
         criterion: nn.Module | None = None,
         batch_first: bool = True,
         loss_reduction: str = "mean",
@@ -136,8 +135,9 @@ class PrivacyEngine:
         rule's default; refused for a method without one, AUTO-S).  ``grad_sample_mode``: ``"hooks"``
         (Opacus's per-example gradients, ``per_example="materialise"``) or ``"ghost"`` (adaclip's
         book-keeping path; the criterion is then returned too, unchanged, as Opacus returns its
-        wrapper); ``None`` takes the book-keeping path, or the hooks for ``batch_first=False``, which
-        only they support.  ``clipping`` must be ``"flat"`` and ``poisson_sampling`` ``True``.
+        wrapper); ``None`` takes the book-keeping path.  ``clipping``: ``"flat"`` or ``"per_layer"`` (then
+        ``max_grad_norm`` may list one bound per trainable parameter, or give one bound split equally;
+        :mod:`adaclip.methods.per_layer`).  ``poisson_sampling`` must be ``True``.
         ``kwargs``: rule parameters and :func:`adaclip.make_private`'s options.
         """
         return self._make_private(
@@ -164,7 +164,7 @@ class PrivacyEngine:
         target_epsilon: float,
         target_delta: float,
         epochs: int,
-        max_grad_norm: float | None = None,
+        max_grad_norm: float | list[float] | None = None,
         criterion: nn.Module | None = None,
         batch_first: bool = True,
         loss_reduction: str = "mean",
@@ -195,7 +195,7 @@ class PrivacyEngine:
     def _make_private(
         self,
         *,
-        max_grad_norm: float | None,
+        max_grad_norm: float | list[float] | None,
         criterion: nn.Module | None,
         batch_first: bool,
         grad_sample_mode: str | None,
@@ -211,8 +211,6 @@ class PrivacyEngine:
             raise ValueError(f"{given_twice} given both to PrivacyEngine(...) and to make_private: give them once")
         if "method" in arguments or "accountant" in arguments:
             raise ValueError("method and accountant are chosen when the engine is built: PrivacyEngine(method=...)")
-        if grad_sample_mode is None and not require_bool("batch_first", batch_first):
-            grad_sample_mode = "hooks"  # Opacus's default; the only path for sequence-first inputs
         opacus: dict[str, Any] = {"batch_first": batch_first}
         if max_grad_norm is not None:
             opacus["max_grad_norm"] = max_grad_norm

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from adaclip._validate import require_int, require_one_of, require_open_unit, require_positive
 from adaclip.engine import distributed as dist_utils
-from adaclip.engine.bookkeeping import BookkeepingGradSampleModule
+from adaclip.engine.bookkeeping import BookkeepingGradSampleModule, LayoutGradSampleModule, name_parameters
 from adaclip.engine.opacus_arguments import translate
 from adaclip.engine.optimizer import (
     NONFINITE_POLICIES,
@@ -26,7 +26,7 @@ from adaclip.engine.optimizer import (
     PerExample,
 )
 from adaclip.engine.sampling import PoissonDataLoader, TensorPoissonLoader
-from adaclip.methods import METHODS, ClipRule, build_rule, check_method, supports_norm_path
+from adaclip.methods import METHODS, ClipRule, PerLayerClip, build_rule, check_method, supports_norm_path
 from adaclip.privacy.accounting import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, Accountant, noise_multiplier_for
 
 
@@ -46,14 +46,54 @@ def _seeds(seed: int | None, rank: int = 0, world_size: int = 1) -> tuple[int | 
     return sampling, noise
 
 
+_DP_LAYERS: dict[type[nn.Module], str] = {
+    nn.LSTM: "opacus.layers.DPLSTM",
+    nn.GRU: "opacus.layers.DPGRU",
+    nn.RNN: "opacus.layers.DPRNN",
+    nn.MultiheadAttention: "opacus.layers.DPMultiheadAttention",
+}
+"""torch layers that compute their gradients in fused kernels, with the Opacus layer to use instead."""
+
+
+def module_problems(module: nn.Module) -> list[str]:
+    """Why ``module`` cannot give true per-example gradients, layer by layer, with the fix for each (empty: it can).
+
+    A ``BatchNorm`` in training mode mixes the examples of a batch (replace it with ``GroupNorm`` or
+    ``LayerNorm``); an ``InstanceNorm`` tracking running statistics stores data without noise in its
+    buffers; ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and ``nn.MultiheadAttention`` have no per-example
+    gradients (use Opacus's DP layers).  Checked whether or not the layer is trainable: a frozen
+    ``BatchNorm`` in training mode mixes examples too.  Then Opacus's own ``ModuleValidator`` (e.g. a
+    module in eval mode).
+    """
+    problems = []
+    for name, layer in module.named_modules():
+        label = f"{name or 'module'} ({type(layer).__name__})"
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and (layer.training or not layer.track_running_stats):
+            problems.append(
+                f"{label} normalises each example with statistics of the whole batch: replace it with GroupNorm or "
+                "LayerNorm (opacus.validators.ModuleValidator.fix(module) puts GroupNorm in its place)"
+            )
+        elif isinstance(layer, nn.modules.instancenorm._InstanceNorm) and layer.track_running_stats and layer.training:
+            problems.append(
+                f"{label} tracks running statistics of the data without noise: set track_running_stats=False "
+                "(ModuleValidator.fix(module) does)"
+            )
+        elif type(layer) in _DP_LAYERS and any(p.requires_grad for p in layer.parameters()):
+            fixed = "" if type(layer) is nn.RNN else " (ModuleValidator.fix(module) swaps it in)"
+            problems.append(
+                f"{label} computes its gradient in one fused kernel, without per-example gradients: use "
+                f"{_DP_LAYERS[type(layer)]}, the same interface{fixed}"
+            )
+    if not problems:
+        problems = [str(error) for error in ModuleValidator.validate(module, strict=False)]
+    return problems
+
+
 def _check_module(module: nn.Module) -> None:
-    errors = ModuleValidator.validate(module, strict=True)
-    if errors:
-        listed = "; ".join(str(e) for e in errors)
-        raise ValueError(
-            f"module cannot give true per-example gradients: {listed}. BatchNorm mixes examples: replace it with "
-            "GroupNorm or LayerNorm (opacus.validators.ModuleValidator.fix(module) does this)."
-        )
+    problems = module_problems(module)
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"module cannot give true per-example gradients: {'; '.join(problems[:3])}{more}")
 
 
 def make_private(
@@ -83,6 +123,9 @@ def make_private(
     calibrated with ``accountant`` for ``epochs * int(1 / q)`` steps).  ``delta`` is also the default
     of ``optimizer.get_epsilon()``.  ``seed`` fixes the sampling and the noise.
     ``method_params`` go to the rule (e.g. ``initial_clip=0.5`` for AdaCliP, ``clip_norm=1.0`` for fixed).
+    ``clipping="per_layer"`` (Opacus's name) clips each trainable parameter to its own bound
+    (:func:`per_layer_rule`; ``max_grad_norm`` a list of bounds, or one split equally) for ``"fixed"``,
+    ``"quantile"``, ``"auto"`` and ``"psac"``; the other methods refuse it with the reason.
     Opacus's argument names (``max_grad_norm``, ``target_delta``, ``grad_sample_mode``, ``batch_first``,
     ``poisson_sampling``, ``clipping``, ...) are read with their Opacus meaning or refused with the name
     to use (:mod:`adaclip.engine.opacus_arguments`); :class:`~adaclip.engine.privacy_engine.PrivacyEngine`
@@ -90,9 +133,10 @@ def make_private(
 
     ``per_example="fast"`` (default) wraps the module in a
     :class:`~adaclip.engine.bookkeeping.BookkeepingGradSampleModule` when the rule has the norm interface:
-    ``nn.Linear`` layers never form per-example gradients and the optimizer works from norms and
-    weighted sums; other layers materialise theirs one layer at a time.  ``"materialise"`` (and any
-    rule without the norm interface) uses Opacus's ``GradSampleModule`` and the ``[n, d]`` matrix.
+    ``nn.Linear`` and ``nn.Embedding`` layers never form per-example gradients and the optimizer works
+    from norms and weighted sums; other layers materialise theirs one layer at a time.  ``"materialise"``
+    (and any rule without the norm interface) uses Opacus's ``GradSampleModule`` hooks
+    (:class:`~adaclip.engine.bookkeeping.LayoutGradSampleModule`) and the ``[n, d]`` matrix.
     Both give the same result up to float rounding.  A module that is already a ``GradSampleModule``
     is used as it is.  A ``TensorDataset`` with the default collate is gathered in memory
     (:class:`~adaclip.engine.sampling.TensorPoissonLoader`), any other dataset item by item
@@ -180,6 +224,8 @@ def make_private(
     rule = build_rule(
         method, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **method_params
     )
+    if opacus.clipping == "per_layer":
+        rule = per_layer_rule(rule, module, optimizer, opacus.layer_bounds)
     module = prepare_module(
         module, rule, per_example=per_example, loss_reduction=loss_reduction, batch_first=opacus.batch_first
     )
@@ -229,6 +275,25 @@ def _check_step_optimizer(method: str, optimizer: Optimizer) -> None:
             f"method {method!r} releases an Adam step built from the noisy gradient: wrap plain torch.optim.SGD "
             f"(no momentum, no weight decay) to apply it, not {type(optimizer).__name__} with its own update"
         )
+
+
+def per_layer_rule(
+    rule: ClipRule, module: nn.Module, optimizer: Optimizer, layer_bounds: tuple[float, ...] | None
+) -> PerLayerClip:
+    """``rule`` clipped per layer, one layer per trainable parameter of ``optimizer`` in its order (as Opacus).
+
+    ``layer_bounds`` (Opacus's ``max_grad_norm`` list) must have one bound per such parameter; ``None``
+    splits the rule's bound equally (:class:`~adaclip.methods.per_layer.PerLayerClip`).
+    """
+    trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if layer_bounds is not None and len(layer_bounds) != len(trainable):
+        names = {id(p): name for name, p in module.named_parameters()}
+        listed = ", ".join(names.get(id(p), "?") for p in trainable)
+        raise ValueError(
+            f"max_grad_norm lists {len(layer_bounds)} per-layer bounds but the optimizer trains {len(trainable)} "
+            f"parameters; give one bound per parameter, in this order: {listed}"
+        )
+    return PerLayerClip(base=rule, layer_sizes=[p.numel() for p in trainable], layer_bounds=layer_bounds)
 
 
 def calibrate_noise(
@@ -284,11 +349,13 @@ def prepare_module(
         raise ValueError("module has no trainable parameters (requires_grad=True): nothing to train privately")
     rule.init_state(trainable, device="meta")
     if isinstance(module, GradSampleModule):
+        name_parameters(module._module)
         return module
     _check_module(module)
+    name_parameters(module)
     if per_example == "fast" and supports_norm_path(rule):
         return BookkeepingGradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction)
-    return GradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction)
+    return LayoutGradSampleModule(module, batch_first=batch_first, loss_reduction=loss_reduction)
 
 
 def prepare_loader(

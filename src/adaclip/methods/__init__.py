@@ -22,6 +22,7 @@ from adaclip.methods.canary import CanaryAdapter
 from adaclip.methods.fixed import FixedClip, FixedClipAdapter
 from adaclip.methods.geoclip import GeoClip, GeoClipAdapter, GeoClipState
 from adaclip.methods.macadam import MacAdam, MacAdamAdapter, MacAdamState
+from adaclip.methods.per_layer import PER_LAYER_METHODS, PerLayerClip, PerLayerQuantileState
 from adaclip.methods.psac import PerSampleAdaptiveClip, PerSampleAdaptiveClipAdapter
 from adaclip.methods.quantile import QuantileClip, QuantileClipAdapter, QuantileClipState
 
@@ -106,6 +107,7 @@ def build_rule(name: str, *, noise_multiplier: float, expected_batch_size: float
 
 __all__ = [
     "METHODS",
+    "PER_LAYER_METHODS",
     "AdaCliP",
     "AdaClipState",
     "AdamBC",
@@ -120,6 +122,8 @@ __all__ = [
     "MacAdam",
     "MacAdamState",
     "Method",
+    "PerLayerClip",
+    "PerLayerQuantileState",
     "PerSampleAdaptiveClip",
     "QuantileClip",
     "QuantileClipState",

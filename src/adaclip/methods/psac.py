@@ -19,8 +19,11 @@ from adaclip.methods.base import ClipRule
 from adaclip.methods.canary import DTYPE, CoordinatewiseAdapter
 
 
-def psac_weights(norms: Tensor, clip_norm: float, r: float) -> Tensor:
-    """DP-PSAC's per-example weight ``C / (||g|| + r / (||g|| + r))`` (Xia et al. 2023)."""
+def psac_weights(norms: Tensor, clip_norm: float | Tensor, r: float) -> Tensor:
+    """DP-PSAC's per-example weight ``C / (||g|| + r / (||g|| + r))`` (Xia et al. 2023).
+
+    ``clip_norm`` may be a tensor broadcasting against ``norms`` (per-layer bounds, :mod:`adaclip.methods.per_layer`).
+    """
     return clip_norm / (norms + r / (norms + r))
 
 
