@@ -55,14 +55,26 @@ from adaclip.engine import make_private
 from adaclip.research.models import build_model
 from adaclip.research.reporting import apply_style, markdown_table, save_figure, write_text_atomic
 
+IMAGE = (1, 28, 28)
+SCATTERNET = (81, 7, 7)
 MODELS = {
-    "logistic": ("logistic", {}),
-    "mlp": ("mlp", {"hidden": 100}),
-    "mlp1000": ("mlp", {"hidden": 1000}),
-    "cnn": ("cnn", {}),
+    "logistic": ("logistic", {}, IMAGE),
+    "mlp": ("mlp", {"hidden": 100}, IMAGE),
+    "mlp1000": ("mlp", {"hidden": 1000}, IMAGE),
+    "cnn": ("cnn", {}, IMAGE),
+    "scatter_linear": ("logistic", {}, SCATTERNET),
 }
-MODEL_LABELS = {"logistic": "logistic 784-10", "mlp": "MLP 784-100-10", "mlp1000": "MLP 784-1000-10", "cnn": "tanh CNN"}
-OUR_METHODS = ("fixed", "quantile", "auto", "adaclip", "psac")
+"""name -> (model kind, its options, input shape); random inputs of that shape."""
+MODEL_LABELS = {
+    "logistic": "logistic 784-10",
+    "mlp": "MLP 784-100-10",
+    "mlp1000": "MLP 784-1000-10",
+    "cnn": "tanh CNN",
+    "scatter_linear": "ScatterNet features 3969-10 (linear)",
+}
+OUR_METHODS = ("fixed", "quantile", "auto", "adaclip", "psac", "geoclip", "macadam", "adambc")
+GEOCLIP_RANK = 8
+"""GeoClip runs its rank-k form (the full d x d matrix is refused above 4096 parameters)."""
 PATHS = ("fast", "materialise")
 BASELINES = ("opacus/hooks", "opacus/ghost")
 NOISE_MULTIPLIER = 1.0
@@ -86,9 +98,9 @@ class Setup:
 
 
 def _model(name: str, seed: int) -> nn.Module:
-    kind, options = MODELS[name]
+    kind, options, shape = MODELS[name]
     torch.manual_seed(seed)
-    return build_model(kind, (1, 28, 28), 10, **options)
+    return build_model(kind, shape, 10, **options)
 
 
 def _step_with(
@@ -122,7 +134,7 @@ def build_setups(
     from opacus import PrivacyEngine
 
     generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch_size, 1, 28, 28, generator=generator).to(device)
+    features = torch.randn(batch_size, *MODELS[model_name][2], generator=generator).to(device)
     labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
     batch = (features, labels)
     dataset_size = 20 * batch_size  # only fixes q = B / N for the optimizers; the batch above is what is trained on
@@ -155,7 +167,7 @@ def build_setups(
             module, optimizer, _ = private
             setups.append(Setup("opacus", mode, _step_with(module, optimizer, batch, cross_entropy)))
     for method in methods:
-        params = {"count_noise_std": max(batch_size / 20, NOISE_MULTIPLIER)} if method == "quantile" else {}
+        params = _method_params(method, batch_size)
         for path in paths:
             model = copy.deepcopy(initial)
             module, optimizer, _ = make_private(
@@ -171,6 +183,15 @@ def build_setups(
             )
             setups.append(Setup(method, path, _step_with(module, optimizer, batch, cross_entropy)))
     return setups
+
+
+def _method_params(method: str, batch_size: int) -> dict[str, Any]:
+    """Rule parameters besides the defaults: quantile clipping's count noise for this batch size, GeoClip's rank."""
+    if method == "quantile":
+        return {"count_noise_std": max(batch_size / 20, NOISE_MULTIPLIER)}
+    if method == "geoclip":
+        return {"rank": GEOCLIP_RANK}
+    return {}
 
 
 def _synchronise(device: str) -> None:
@@ -390,6 +411,28 @@ def table(records: list[dict[str, Any]], header_note: str, skipped: list[str]) -
     return text
 
 
+def scaling_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: the scaling table, one row per model and setup, one column per batch size (last run).
+
+    A cell is the step time relative to non-private and the peak memory of a step (the non-private row gives
+    its step time instead of the ratio); "-" where the setup was not run (skipped, or not in the grid).
+    """
+    last_run = max(r["run"] for r in records)
+    chosen = [r for r in records if r["run"] == last_run]
+    batch_sizes = sorted({r["batch_size"] for r in chosen})
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for r in chosen:
+        setup = "non-private" if r["method"] == "nonprivate" else f"{r['method']}/{r['path']}"
+        memory = f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
+        timing = (
+            f"{r['step_time_s'] * 1e3:.2f} ms" if r["method"] == "nonprivate" else f"{r['ratio_to_nonprivate']:.2f}x"
+        )
+        cells.setdefault((MODEL_LABELS.get(r["model"], r["model"]), setup), {})[r["batch_size"]] = f"{timing}, {memory}"
+    header = ["model", "setup"] + [f"B = {b}" for b in batch_sizes]
+    rows = [[model, setup] + [by_batch.get(b, "-") for b in batch_sizes] for (model, setup), by_batch in cells.items()]
+    return markdown_table(header, rows)
+
+
 def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
     """Ratio to non-private (last run) per setup, one panel per batch size, one bar per model."""
     apply_style()
@@ -569,7 +612,12 @@ def main(argv: list[str] | None = None) -> int:
     for record in records:
         record["device_name"] = device
     write_text_atomic(args.json, json.dumps(records, indent=1) + "\n")
-    write_text_atomic(args.table, table(records, note, skipped))
+    scaling = (
+        "\n## Scaling with batch size and width\n\n"
+        "Step time relative to non-private (the non-private row: its step time) and peak memory of a step, "
+        f"per batch size (last run; same process and setting as above).\n\n{scaling_table(records)}"
+    )
+    write_text_atomic(args.table, table(records, note, skipped) + scaling)
     figure(records, args.figure, f"Private step time / non-private step time ({device})")
     return 0
 
