@@ -3,6 +3,8 @@
 The reference is a second generator with the same seed drawing each step's noise when the step asks for it.
 """
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -20,7 +22,7 @@ def reference_draws(seed: int, sizes: list[int]) -> list[torch.Tensor]:
 
 
 def test_draws_made_ahead_are_the_draws_of_each_step_in_order():
-    generator, draws = torch.Generator().manual_seed(7), NoiseDraws(ahead=True)
+    generator, draws = torch.Generator().manual_seed(7), NoiseDraws(ahead=True, min_size=1)
     got = []
     for _ in range(5):
         got.append(draws.draw(generator, 50, torch.float64, CPU))
@@ -31,7 +33,7 @@ def test_draws_made_ahead_are_the_draws_of_each_step_in_order():
 
 
 def test_a_draw_ahead_of_another_size_is_discarded_and_the_generator_rewound():
-    generator, draws = torch.Generator().manual_seed(3), NoiseDraws(ahead=True)
+    generator, draws = torch.Generator().manual_seed(3), NoiseDraws(ahead=True, min_size=1)
     first = draws.draw(generator, 40, torch.float64, CPU)
     draws.draw_next(generator, 40, torch.float64, CPU)
     second = draws.draw(generator, 25, torch.float64, CPU)  # the step asks for another size
@@ -40,7 +42,7 @@ def test_a_draw_ahead_of_another_size_is_discarded_and_the_generator_rewound():
 
 
 def test_a_draw_ahead_for_a_replaced_generator_is_discarded():
-    generator, draws = torch.Generator().manual_seed(3), NoiseDraws(ahead=True)
+    generator, draws = torch.Generator().manual_seed(3), NoiseDraws(ahead=True, min_size=1)
     draws.draw(generator, 10, torch.float64, CPU)
     draws.draw_next(generator, 10, torch.float64, CPU)
     other = torch.Generator().manual_seed(11)
@@ -49,7 +51,7 @@ def test_a_draw_ahead_for_a_replaced_generator_is_discarded():
 
 
 def test_the_checkpoint_state_is_the_state_before_a_pending_draw():
-    generator, draws = torch.Generator().manual_seed(5), NoiseDraws(ahead=True)
+    generator, draws = torch.Generator().manual_seed(5), NoiseDraws(ahead=True, min_size=1)
     draws.draw(generator, 30, torch.float64, CPU)
     draws.draw_next(generator, 30, torch.float64, CPU)
     draws._pending.draw.result()  # the worker has drawn: the generator itself is past the pending draw
@@ -61,7 +63,7 @@ def test_the_checkpoint_state_is_the_state_before_a_pending_draw():
 
 
 def test_the_global_generator_is_never_drawn_ahead():
-    draws = NoiseDraws(ahead=True)
+    draws = NoiseDraws(ahead=True, min_size=1)
     torch.manual_seed(2)
     draws.draw(None, 20, torch.float64, CPU)
     draws.draw_next(None, 20, torch.float64, CPU)
@@ -87,7 +89,7 @@ def test_training_with_noise_drawn_ahead_equals_drawing_at_each_step(method):
             delta=1e-5,
             seed=4,
         )
-        optimizer.noise_draws = NoiseDraws(ahead=ahead)
+        optimizer.noise_draws = NoiseDraws(ahead=ahead, min_size=1)
         for _ in range(2):
             for features, labels in loader:
                 optimizer.zero_grad()
@@ -96,3 +98,43 @@ def test_training_with_noise_drawn_ahead_equals_drawing_at_each_step(method):
         assert (optimizer.noise_draws._pending is not None) is ahead  # the check can fail: a draw is pending
         trained.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(trained[0], trained[1])
+
+
+def test_a_run_resumed_from_a_checkpoint_taken_with_a_draw_pending_draws_the_same_noise():
+    dataset = TensorDataset(torch.randn(40, 5, generator=torch.Generator().manual_seed(1)), torch.arange(40) % 2)
+
+    def setup():
+        torch.manual_seed(0)
+        model = nn.Linear(5, 2)
+        module, optimizer, _ = make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(dataset, batch_size=10),
+            method="adaclip",
+            noise_multiplier=1.0,
+            delta=1e-5,
+            seed=9,
+        )
+        optimizer.noise_draws = NoiseDraws(ahead=True, min_size=1)
+        return model, module, optimizer
+
+    def steps(module, optimizer, count):
+        features, labels = dataset.tensors
+        for step in range(count):
+            optimizer.zero_grad()
+            rows = slice(10 * step, 10 * step + 10)
+            nn.functional.cross_entropy(module(features[rows]), labels[rows]).backward()
+            optimizer.step()
+
+    model, module, optimizer = setup()
+    steps(module, optimizer, 2)
+    assert optimizer.noise_draws._pending is not None  # the checkpoint is taken with the next draw made
+    checkpoint = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+    steps(module, optimizer, 2)
+    uninterrupted = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    model, module, optimizer = setup()
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    steps(module, optimizer, 2)
+    assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), uninterrupted)

@@ -13,6 +13,9 @@ the generator is put back to its state before it).  A checkpoint saves :meth:`No
 the state before a draw that is still ahead, so a resumed run draws the same noise again.
 
 Only CPU generators draw ahead: on a GPU ``randn`` is an asynchronous kernel that already overlaps the host.
+Only draws of at least :data:`AHEAD_MIN_SIZE` numbers go to the worker: handing a draw to another thread
+and taking its result back costs a fixed amount (waking the thread, the GIL) that a small draw does not
+repay (``reports/probes/bench_scaling.md``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+AHEAD_MIN_SIZE = 2**18
+"""The smallest draw made ahead (smaller ones are drawn when the step asks for them)."""
 
 _worker: ThreadPoolExecutor | None = None
 _worker_lock = threading.Lock()
@@ -60,11 +66,12 @@ class _Ahead:
 class NoiseDraws:
     """Standard-normal noise for each step, drawn one step ahead (see the module docstring).
 
-    ``ahead=False`` draws every step's noise when the step asks for it.
+    ``ahead=False`` draws every step's noise when the step asks for it; so are draws smaller than ``min_size``.
     """
 
-    def __init__(self, ahead: bool = True) -> None:
+    def __init__(self, ahead: bool = True, min_size: int = AHEAD_MIN_SIZE) -> None:
         self.ahead = ahead
+        self.min_size = min_size
         self._pending: _Ahead | None = None
 
     def draw(self, generator: torch.Generator | None, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -78,11 +85,14 @@ class NoiseDraws:
         return torch.randn(size, generator=generator, dtype=dtype, device=device)
 
     def draw_next(self, generator: torch.Generator | None, size: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Start drawing the next step's noise in the worker thread (only for a CPU generator of the caller's own).
+        """Start drawing the next step's noise in the worker thread (only for a CPU generator of the caller's own,
+        and at least ``min_size`` numbers).
 
         Torch's global generator is never drawn from ahead: other code draws from it between steps.
         """
-        if not self.ahead or generator is None or generator.device.type != "cpu" or self._pending is not None:
+        if not self.ahead or size < self.min_size or self._pending is not None:
+            return
+        if generator is None or generator.device.type != "cpu":
             return
         state_before = generator.get_state()
         draw = _noise_worker().submit(_standard_normal, size, generator, dtype, device)
