@@ -26,7 +26,41 @@ the maximum over three steps).  ``largest_tensor_bytes`` is the largest tensor a
 step returns (a ``TorchDispatchMode``; on either device).  ``per_example_bytes`` is the size
 ``B * d * 4`` of the per-example gradient matrix that the fast path never forms.
 
-Outputs: a Markdown table, a JSON list of records and a figure (ratio to non-private per setup).
+Models: logistic regression and one-hidden-layer MLPs of width 100 and 1000 on 28 x 28 inputs, the tanh
+CNN, and ``scatter_linear`` (a linear layer on ScatterNet's 81 x 7 x 7 = 3969 features).  GeoClip runs its
+rank-:data:`GEOCLIP_RANK` form.  Private steps draw the next step's noise in a worker thread when the draw
+is large (:mod:`adaclip.engine.noise`); ``cpu_time_s`` counts this thread only.
+
+Outputs: a Markdown table (the setups, then the *scaling table*: ratio and peak memory per model and setup,
+one column per batch size), a JSON list of records and a figure (ratio to non-private per setup).
+
+**Where the floor is** (CPU, one thread; the numbers were measured on the project's 2-core AMD EPYC machine
+while other jobs shared it, see ``reports/probes/bench_scaling.md``).  For a linear layer with ``p`` inputs
+and ``q`` outputs a non-private step does the forward product, the input gradient (not for a first layer)
+and the weight gradient: two or three products of ``2 B p q`` flops (about 87 GFLOP/s here: 0.12 ms for
+the MLP's first layer at B = 64, 1.07 ms at B = 600).  The fast path keeps the forward and input-gradient
+products, replaces the weight gradient by the reweighted sum (one product of the same size) and adds
+
+* the norms ``||x_i||^2 ||delta_i||^2``: ``O(B (p + q))``, negligible;
+* ``d`` Gaussian numbers: 3.4 ns each (0.03 ms for logistic's 7 850 parameters, 0.27 ms for the MLP's
+  79 510, 2.7 ms for the 795 010 of the width-1000 MLP), drawn in the worker thread from 2^18 numbers on
+  and otherwise on the critical path (a hand-off to the thread costs more than a small draw);
+* a fixed cost per step: a DP-SGD step runs about 55 more torch operations than a non-private one
+  (norms, weights, counts, the non-finite policy, the noisy mean, the finiteness check, the parameter
+  gradients), AdaCliP about 150 (its state update is a dozen vector operations over ``d``); at 5-7 us
+  per eager operation that is 0.35 ms and 0.8 ms.
+
+So DP-SGD's floor is ``1 + (0.35 ms + noise) / t_nonprivate``: with the non-private steps measured
+(logistic 0.25-0.47 ms and MLP 0.85-0.92 ms at B = 64; MLP 2.9-3.3 ms at B = 600) that is about 1.8-2.5x
+for logistic and 1.7x for the MLP at B = 64, and 1.2x for the MLP at B = 600: at small batches the
+private step is bound by the number of operations it dispatches, not by arithmetic.  AdaCliP's transformed
+norm ``(delta^2)^T (1/b^2) (x^2) - 2 delta^T (a/b^2) x + sum a^2/b^2`` needs two more products of the
+weight's size per layer (they read ``x`` once, in cache-sized chunks, but cannot share one product: ``delta``
+enters one squared and one not).  For a first layer, whose non-private step is two products, that is four
+products against two, a floor of 2x plus the noise and 0.8 ms; for a hidden layer (three products) 5/3.
+For ScatterNet + linear at B = 8192 (``q = 10``) the products are bound by reading ``x`` (124 MiB): the
+non-private step reads it twice, AdaCliP's fast path three times (the forward, the norms' one chunked pass,
+the reweighted sum), a floor of 1.5x.
 """
 
 from __future__ import annotations
