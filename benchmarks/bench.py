@@ -50,9 +50,10 @@ products, replaces the weight gradient by the reweighted sum (one product of the
   gradients), AdaCliP about 150 (its state update is a dozen vector operations over ``d``); at 5-7 us
   per eager operation that is 0.35 ms and 0.8 ms.
 
-So DP-SGD's floor is ``1 + (0.35 ms + noise) / t_nonprivate``: with the non-private steps measured
-(logistic 0.25-0.47 ms and MLP 0.85-0.92 ms at B = 64; MLP 2.9-3.3 ms at B = 600) that is about 1.8-2.5x
-for logistic and 1.7x for the MLP at B = 64, and 1.2x for the MLP at B = 600: at small batches the
+So DP-SGD's floor is ``1 + (0.35 ms + noise) / t_nonprivate``: with the non-private steps measured in two
+probe runs under varying load (logistic 0.25-0.47 ms and MLP 0.85-1.11 ms at B = 64; MLP 2.9-5.3 ms at
+B = 600) that is about 1.8-2.5x for logistic and 1.6-1.7x for the MLP at B = 64, and 1.1-1.2x for the MLP
+at B = 600: at small batches the
 private step is bound by the number of operations it dispatches, not by arithmetic.  AdaCliP's transformed
 norm ``(delta^2)^T (1/b^2) (x^2) - 2 delta^T (a/b^2) x + sum a^2/b^2`` needs two more products of the
 weight's size per layer (they read ``x`` once, in cache-sized chunks, but cannot share one product: ``delta``
