@@ -26,7 +26,42 @@ the maximum over three steps).  ``largest_tensor_bytes`` is the largest tensor a
 step returns (a ``TorchDispatchMode``; on either device).  ``per_example_bytes`` is the size
 ``B * d * 4`` of the per-example gradient matrix that the fast path never forms.
 
-Outputs: a Markdown table, a JSON list of records and a figure (ratio to non-private per setup).
+Models: logistic regression and one-hidden-layer MLPs of width 100 and 1000 on 28 x 28 inputs, the tanh
+CNN, and ``scatter_linear`` (a linear layer on ScatterNet's 81 x 7 x 7 = 3969 features).  GeoClip runs its
+rank-:data:`GEOCLIP_RANK` form.  Private steps draw the next step's noise in a worker thread when the draw
+is large (:mod:`adaclip.engine.noise`); ``cpu_time_s`` counts this thread only.
+
+Outputs: a Markdown table (the setups, then the *scaling table*: ratio and peak memory per model and setup,
+one column per batch size), a JSON list of records and a figure (ratio to non-private per setup).
+
+**Where the floor is** (CPU, one thread; the numbers were measured on the project's 2-core AMD EPYC machine
+while other jobs shared it, see ``reports/probes/bench_scaling.md``).  For a linear layer with ``p`` inputs
+and ``q`` outputs a non-private step does the forward product, the input gradient (not for a first layer)
+and the weight gradient: two or three products of ``2 B p q`` flops (about 87 GFLOP/s here: 0.12 ms for
+the MLP's first layer at B = 64, 1.07 ms at B = 600).  The fast path keeps the forward and input-gradient
+products, replaces the weight gradient by the reweighted sum (one product of the same size) and adds
+
+* the norms ``||x_i||^2 ||delta_i||^2``: ``O(B (p + q))``, negligible;
+* ``d`` Gaussian numbers: 3.4 ns each (0.03 ms for logistic's 7 850 parameters, 0.27 ms for the MLP's
+  79 510, 2.7 ms for the 795 010 of the width-1000 MLP), drawn in the worker thread from 2^18 numbers on
+  and otherwise on the critical path (a hand-off to the thread costs more than a small draw);
+* a fixed cost per step: a DP-SGD step runs about 55 more torch operations than a non-private one
+  (norms, weights, counts, the non-finite policy, the noisy mean, the finiteness check, the parameter
+  gradients), AdaCliP about 150 (its state update is a dozen vector operations over ``d``); at 5-7 us
+  per eager operation that is 0.35 ms and 0.8 ms.
+
+So DP-SGD's floor is ``1 + (0.35 ms + noise) / t_nonprivate``: with the non-private steps measured in two
+probe runs under varying load (logistic 0.25-0.47 ms and MLP 0.85-1.11 ms at B = 64; MLP 2.9-5.3 ms at
+B = 600) that is about 1.8-2.5x for logistic and 1.6-1.7x for the MLP at B = 64, and 1.1-1.2x for the MLP
+at B = 600: at small batches the
+private step is bound by the number of operations it dispatches, not by arithmetic.  AdaCliP's transformed
+norm ``(delta^2)^T (1/b^2) (x^2) - 2 delta^T (a/b^2) x + sum a^2/b^2`` needs two more products of the
+weight's size per layer (they read ``x`` once, in cache-sized chunks, but cannot share one product: ``delta``
+enters one squared and one not).  For a first layer, whose non-private step is two products, that is four
+products against two, a floor of 2x plus the noise and 0.8 ms; for a hidden layer (three products) 5/3.
+For ScatterNet + linear at B = 8192 (``q = 10``) the products are bound by reading ``x`` (124 MiB): the
+non-private step reads it twice, AdaCliP's fast path three times (the forward, the norms' one chunked pass,
+the reweighted sum), a floor of 1.5x.
 """
 
 from __future__ import annotations
@@ -55,14 +90,26 @@ from adaclip.engine import make_private
 from adaclip.research.models import build_model
 from adaclip.research.reporting import apply_style, markdown_table, save_figure, write_text_atomic
 
+IMAGE = (1, 28, 28)
+SCATTERNET = (81, 7, 7)
 MODELS = {
-    "logistic": ("logistic", {}),
-    "mlp": ("mlp", {"hidden": 100}),
-    "mlp1000": ("mlp", {"hidden": 1000}),
-    "cnn": ("cnn", {}),
+    "logistic": ("logistic", {}, IMAGE),
+    "mlp": ("mlp", {"hidden": 100}, IMAGE),
+    "mlp1000": ("mlp", {"hidden": 1000}, IMAGE),
+    "cnn": ("cnn", {}, IMAGE),
+    "scatter_linear": ("logistic", {}, SCATTERNET),
 }
-MODEL_LABELS = {"logistic": "logistic 784-10", "mlp": "MLP 784-100-10", "mlp1000": "MLP 784-1000-10", "cnn": "tanh CNN"}
-OUR_METHODS = ("fixed", "quantile", "auto", "adaclip", "psac")
+"""name -> (model kind, its options, input shape); random inputs of that shape."""
+MODEL_LABELS = {
+    "logistic": "logistic 784-10",
+    "mlp": "MLP 784-100-10",
+    "mlp1000": "MLP 784-1000-10",
+    "cnn": "tanh CNN",
+    "scatter_linear": "ScatterNet features 3969-10 (linear)",
+}
+OUR_METHODS = ("fixed", "quantile", "auto", "adaclip", "psac", "geoclip", "macadam", "adambc")
+GEOCLIP_RANK = 8
+"""GeoClip runs its rank-k form (the full d x d matrix is refused above 4096 parameters)."""
 PATHS = ("fast", "materialise")
 BASELINES = ("opacus/hooks", "opacus/ghost")
 NOISE_MULTIPLIER = 1.0
@@ -86,9 +133,9 @@ class Setup:
 
 
 def _model(name: str, seed: int) -> nn.Module:
-    kind, options = MODELS[name]
+    kind, options, shape = MODELS[name]
     torch.manual_seed(seed)
-    return build_model(kind, (1, 28, 28), 10, **options)
+    return build_model(kind, shape, 10, **options)
 
 
 def _step_with(
@@ -122,7 +169,7 @@ def build_setups(
     from opacus import PrivacyEngine
 
     generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch_size, 1, 28, 28, generator=generator).to(device)
+    features = torch.randn(batch_size, *MODELS[model_name][2], generator=generator).to(device)
     labels = torch.randint(0, 10, (batch_size,), generator=generator).to(device)
     batch = (features, labels)
     dataset_size = 20 * batch_size  # only fixes q = B / N for the optimizers; the batch above is what is trained on
@@ -155,7 +202,7 @@ def build_setups(
             module, optimizer, _ = private
             setups.append(Setup("opacus", mode, _step_with(module, optimizer, batch, cross_entropy)))
     for method in methods:
-        params = {"count_noise_std": max(batch_size / 20, NOISE_MULTIPLIER)} if method == "quantile" else {}
+        params = _method_params(method, batch_size)
         for path in paths:
             model = copy.deepcopy(initial)
             module, optimizer, _ = make_private(
@@ -171,6 +218,15 @@ def build_setups(
             )
             setups.append(Setup(method, path, _step_with(module, optimizer, batch, cross_entropy)))
     return setups
+
+
+def _method_params(method: str, batch_size: int) -> dict[str, Any]:
+    """Rule parameters besides the defaults: quantile clipping's count noise for this batch size, GeoClip's rank."""
+    if method == "quantile":
+        return {"count_noise_std": max(batch_size / 20, NOISE_MULTIPLIER)}
+    if method == "geoclip":
+        return {"rank": GEOCLIP_RANK}
+    return {}
 
 
 def _synchronise(device: str) -> None:
@@ -390,6 +446,28 @@ def table(records: list[dict[str, Any]], header_note: str, skipped: list[str]) -
     return text
 
 
+def scaling_table(records: list[dict[str, Any]]) -> str:
+    """Markdown: the scaling table, one row per model and setup, one column per batch size (last run).
+
+    A cell is the step time relative to non-private and the peak memory of a step (the non-private row gives
+    its step time instead of the ratio); "-" where the setup was not run (skipped, or not in the grid).
+    """
+    last_run = max(r["run"] for r in records)
+    chosen = [r for r in records if r["run"] == last_run]
+    batch_sizes = sorted({r["batch_size"] for r in chosen})
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    for r in chosen:
+        setup = "non-private" if r["method"] == "nonprivate" else f"{r['method']}/{r['path']}"
+        memory = f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
+        timing = (
+            f"{r['step_time_s'] * 1e3:.2f} ms" if r["method"] == "nonprivate" else f"{r['ratio_to_nonprivate']:.2f}x"
+        )
+        cells.setdefault((MODEL_LABELS.get(r["model"], r["model"]), setup), {})[r["batch_size"]] = f"{timing}, {memory}"
+    header = ["model", "setup"] + [f"B = {b}" for b in batch_sizes]
+    rows = [[model, setup] + [by_batch.get(b, "-") for b in batch_sizes] for (model, setup), by_batch in cells.items()]
+    return markdown_table(header, rows)
+
+
 def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
     """Ratio to non-private (last run) per setup, one panel per batch size, one bar per model."""
     apply_style()
@@ -569,7 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     for record in records:
         record["device_name"] = device
     write_text_atomic(args.json, json.dumps(records, indent=1) + "\n")
-    write_text_atomic(args.table, table(records, note, skipped))
+    scaling = (
+        "\n## Scaling with batch size and width\n\n"
+        "Step time relative to non-private (the non-private row: its step time) and peak memory of a step, "
+        f"per batch size (last run; same process and setting as above).\n\n{scaling_table(records)}"
+    )
+    write_text_atomic(args.table, table(records, note, skipped) + scaling)
     figure(records, args.figure, f"Private step time / non-private step time ({device})")
     return 0
 

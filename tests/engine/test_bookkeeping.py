@@ -206,6 +206,51 @@ def test_fast_path_equals_the_materialised_path_with_sum_reduction(method):
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
 
 
+VARIANTS = [
+    ("adaclip", {"estimator": "paper"}),
+    ("adaclip", {"estimator": "per_example"}),
+    ("adaclip", {"estimator": "bias_free"}),
+    ("adaclip", {"estimator": "quantile_scale", "count_noise_std": 0.5}),
+    ("geoclip", {"rank": 2}),
+    ("geoclip", {"rank": 3, "noise_correction": True, "variance_target": "batch_mean"}),
+    ("macadam", {}),
+    ("adambc", {}),
+]
+
+
+def flat_state(state) -> dict:
+    """Every field of a rule state (tensors flattened, numbers as they are)."""
+    return {} if state is None else {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "conv_groupnorm", "sequence"])
+@pytest.mark.parametrize("method, params", VARIANTS, ids=[f"{m}-{'-'.join(map(str, p.values()))}" for m, p in VARIANTS])
+def test_every_rule_variant_takes_the_fast_path_and_equals_the_materialised_path(method, params, model_name):
+    """AdaCliP's estimators (incl. the quantile scale), GeoClip's rank-k form, DP-MacAdam and DP-AdamBC, float64."""
+    torch.manual_seed(0)
+    initial = MODELS[model_name]()
+    fast_module, fast_optimizer, fast_params, fast_stats = train_steps(copy.deepcopy(initial), "fast", method, **params)
+    _, slow_optimizer, slow_params, slow_stats = train_steps(copy.deepcopy(initial), "materialise", method, **params)
+    assert fast_optimizer.uses_norm_path and type(fast_module) is BookkeepingGradSampleModule
+    assert not slow_optimizer.uses_norm_path
+    torch.testing.assert_close(fast_params, slow_params, rtol=1e-10, atol=1e-12)
+    for fast, slow in zip(fast_stats, slow_stats, strict=True):
+        assert fast.keys() == slow.keys()
+        for key in fast:
+            assert fast[key] == pytest.approx(slow[key], rel=1e-6, abs=1e-12), key
+    fast_state, slow_state = flat_state(fast_optimizer.rule_state), flat_state(slow_optimizer.rule_state)
+    assert fast_state.keys() == slow_state.keys() and fast_state
+    for name, value in fast_state.items():
+        if isinstance(value, torch.Tensor):
+            if name == "basis":  # eigenvectors are defined up to sign
+                value, other = value.abs(), slow_state[name].abs()
+            else:
+                other = slow_state[name]
+            torch.testing.assert_close(value, other, rtol=1e-9, atol=1e-12, msg=name)
+        else:
+            assert value == pytest.approx(slow_state[name], rel=1e-12), name
+
+
 def test_which_layers_are_bookkeeping():
     variants, tied = ConvVariants(), TiedLinear()
     assert BookkeepingGradSampleModule(variants).bookkeeping_layers() == [
@@ -345,8 +390,13 @@ class LargestTensor(TorchDispatchMode):
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_fast_path_never_forms_a_per_example_gradient_of_a_linear_layer(method):
-    """MLP 64-48-10 at n = 32: the first layer's per-example gradients are [32, 48 * 64] = 98,304 numbers."""
+    """MLP 64-48-10 at n = 32: the first layer's per-example gradients are [32, 48 * 64] = 98,304 numbers.
+
+    GeoClip runs its rank-4 variant, whose state holds a ``[d, 4]`` basis (the full matrix is ``d x d``).
+    """
     n, largest = 32, {}
+    rank = 4
+    params = {"quantile": {"count_noise_std": 2.0}, "geoclip": {"rank": rank}}.get(method, {})
     for per_example in ("fast", "materialise"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
@@ -359,10 +409,9 @@ def test_fast_path_never_forms_a_per_example_gradient_of_a_linear_layer(method):
             noise_multiplier=1.0,
             delta=1e-5,
             per_example=per_example,
-            **({"count_noise_std": 2.0} if method == "quantile" else {}),
+            **params,
         )
-        if not supports_norm_path(optimizer.rule):
-            pytest.skip(f"{method} has no norm interface: it uses the materialised path by design")
+        assert supports_norm_path(optimizer.rule)  # every registered method has the fast path
         for _ in range(2):  # the second step has a non-trivial AdaCliP state
             with LargestTensor() as tracker:
                 optimizer.zero_grad()
@@ -371,7 +420,8 @@ def test_fast_path_never_forms_a_per_example_gradient_of_a_linear_layer(method):
         largest[per_example] = tracker.largest
     dim = 64 * 48 + 48 + 48 * 10 + 10
     assert largest["materialise"] >= n * 48 * 64  # the check can fail: the materialised path forms it
-    assert largest["fast"] <= max(n * 64, dim + 1)  # inputs, or parameter-sized vectors (and the quantile count draw)
+    # inputs, or parameter-sized vectors (and the quantile count draw); GeoClip's basis and its extension by one
+    assert largest["fast"] <= (dim * (rank + 1) if method == "geoclip" else max(n * 64, dim + 1))
 
 
 # --- rules with and without the norm interface ---------------------------------------------------

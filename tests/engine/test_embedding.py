@@ -72,6 +72,8 @@ def test_embedding_part_against_explicit_gradients():
     part.weighted_sum_into(weights, out)
     torch.testing.assert_close(out.flatten(), weights @ grads)
     torch.testing.assert_close(part.coordinate_square_sums(), grads.square().sum(0))
+    columns = torch.randn(weight.numel(), 3, dtype=torch.float64, generator=generator)  # GeoClip's basis rows
+    torch.testing.assert_close(part.projections(columns), grads.double() @ columns)
 
     dropped = torch.zeros(len(ids), dtype=torch.bool)
     dropped[[1, 4]] = True
@@ -173,9 +175,9 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("method", ["fixed", "adaclip"])
-def test_a_large_vocabulary_never_forms_per_example_gradients(method):
-    """V = 5000, D = 8, n = 16: [n, V x D] would be 640,000 numbers; the step stays at a few V x D."""
+@pytest.mark.parametrize("method, params", [("fixed", {}), ("adaclip", {}), ("geoclip", {"rank": 4})])
+def test_a_large_vocabulary_never_forms_per_example_gradients(method, params):
+    """V = 5000, D = 8, n = 16: [n, V x D] would be 640,000 numbers; the step stays parameter-sized."""
     vocabulary, dim, n = 5000, 8, 16
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(vocabulary, dim), nn.Flatten(), nn.Linear(4 * dim, 3))
@@ -186,14 +188,17 @@ def test_a_large_vocabulary_never_forms_per_example_gradients(method):
         data_loader=DataLoader(TensorDataset(ids, torch.randint(0, 3, (n,))), batch_size=4),
         method=method,
         noise_multiplier=1.0,
+        **params,
     )
-    for _ in range(2):  # the second step has a non-trivial AdaCliP state
+    for _ in range(2):  # the second step has a non-trivial AdaCliP (GeoClip) state
         with LargestTensor() as tracker:
             optimizer.zero_grad()
             nn.functional.cross_entropy(module(ids), torch.zeros(n, dtype=torch.long)).backward()
             optimizer.step()
         assert optimizer.steps_taken > 0
-        assert tracker.largest <= 2 * vocabulary * dim < n * vocabulary * dim
+        # parameter-sized: a few flat vectors (GeoClip: its rank-k basis and one more column)
+        state = (params.get("rank", 1) + 1) * sum(p.numel() for p in model.parameters())
+        assert tracker.largest <= state < n * vocabulary * dim
 
 
 def test_sequence_first_token_ids_read_the_batch_from_dimension_one():

@@ -81,7 +81,11 @@ def test_tiny_benchmark_writes_table_json_and_figure(bench, tmp_path):
             assert r["ratio_to_nonprivate"] == 1.0
     assert {r["parameters"] for r in records if r["model"] == "cnn"} == {26010}
     table = outputs["table"].read_text()
-    assert table.count("\n| ") == 1 + 2 * len(setups)  # header and one row per model and setup
+    main_table, scaling = table.split("## Scaling with batch size and width")
+    assert main_table.count("\n| ") == 1 + 2 * len(setups)  # header and one row per model and setup
+    assert scaling.count("\n| ") == 1 + 2 * len(setups)  # the scaling table: one row per model and setup too
+    assert "| B = 8 |" in scaling and "| logistic 784-10 | non-private | " in scaling
+    assert "| tanh CNN | adaclip/fast | " in scaling
     assert "x non-private (run 1)" in table and "x non-private (run 2)" in table
     assert (
         outputs["figure"].with_suffix(".png").stat().st_size > 0
@@ -144,3 +148,37 @@ def test_bad_options_are_named(bench, tmp_path):
         bench.main(["--repeats", "0", "--table", str(tmp_path / "t.md")])
     with pytest.raises(SystemExit):
         bench.main(["--models", "resnet"])
+
+
+def test_scaling_table_has_a_column_per_batch_size_and_marks_what_was_not_run(bench):
+    def record(batch_size, method, path, ratio, step_s):
+        return {
+            "model": "mlp",
+            "batch_size": batch_size,
+            "method": method,
+            "path": path,
+            "run": 1,
+            "step_time_s": step_s,
+            "ratio_to_nonprivate": ratio,
+            "peak_memory_bytes": 3 * 2**20,
+        }
+
+    records = [
+        record(16, "nonprivate", "-", 1.0, 0.002),
+        record(16, "adaclip", "materialise", 3.0, 0.006),
+        record(8192, "nonprivate", "-", 1.0, 0.5),
+        record(8192, "adaclip", "fast", 1.5, 0.75),
+    ]
+    lines = bench.scaling_table(records).splitlines()
+    assert lines[0] == "| model | setup | B = 16 | B = 8192 |"
+    assert "| MLP 784-100-10 | non-private | 2.00 ms, 3.0 MiB | 500.00 ms, 3.0 MiB |" in lines
+    assert "| MLP 784-100-10 | adaclip/materialise | 3.00x, 3.0 MiB | - |" in lines
+    assert "| MLP 784-100-10 | adaclip/fast | - | 1.50x, 3.0 MiB |" in lines
+
+
+def test_every_method_steps_on_the_scatternet_linear_workload(bench):
+    setups = bench.build_setups("scatter_linear", 6, list(bench.OUR_METHODS), ["fast"], [], "cpu")
+    for setup in setups:
+        setup.step()
+    assert [s.method for s in setups] == ["nonprivate", *bench.OUR_METHODS]
+    assert bench.per_example_bytes("scatter_linear", 6) == 6 * (81 * 7 * 7 * 10 + 10) * 4

@@ -3,7 +3,8 @@
 The module (an Opacus ``GradSampleModule``, or :class:`adaclip.engine.bookkeeping.BookkeepingGradSampleModule`)
 leaves per-example gradient information on the parameters after backward: ``p.grad_sample``, or,
 for book-keeping linear layers, the layer's inputs and output gradients.  At each ``step`` this
-optimizer draws the step's standard-normal noise in one call from its seeded generator and either
+optimizer takes the step's standard-normal noise, one call to its seeded generator (drawn ahead, while
+the caller ran the forward and backward pass: :mod:`adaclip.engine.noise`), and either
 
 * ``per_example="fast"`` (default), for rules with the norm interface
   (:func:`adaclip.methods.base.supports_norm_path`): computes the per-example (transformed) norms and
@@ -54,6 +55,7 @@ from adaclip.engine.distributed import (
     is_initialized,
     state_tensors,
 )
+from adaclip.engine.noise import NoiseDraws
 from adaclip.engine.per_example import (
     Part,
     Transform,
@@ -61,6 +63,7 @@ from adaclip.engine.per_example import (
     materialise,
     per_example_norms,
     per_layer_clipped_sum,
+    subspace_norms,
     weighted_sum,
     zero_examples,
 )
@@ -104,6 +107,8 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             per tensor.  Whether the ranks draw the same noise is checked once, always, at construction.
         nonfinite: ``"drop"`` (default) or ``"raise"``: what happens to an example whose per-example gradient
             is not finite (see the module docstring).
+        draw_noise_ahead: draw the next step's noise in a worker thread once a step has released (CPU generators
+            only; the same numbers as drawing at each step, :class:`adaclip.engine.noise.NoiseDraws`).
 
     A step releases one *logical* (Poisson) batch.  Its examples may arrive in pieces: clipped sums
     are sums over examples, so the optimizer adds up the pieces' clipped sums and releases once,
@@ -136,6 +141,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         distributed: bool = False,
         check_replicas: bool = False,
         nonfinite: NonFinite = "drop",
+        draw_noise_ahead: bool = True,
     ) -> None:
         if per_example not in PER_EXAMPLE_PATHS:
             raise ValueError(f"per_example must be one of {PER_EXAMPLE_PATHS}, got {per_example!r}")
@@ -186,6 +192,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self._accumulated: ClippedSum | None = None
         """The running clipped sum of the logical batch's earlier pieces (virtual steps, earlier passes)."""
         self._module_hook: RemovableHandle | None = None
+        self.noise_draws = NoiseDraws(ahead=draw_noise_ahead)
         self._initialised = True
 
     def pre_step(self, closure: Any = None) -> bool:
@@ -221,9 +228,8 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         if self._accumulated is not None:  # earlier pieces of this logical batch
             clipped, self._accumulated = _add(self._accumulated, clipped), None
         dim = clipped.vector.numel()
-        noise = torch.randn(
-            self.rule.noise_size(dim), generator=self.generator, device=reference.device, dtype=reference.dtype
-        )
+        noise_size = self.rule.noise_size(dim)
+        noise = self.noise_draws.draw(self.generator, noise_size, reference.dtype, reference.device)
         if self.distributed:
             clipped = all_reduce_clipped_sum(clipped)
         if self.nonfinite == "raise" and clipped.nonfinite_dropped:
@@ -248,6 +254,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             p.grad = noisy_mean[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         self.steps_taken += 1
+        self.noise_draws.draw_next(self.generator, noise_size, reference.dtype, reference.device)
         if self.step_hook:
             self.step_hook(self)
         self._clear_per_example()  # released: these examples must not enter another release
@@ -260,21 +267,29 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         """
         if isinstance(self.rule, PerLayerClip):
             return per_layer_clipped_sum(self.rule, parts, self.rule_state, dim)
-        shift_scale = self.rule.norm_transform(self.rule_state)
-        transform = None if shift_scale is None else Transform.of(*shift_scale)
-        norms = per_example_norms(parts, transform)
+        subspace = self.rule.subspace_norm(self.rule_state)
+        if subspace is not None:
+            norms = subspace_norms(parts, subspace)
+        else:
+            shift_scale = self.rule.norm_transform(self.rule_state)
+            norms = per_example_norms(parts, None if shift_scale is None else Transform.of(*shift_scale))
         weights, dropped = drop_nonfinite(norms, self.rule.example_weights(norms, self.rule_state))
         if dropped is not None:
             zero_examples(parts, dropped)
         return self.rule.clipped_sum_from_weights(weighted_sum(parts, weights, dim), weights, self.rule_state, dropped)
 
     def _check_finite(self, released: torch.Tensor, state: Any) -> None:
-        """Refuse a non-finite release or state before it reaches the parameters (one host synchronisation)."""
-        tensors = [released, *state_tensors(state).values()]
-        finite = torch.stack([torch.isfinite(t).all().to(released.device) for t in tensors])
-        if not bool(finite.all()):
-            names = ["the released gradient", *(f"state.{name}" for name in state_tensors(state))]
-            bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]
+        """Refuse a non-finite release or state before it reaches the parameters (one host synchronisation).
+
+        A sum with a NaN or infinite term is not finite, so finite sums clear every tensor at the cost of one
+        pass; only a non-finite sum (a non-finite entry, or a sum that overflows) is checked entry by entry.
+        """
+        named = {"the released gradient": released, **{f"state.{k}": v for k, v in state_tensors(state).items()}}
+        sums = torch.stack([t.sum().to(released.device, torch.float64) for t in named.values()])
+        if bool(torch.isfinite(sums).all()):
+            return
+        bad = [name for name, t in named.items() if not bool(torch.isfinite(t).all())]
+        if bad:
             raise FloatingPointError(
                 f"{type(self.rule).__name__} produced a non-finite {', '.join(bad)} at step {self.steps_taken + 1}; "
                 "nothing was applied. Every rule in adaclip.methods drops non-finite examples; a custom rule "
@@ -484,7 +499,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
                 "setting": self.privacy_setting(),
                 "steps_taken": self.steps_taken,
                 "rule_state": None if state is None else dataclasses.asdict(state),
-                "noise_generator": None if self.generator is None else self.generator.get_state(),
+                "noise_generator": None if self.generator is None else self.noise_draws.generator_state(self.generator),
             },
         }
 
@@ -512,6 +527,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         self.original_optimizer.load_state_dict(state_dict["optimizer"])
         self.steps_taken = int(privacy["steps_taken"])
         self.rule_state = self._restored_rule_state(privacy["rule_state"])
+        self.noise_draws.discard()  # a draw made ahead came from the state being replaced
         if self.generator is not None:
             self.generator.set_state(privacy["noise_generator"])
         self.accounting, self._accounted_for = None, None

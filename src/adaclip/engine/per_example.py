@@ -31,6 +31,15 @@ Norms of a linear weight (one position, ``g_i = delta_i x_i^T``):
   ``NORM_ERROR_TOLERANCE`` against the clipping threshold the layer is recomputed in float64, so
   clipping, and with it the sensitivity, stays exact to about 0.05 %.
   For ``P > 1`` the transformed norm has no cheap form and the layer's ``g_i`` are materialised.
+  Both products read the layer input in chunks of rows (:data:`CHUNK_ENTRIES`): each chunk's square is
+  formed in a reused buffer while the chunk is in cache, so the input is read from memory once and no
+  temporary of its size is allocated.  The float64 checks of all layers are read in one host
+  synchronisation (:func:`per_example_norms`).
+* GeoClip's norm ``||M (g_i - a)||^2 = r ||g_i - a||^2 + sum_j w_j (u_j . (g_i - a))^2`` (a rank-``k``
+  projection plus an isotropic rest; :class:`~adaclip.methods.base.SubspaceNorm`): the rest term is the
+  transformed norm above with the uniform scale ``r^(-1/2)``, and the projections ``u_j . g_i`` of a linear
+  weight are ``delta_i^T U_j x_i``, one product of the layer's output gradients with the basis
+  (:func:`subspace_norms`; ``O(n d k)``, never ``[n, d]``).
 
 Weighted sum of a linear weight: ``sum_i c_i g_i = sum_ip (c_i delta_ip) x_ip^T``, one product.
 """
@@ -47,6 +56,7 @@ from torch import Tensor, nn
 
 from adaclip.engine.bookkeeping import LayerCapture, layer_capture, parameter_name
 from adaclip.methods import ClippedSum, PerLayerClip, PerLayerQuantileState
+from adaclip.methods.base import SubspaceNorm
 
 
 @dataclass(frozen=True)
@@ -60,8 +70,22 @@ class Transform:
 
     @classmethod
     def of(cls, shift: Tensor, scale: Tensor) -> Transform:
-        inv_scale_sq = scale.square().reciprocal()
+        inv_scale_sq = scale.pow(-2)
         return cls(shift=shift, scale=scale, inv_scale_sq=inv_scale_sq, shift_inv_scale_sq=shift * inv_scale_sq)
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Squared norms computed in the parameters' precision, and what the float64 check needs.
+
+    ``magnitude`` is the size of the terms that were added up (``None`` where nothing cancels: the values are
+    accurate to the rounding of the result) and ``terms`` the number of products in each sum
+    (:func:`_float64_flag`).
+    """
+
+    value: Tensor
+    magnitude: Tensor | None = None
+    terms: int = 1
 
 
 class Part(ABC):
@@ -82,6 +106,20 @@ class Part(ABC):
     @abstractmethod
     def transformed_squared_norms(self, transform: Transform) -> Tensor:
         """``||(g_i - a) / b||^2`` restricted to this parameter, shape ``[n]``."""
+
+    def draft_transformed_squared_norms(self, transform: Transform) -> Draft:
+        """:meth:`transformed_squared_norms` with the float64 check left to the caller, who reads the checks of
+        every part in one host synchronisation and calls :meth:`transformed_squared_norms_float64` where needed."""
+        return Draft(self.transformed_squared_norms(transform))
+
+    def transformed_squared_norms_float64(self, transform: Transform) -> Tensor:
+        """:meth:`transformed_squared_norms` in float64 (for drafts whose rounding error may be too large)."""
+        return self.transformed_squared_norms(transform).double()
+
+    def projections(self, columns: Tensor) -> Tensor:
+        """``g_i . c`` for every example and every column ``c`` of ``columns`` (this parameter's rows of a
+        ``[d, m]`` matrix), shape ``[n, m]``, computed in ``columns``' dtype."""
+        return self.materialise().to(columns.dtype) @ columns
 
     @abstractmethod
     def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
@@ -134,6 +172,9 @@ class MaterialisedPart(Part):
 
     def materialise(self) -> Tensor:
         return self.grads
+
+    def projections(self, columns: Tensor) -> Tensor:
+        return self.grads.to(columns.dtype) @ columns
 
     def coordinate_square_sums(self) -> Tensor:
         return self.grads.square().sum(0)
@@ -218,28 +259,58 @@ class LinearWeightPart(Part):
         return self._as_materialised().squared_norms()
 
     def transformed_squared_norms(self, transform: Transform) -> Tensor:
+        draft = self.draft_transformed_squared_norms(transform)
+        if draft.magnitude is not None and _needs_float64(draft.value, draft.magnitude, draft.terms, floor=1.0):
+            return self.transformed_squared_norms_float64(transform).to(draft.value.dtype).clamp_min_(0)
+        return draft.value.clamp_min_(0) if draft.magnitude is not None else draft.value
+
+    def draft_transformed_squared_norms(self, transform: Transform) -> Draft:
         if not self.factors.single:
-            return self._as_materialised().transformed_squared_norms(transform)
-        shape = self.param.shape
-        operands = (
-            self.factors.x,
-            self.factors.delta,
-            transform.inv_scale_sq[self.span].view(shape),  # [out, in]: 1/S^2
-            transform.shift_inv_scale_sq[self.span].view(shape),  # [out, in]: A/S^2
-            torch.dot(transform.shift[self.span], transform.shift_inv_scale_sq[self.span]),  # sum A^2/S^2
+            return Draft(self._as_materialised().transformed_squared_norms(transform))
+        value, magnitude = _transformed_linear_norms(*self._transform_operands(transform, self.factors.x.dtype))
+        return Draft(value, magnitude, self.param.numel())
+
+    def transformed_squared_norms_float64(self, transform: Transform) -> Tensor:
+        if not self.factors.single:
+            return super().transformed_squared_norms_float64(transform)
+        return _transformed_linear_norms(*self._transform_operands(transform, torch.float64))[0].clamp_min_(0)
+
+    def _transform_operands(self, transform: Transform, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """``x``, ``delta``, ``1/S^2``, ``A/S^2`` (``[out, in]``) and ``sum A^2/S^2`` of this layer, in ``dtype``."""
+        shape, span = self.param.shape, self.span
+        if dtype != transform.shift.dtype:  # the float64 recomputation: 1/S^2 and A/S^2 from a and b in float64
+            transform = Transform.of(transform.shift[span].to(dtype), transform.scale[span].to(dtype))
+            span = slice(0, self.param.numel())
+        return (
+            self.factors.x.to(dtype),
+            self.factors.delta.to(dtype),
+            transform.inv_scale_sq[span].view(shape),  # [out, in]: 1/S^2
+            transform.shift_inv_scale_sq[span].view(shape),  # [out, in]: A/S^2
+            torch.dot(transform.shift[span], transform.shift_inv_scale_sq[span]),  # sum A^2/S^2
         )
-        value, magnitude = _transformed_linear_norms(*operands)
-        if _needs_float64(value, magnitude, self.param.numel(), floor=1.0):
-            exact = Transform.of(transform.shift[self.span].double(), transform.scale[self.span].double())
-            operands = (
-                self.factors.x.double(),
-                self.factors.delta.double(),
-                exact.inv_scale_sq.view(shape),
-                exact.shift_inv_scale_sq.view(shape),
-                torch.dot(exact.shift, exact.shift_inv_scale_sq),
-            )
-            value = _transformed_linear_norms(*operands)[0].to(value.dtype)
-        return value.clamp_min_(0)
+
+    def projections(self, columns: Tensor) -> Tensor:
+        """``u . g_i = delta_i^T U x_i`` for each column ``u`` (``U``: the column as ``[out, in]``).
+
+        One product ``delta @ columns`` viewed ``[out, in m]`` (in chunks of rows) and a batched product with
+        ``x``: the intermediate is ``[rows, in m]``, smaller than the layer's per-example gradients
+        ``[rows, in out]`` when ``m < out``; otherwise (and for several positions) the layer's gradients are
+        materialised and projected.
+        """
+        fan_out, fan_in = self.param.shape
+        width = columns.shape[1]
+        if not self.factors.single or width >= fan_out:
+            return self._as_materialised().projections(columns)
+        x, delta = self.factors.x.to(columns.dtype), self.factors.delta.to(columns.dtype)
+        n = x.shape[0]
+        result = columns.new_empty(n, width)
+        rows = max(1, min(n, CHUNK_ENTRIES // max(1, fan_in * width)))
+        stacked = columns.reshape(fan_out, fan_in * width)
+        for start in range(0, n, rows):
+            chunk = slice(start, start + rows)
+            inner = torch.mm(delta[chunk], stacked).view(-1, fan_in, width)  # [rows, in, m]: delta_i^T U
+            torch.bmm(x[chunk].unsqueeze(1), inner, out=result[chunk].unsqueeze(1))
+        return result
 
     def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
         scaled, x = self.factors.scaled_delta(weights), self.factors.x
@@ -270,6 +341,12 @@ def _gram_norms(x: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     return products.sum((1, 2)), products.abs_().sum((1, 2))
 
 
+CHUNK_ENTRIES = 2**20
+"""Entries of a layer input (4 MiB in float32) processed at once by the factor products of
+:func:`_transformed_linear_norms` and :meth:`LinearWeightPart.projections`: small enough to stay in cache
+between the products that read it, large enough that the loop over chunks costs little."""
+
+
 def _transformed_linear_norms(
     x: Tensor, delta: Tensor, inv_scale_sq: Tensor, shift_inv_scale_sq: Tensor, constant: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -277,19 +354,31 @@ def _transformed_linear_norms(
 
     Returns the (unclamped) values and ``sum_oj (delta_io x_ij)^2 / S_oj^2 + sum_oj A_oj^2 / S_oj^2``,
     which bounds each term (the cross term by Cauchy-Schwarz) and so the rounding error.
+
+    Both products contract over the wider side of the layer; its rows are taken in chunks of about
+    :data:`CHUNK_ENTRIES` entries, squared into one reused buffer and multiplied while in cache, so that
+    the wide factor is read from memory once and no temporary of its size is allocated.  Results are laid
+    out ``[features of the other side, n]``, the orientation in which BLAS handles a narrow layer fastest.
     """
-    # Contract over the wider side; results are laid out [features of the other side, n], the
-    # orientation in which BLAS handles a narrow layer fastest.
     if x.shape[1] >= delta.shape[1]:
-        quadratic = torch.mm(inv_scale_sq, x.square().t())  # [out, n]: (1/S^2) x_i^2
-        linear = torch.mm(shift_inv_scale_sq, x.t())  # [out, n]: (A/S^2) x_i
-        other = delta.t().contiguous()
+        wide, narrow, quadratic_weights, linear_weights = x, delta, inv_scale_sq, shift_inv_scale_sq
     else:
-        quadratic = torch.mm(inv_scale_sq.t(), delta.square().t())  # [in, n]: (1/S^2)^T delta_i^2
-        linear = torch.mm(shift_inv_scale_sq.t(), delta.t())  # [in, n]: (A/S^2)^T delta_i
-        other = x.t().contiguous()
-    quadratic_term = quadratic.mul_(other).mul_(other).sum(0)  # sum_k other_k^2 quadratic_k
-    cross_term = linear.mul_(other).sum(0)  # sum_k other_k linear_k
+        wide, narrow, quadratic_weights, linear_weights = delta, x, inv_scale_sq.t(), shift_inv_scale_sq.t()
+    n, width = wide.shape
+    # [0]: (1/S^2) wide_i^2, [1]: (A/S^2) wide_i, one column per example
+    products = wide.new_empty(2, narrow.shape[1], n)
+    rows = max(1, min(n, CHUNK_ENTRIES // max(1, width)))
+    squares = wide.new_empty(rows, width)
+    for start in range(0, n, rows):
+        chunk = wide[start : start + rows]
+        square = squares[: chunk.shape[0]]
+        torch.square(chunk, out=square)
+        torch.mm(quadratic_weights, square.t(), out=products[0, :, start : start + rows])
+        torch.mm(linear_weights, chunk.t(), out=products[1, :, start : start + rows])
+    other = narrow.t()
+    products.mul_(other)
+    products[0].mul_(other)
+    quadratic_term, cross_term = products.sum(1)  # sum_k other_k^2 quadratic_k, sum_k other_k linear_k
     return quadratic_term - 2 * cross_term + constant, quadratic_term.add_(constant)
 
 
@@ -298,8 +387,9 @@ def _transformed_linear_norms(
 NORM_ERROR_TOLERANCE = 1e-3
 
 
-def _needs_float64(value: Tensor, magnitude: Tensor, terms: int, floor: float) -> bool:
-    """Whether cancellation may have cost more than ``NORM_ERROR_TOLERANCE`` relative to ``max(value, floor)``.
+def _float64_flag(value: Tensor, magnitude: Tensor, terms: int, floor: float) -> Tensor | None:
+    """A 0-dim boolean tensor: whether cancellation may have cost more than ``NORM_ERROR_TOLERANCE`` relative to
+    ``max(value, floor)`` (``None`` for float64 values, which are not checked).
 
     ``floor`` is the clipping threshold when it is known (1 for a transformed norm); plain norms,
     whose threshold the part does not know, use a relative test (``floor`` tiny).
@@ -310,9 +400,15 @@ def _needs_float64(value: Tensor, magnitude: Tensor, terms: int, floor: float) -
     with the tolerance.
     """
     if value.dtype == torch.float64 or value.numel() == 0:
-        return False
-    estimate = terms**0.5 * product_epsilon(value.dtype, value.device) * magnitude
-    return bool((estimate > NORM_ERROR_TOLERANCE * value.abs().clamp_min(floor)).any())
+        return None
+    estimate = math.sqrt(terms) * product_epsilon(value.dtype, value.device) * magnitude
+    return (estimate > NORM_ERROR_TOLERANCE * value.abs().clamp_min(floor)).any()
+
+
+def _needs_float64(value: Tensor, magnitude: Tensor, terms: int, floor: float) -> bool:
+    """:func:`_float64_flag` read on the host (one synchronisation)."""
+    flag = _float64_flag(value, magnitude, terms, floor)
+    return flag is not None and bool(flag)
 
 
 def product_epsilon(dtype: torch.dtype, device: torch.device) -> float:
@@ -427,6 +523,11 @@ class EmbeddingPart(Part):
     def weighted_sum_into(self, weights: Tensor, out: Tensor) -> None:
         scaled = self.delta * weights.view(-1, 1, 1)
         out.zero_().index_add_(0, self.ids.flatten(), scaled.reshape(-1, out.shape[1]))
+
+    def projections(self, columns: Tensor) -> Tensor:
+        """``g_i . c = sum_p delta_ip . c[id_ip]`` (each position's row of ``c``), never ``[n, V D]``."""
+        rows = columns.view(*self.param.shape, columns.shape[1])[self.ids]  # [n, P, D, m]
+        return torch.einsum("npd,npdm->nm", self.delta.to(columns.dtype), rows)
 
     def materialise(self) -> Tensor:
         n, (vocabulary, dim) = self.num_examples, self.param.shape
@@ -601,10 +702,14 @@ def _listed(names: list[str], shown: int = 4) -> str:
 
 
 def per_example_norms(parts: list[Part], transform: Transform | None = None) -> Tensor:
-    """``||g_i||`` (or ``||(g_i - a) / b||`` under ``transform``) over all parts, shape ``[n]``."""
-    squared = [
-        part.squared_norms() if transform is None else part.transformed_squared_norms(transform) for part in parts
-    ]
+    """``||g_i||`` (or ``||(g_i - a) / b||`` under ``transform``) over all parts, shape ``[n]``.
+
+    Under a transform the float64 checks of all parts are read in one host synchronisation.
+    """
+    if transform is None:
+        squared = [part.squared_norms() for part in parts]
+    else:
+        squared = _settled(parts, [part.draft_transformed_squared_norms(transform) for part in parts], transform)
     if len(squared) == 1:
         return squared[0].sqrt()
     total = squared[0] + squared[1]
@@ -635,6 +740,69 @@ def per_layer_clipped_sum(
     for k, part in enumerate(parts):
         part.weighted_sum_into(weights[:, k].contiguous(), flat[part.span].view(part.param.shape))
     return rule.clipped_sum_from_layer_weights(flat, weights, dropped)
+
+
+def _settled(parts: list[Part], drafts: list[Draft], transform: Transform) -> list[Tensor]:
+    """The drafts' values, recomputed in float64 where their checks (read in one synchronisation) ask for it."""
+    values = [draft.value for draft in drafts]
+    checked = [i for i, draft in enumerate(drafts) if draft.magnitude is not None]
+    flags = {}
+    for i in checked:
+        draft = drafts[i]
+        assert draft.magnitude is not None
+        flag = _float64_flag(draft.value, draft.magnitude, draft.terms, floor=1.0)
+        if flag is not None:
+            flags[i] = flag
+    if flags:
+        for i, needed in zip(flags, torch.stack(list(flags.values())).tolist(), strict=True):
+            if needed:
+                values[i] = parts[i].transformed_squared_norms_float64(transform).to(values[i].dtype)
+    for i in checked:
+        values[i] = values[i].clamp_min_(0)
+    return values
+
+
+def subspace_norms(parts: list[Part], subspace: SubspaceNorm) -> Tensor:
+    """``||M (g_i - a)||`` for ``||M x||^2 = r ||x||^2 + sum_j w_j (u_j . x)^2`` (GeoClip's), shape ``[n]``.
+
+    The rest term is the transformed norm with the uniform scale ``r^(-1/2)``; the projections come from
+    :meth:`Part.projections`.  Both can cancel (``g_i`` close to ``a``; ``w_j < 0`` where the basis holds the
+    larger eigenvalues), so the whole sum is checked once and recomputed in float64 where its estimated
+    rounding error (:func:`_float64_flag`) exceeds the tolerance against the clipping threshold 1.
+    """
+    value, magnitude = _subspace_squared_norms(parts, subspace, parts[0].param.dtype if parts else torch.float64)
+    if _needs_float64(value, magnitude, subspace.shift.numel(), floor=1.0):
+        value = _subspace_squared_norms(parts, subspace, torch.float64)[0].to(value.dtype)
+    return value.clamp_min_(0).sqrt_()
+
+
+def _subspace_squared_norms(parts: list[Part], subspace: SubspaceNorm, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The unclamped ``||M (g_i - a)||^2`` in ``dtype`` and the size of its terms (see :func:`subspace_norms`).
+
+    ``p_ij = u_j . g_i - u_j . a`` is computed to about ``eps sqrt(d) (||g_i|| + ||a||)`` (``||u_j|| = 1``), so
+    ``w_j p_ij^2`` to ``2 |w_j| |p_ij|`` times that; the rest term's drafts carry their own sizes.
+    """
+    shift, basis = subspace.shift.to(dtype), subspace.basis.to(dtype)
+    weights = subspace.basis_weights.to(dtype)
+    projections = parts[0].projections(basis[parts[0].span])
+    for part in parts[1:]:
+        projections.add_(part.projections(basis[part.span]))
+    deviations = projections.sub_(shift @ basis)  # u_j . (g_i - a), [n, k]
+    sizes = per_example_norms(parts).to(dtype).add_(torch.linalg.vector_norm(shift))  # ||g_i|| + ||a||
+    value = deviations.square() @ weights
+    magnitude = deviations.square() @ weights.abs() + 2 * sizes * (deviations.abs() @ weights.abs())
+    if subspace.rest_weight is not None:
+        rest = Transform.of(shift, subspace.rest_weight.to(dtype).rsqrt().expand_as(shift))
+        for part in parts:
+            if dtype == torch.float64 and part.param.dtype != torch.float64:
+                term = part.transformed_squared_norms_float64(rest)
+                value.add_(term)
+                magnitude.add_(term)
+                continue
+            draft = part.draft_transformed_squared_norms(rest)
+            value.add_(draft.value)
+            magnitude.add_(draft.value.abs() if draft.magnitude is None else draft.magnitude)
+    return value, magnitude
 
 
 def zero_examples(parts: list[Part], dropped: Tensor) -> None:

@@ -308,17 +308,20 @@ class AdaCliP(ClipRule):
         _check_state_dim(state, dim)
         a, b, B = state.mean, state.scale, self.expected_batch_size
         released = torch.addcmul(clipped.vector, b, noise[:dim], value=self.grad_noise_multiplier).div_(B).add_(a)
+        low, high = torch.aminmax(b)
+        scalars = [low, high, torch.dot(b, b), b.sum()]
+        if self.quantile_scale is not None:
+            scalars.append(noise[dim])
+        values = clipped.read(*scalars)  # one host synchronisation for the counts, the statistics and the count draw
         unclipped = None
         if self.quantile_scale is not None:
-            count_noise = self.quantile_scale.count_noise_std * float(noise[dim])
-            unclipped = noisy_unclipped_fraction(clipped, count_noise, B)
-        low, high = torch.aminmax(b)
+            unclipped = noisy_unclipped_fraction(clipped, self.quantile_scale.count_noise_std * values[4], B)
         stats = {
             "clipped_fraction": clipped.clipped_fraction,
-            "noise_power": float(torch.dot(b, b)) * (self.grad_noise_multiplier / B) ** 2,
-            "scale_mean": float(b.sum()) / dim,
-            "scale_min": float(low),
-            "scale_max": float(high),
+            "noise_power": values[2] * (self.grad_noise_multiplier / B) ** 2,
+            "scale_mean": values[3] / dim,
+            "scale_min": values[0],
+            "scale_max": values[1],
             "batch_size": clipped.examples,
         }
         if isinstance(state, QuantileScaleState) and unclipped is not None:

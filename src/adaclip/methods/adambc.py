@@ -109,11 +109,12 @@ class AdamBC(ClipRule):
         released = torch.add(clipped.vector, noise, alpha=noise_std).div_(self.expected_batch_size)
         next_state = self.next_state(released, state)
         corrected = self.corrected_second_moment(next_state)
+        (above_floor,) = clipped.read((corrected > self.gamma).sum())  # one host synchronisation, with the counts
         stats = {
             "clipped_fraction": clipped.clipped_fraction,
             "noise_power": dim * (noise_std / self.expected_batch_size) ** 2,
             "clip_norm": self.clip_norm,
-            "corrected_fraction": float((corrected > self.gamma).sum()) / dim,  # coordinates above the floor gamma'
+            "corrected_fraction": above_floor / dim,  # coordinates above the floor gamma'
             "batch_size": clipped.examples,
         }
         step = next_state.first_moment.div(1 - self.beta1**next_state.steps).div_(corrected.sqrt_())

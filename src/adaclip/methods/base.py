@@ -55,8 +55,12 @@ opts in by overriding :meth:`ClipRule.example_weights` (see :func:`supports_norm
     noisy_mean, new_state, stats = rule.release(clipped, state, noise)
 
 The same ``example_weights`` give the materialised :meth:`ClipRule.clipped_sum`, so both paths
-compute one thing (up to float rounding).  A rule without ``example_weights`` (e.g. one with a
-full-matrix transform) overrides ``clipped_sum`` and always gets the materialised path.
+compute one thing (up to float rounding).  A rule whose norm is a rank-``k`` projection plus an isotropic
+rest (GeoClip) gives :meth:`ClipRule.subspace_norm` instead of ``norm_transform`` (:class:`SubspaceNorm`).  A rule
+without ``example_weights`` overrides ``clipped_sum`` and always gets the materialised path.
+
+**Host synchronisations.**  A release reads what it needs on the host (the counts, a quantile rule's count
+noise, the statistics) in one transfer: :meth:`ClippedSum.read`.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC
 from dataclasses import dataclass, fields, is_dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -107,21 +112,54 @@ class ClippedSum:
         counts = [torch.tensor(kept.numel(), device=weights.device), (kept < 1).sum(), n_dropped]
         return cls(vector=vector, counts=torch.stack([c.to(vector.device, torch.float64) for c in counts]))
 
+    def read(self, *scalars: Tensor) -> list[float]:
+        """The counts and ``scalars`` (0-dim tensors on ``vector``'s device) on the host, in one synchronisation.
+
+        Returns the scalars' values; the counts are kept for :attr:`examples` and the other properties.
+        """
+        values: list[float] = torch.cat(
+            [self.counts, *(s.reshape(1).to(self.counts.device, torch.float64) for s in scalars)]
+        ).tolist()
+        self.__dict__["count_values"] = values[:3]
+        return values[3:]
+
+    @cached_property
+    def count_values(self) -> list[float]:
+        """``counts`` on the host (read once)."""
+        values: list[float] = self.counts.tolist()
+        return values
+
     @property
     def examples(self) -> float:
         """The realised batch size ``n`` (examples dropped as non-finite not counted)."""
-        return float(self.counts[0])
+        return self.count_values[0]
 
     @property
     def nonfinite_dropped(self) -> float:
         """How many examples were dropped because their gradient, norm or weight was not finite."""
-        return float(self.counts[2])
+        return self.count_values[2]
 
     @property
     def clipped_fraction(self) -> float:
         """Share of the batch whose vector was shrunk (0 for an empty batch)."""
-        examples, clipped = self.counts[:2].tolist()
+        examples, clipped = self.count_values[:2]
         return clipped / examples if examples else 0.0
+
+
+@dataclass(frozen=True)
+class SubspaceNorm:
+    """A norm ``||x||_M^2 = r ||x||^2 + sum_j w_j (u_j . x)^2`` of the deviation ``x = g - a`` (GeoClip's).
+
+    ``shift`` is ``a`` ``[d]``, ``basis`` holds orthonormal columns ``u_j`` ``[d, k]``, ``basis_weights`` the
+    ``w_j`` ``[k]`` (negative where ``M`` shrinks ``u_j`` below the rest), ``rest_weight`` the 0-dim ``r``
+    (``None`` when the basis spans everything).  :func:`adaclip.engine.per_example.subspace_norms` computes it
+    from layer factors: a rank-``k`` projection plus an isotropic rest.
+    """
+
+    shift: Tensor
+    basis: Tensor
+    basis_weights: Tensor
+    rest_weight: Tensor | None
 
 
 def drop_nonfinite(norms: Tensor, weights: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -224,6 +262,18 @@ class ClipRule(ABC):
         """``(a, b)`` if :meth:`example_weights` wants the norms ``||(g_i - a) / b||``; ``None`` for ``||g_i||``."""
         return None
 
+    def subspace_norm(self, state: Any) -> SubspaceNorm | None:
+        """The :class:`SubspaceNorm` if :meth:`example_weights` wants it (then ``norm_transform`` is ``None``)."""
+        return None
+
+    def norm_shift(self, state: Any) -> Tensor | None:
+        """The shift ``a`` of the clipped vectors ``g_i - a``: ``norm_transform``'s or ``subspace_norm``'s."""
+        shift_scale = self.norm_transform(state)
+        if shift_scale is not None:
+            return shift_scale[0]
+        subspace = self.subspace_norm(state)
+        return None if subspace is None else subspace.shift
+
     def example_weights(self, norms: Tensor, state: Any) -> Tensor:
         """The per-example weights ``c_i`` (shape ``[n]``) that this rule applies to ``g_i - a``, from the norms.
 
@@ -259,8 +309,10 @@ class ClipRule(ABC):
             raise ValueError(
                 f"weights must be a 1-D tensor [n_examples], got {getattr(weights, 'shape', type(weights))}"
             )
-        shift_scale = self.norm_transform(state)
-        vector = weighted_sum if shift_scale is None else weighted_sum - shift_scale[0] * weights.sum()  # no host sync
+        shift = self.norm_shift(state)
+        vector = (
+            weighted_sum if shift is None else torch.addcmul(weighted_sum, shift, weights.sum(), value=-1)
+        )  # no sync
         return ClippedSum.of(vector, weights, dropped)
 
     def _check_release_inputs(self, clipped: ClippedSum, noise: Tensor) -> int:
@@ -299,7 +351,8 @@ class ClipRule(ABC):
 
 
 def release_counted(rule: ClipRule, clipped: ClippedSum, state: Any, noise: Tensor) -> tuple[Tensor, Any, Stats]:
-    """``rule.release(clipped, state, noise)`` with ``nonfinite_dropped`` added to its statistics."""
+    """``rule.release(clipped, state, noise)`` with ``nonfinite_dropped`` added to its statistics (read with the
+    counts: no synchronisation of its own)."""
     released, new_state, stats = rule.release(clipped, state, noise)
     return released, new_state, {**stats, "nonfinite_dropped": clipped.nonfinite_dropped}
 

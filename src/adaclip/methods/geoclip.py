@@ -26,6 +26,12 @@ per step, refused above :data:`FULL_MATRIX_MAX_DIM` parameters), or a streaming 
 ``Sigma = U diag(lambda) U^T + lambda_rest (I - U U^T)`` that keeps the top ``k`` eigenpairs and treats
 the other ``d - k`` directions as one isotropic eigenvalue (``O(n d k)`` per step; never forms a
 ``d x d`` matrix).
+
+**Fast path.**  ``||M (g - a)||^2 = c^2 (lambda_rest^-1/2 ||g - a||^2 + sum_j (lambda_j^-1/2 - lambda_rest^-1/2)
+(u_j . (g - a))^2)`` is a rank-``k`` projection plus an isotropic rest (:meth:`GeoClip.subspace_norm`), so the
+per-example norms come from layer factors without the ``[n, d]`` matrix
+(:func:`adaclip.engine.per_example.subspace_norms`, ``O(n d k)``), and the clipped sum is
+``sum_i f_i g_i - a sum_i f_i``.
 """
 
 from __future__ import annotations
@@ -38,7 +44,16 @@ import torch
 from torch import Tensor
 
 from adaclip._validate import require_bool, require_in_range, require_int, require_one_of, require_positive
-from adaclip.methods.base import ClippedSum, ClipRule, Stats, check_dim, clip_factors, drop_nonfinite, zero_rows
+from adaclip.methods.base import (
+    ClippedSum,
+    ClipRule,
+    Stats,
+    SubspaceNorm,
+    check_dim,
+    clip_factors,
+    drop_nonfinite,
+    zero_rows,
+)
 from adaclip.methods.canary import CANARY_SCALE, DTYPE, CanaryAdapter
 
 VarianceTarget = Literal["per_example", "batch_mean"]
@@ -240,6 +255,26 @@ class GeoClip(ClipRule):
             )
         return _Transform(state.basis, state.transform_eigenvalues, state.transform_residual, dim - k, self.gamma)
 
+    def example_weights(self, norms: Tensor, state: GeoClipState) -> Tensor:
+        """``f_i = min(1, 1 / ||M (g_i - a)||)``: clipping to norm 1 in the transformed space."""
+        return clip_factors(norms, 1.0)
+
+    def subspace_norm(self, state: GeoClipState) -> SubspaceNorm:
+        """``||M x||^2 = c^2 (rho ||x||^2 + sum_j (lambda_j^-1/2 - rho) (u_j . x)^2)``, ``rho = lambda_rest^-1/2``.
+
+        From ``M = c (U Lambda^-1/4 U^T + lambda_rest^-1/4 (I - U U^T))`` with orthonormal ``U``; the full matrix
+        (no rest) is ``c^2 sum_j lambda_j^-1/2 (u_j . x)^2``.
+        """
+        transform = self._transform(state, state.mean.shape[0])
+        scale_squared = transform.scale_squared
+        basis_weights = transform.eigenvalues.rsqrt() * scale_squared
+        if transform.rest_dim == 0:
+            return SubspaceNorm(shift=state.mean, basis=state.basis, basis_weights=basis_weights, rest_weight=None)
+        rest_weight = transform.residual.rsqrt() * scale_squared
+        return SubspaceNorm(
+            shift=state.mean, basis=state.basis, basis_weights=basis_weights - rest_weight, rest_weight=rest_weight
+        )
+
     def clipped_sum(self, per_example_grads: Tensor, state: GeoClipState) -> ClippedSum:
         """``M^-1 sum_i clip(M (g_i - a)) = sum_i f_i (g_i - a)``, ``f_i = min(1, 1 / ||M (g_i - a)||)``.
 
@@ -257,34 +292,60 @@ class GeoClip(ClipRule):
         transform = self._transform(state, dim)
         B = self.expected_batch_size
         released = state.mean + (clipped.vector + transform.inverse(self.noise_multiplier * noise)) / B
-
-        new_state = self._update(state, transform, released)
-        trace_sqrt = float(transform.trace_sqrt)
         spectrum = (
             transform.eigenvalues
             if transform.rest_dim == 0
             else torch.cat([transform.eigenvalues, transform.residual.reshape(1)])
         )
+        deviation = released - state.mean
+        split = None if self._is_full(transform) else _Split.of(state.basis, deviation)
+        scalars = [transform.trace_sqrt, spectrum.min(), spectrum.max()]
+        if split is not None:
+            scalars += [split.rho, torch.linalg.vector_norm(deviation)]
+        values = clipped.read(*scalars)  # one host synchronisation: counts, statistics and the update's branch
+        # a new direction joins the basis unless the release lies in its span (up to rounding)
+        extend = (
+            split is not None
+            and transform.rest_dim > 0
+            and values[3] > 1e3 * torch.finfo(released.dtype).eps * values[4]
+        )
+        new_state = self._update(state, transform, released, deviation, split, extend)
         stats = {
             "clipped_fraction": clipped.clipped_fraction,
-            "noise_power": (self.noise_multiplier / B) ** 2 * trace_sqrt**2 / self.gamma,
-            "eigenvalue_min": float(spectrum.min()),
-            "eigenvalue_max": float(spectrum.max()),
+            "noise_power": (self.noise_multiplier / B) ** 2 * values[0] ** 2 / self.gamma,
+            "eigenvalue_min": values[1],
+            "eigenvalue_max": values[2],
             "batch_size": clipped.examples,
         }
         return released, new_state, stats
 
-    def _update(self, state: GeoClipState, transform: _Transform, released: Tensor) -> GeoClipState:
-        """``a_t+1`` and ``Sigma_t+1`` from the released gradient ``g~`` (and public constants) only."""
-        B, deviation = self.expected_batch_size, released - state.mean
+    def _is_full(self, transform: _Transform) -> bool:
+        """Whether the state is the full ``d x d`` matrix (updated densely) rather than the rank-``k`` form."""
+        return transform.rest_dim == 0 and self.rank is None
+
+    def _update(
+        self,
+        state: GeoClipState,
+        transform: _Transform,
+        released: Tensor,
+        deviation: Tensor,
+        split: _Split | None,
+        extend: bool,
+    ) -> GeoClipState:
+        """``a_t+1`` and ``Sigma_t+1`` from the released gradient ``g~`` (and public constants) only.
+
+        ``deviation`` is ``g~ - a_t``; ``split`` its parts along and outside the basis (rank-``k`` form), and
+        ``extend`` whether the outside part is large enough to join the basis.
+        """
+        B = self.expected_batch_size
         weight = (1 - self.beta2) * (B if self.variance_target == "per_example" else 1.0)
         noise_basis, noise_rest = transform.noise_covariance()
         correction = (self.noise_multiplier / B) ** 2 if self.noise_correction else 0.0
         noise_basis, noise_rest = correction * noise_basis, correction * noise_rest
-        if transform.rest_dim == 0 and self.rank is None:
+        if split is None:
             basis, eigenvalues, residual = self._full_update(state, deviation, weight, noise_basis)
         else:
-            basis, eigenvalues, residual = self._low_rank_update(state, deviation, weight, noise_basis, noise_rest)
+            basis, eigenvalues, residual = self._low_rank_update(state, split, extend, weight, noise_basis, noise_rest)
         return GeoClipState(
             mean=self.beta1 * state.mean + (1 - self.beta1) * released,
             basis=basis,
@@ -306,29 +367,32 @@ class GeoClip(ClipRule):
         return basis, eigenvalues, state.residual
 
     def _low_rank_update(
-        self, state: GeoClipState, x: Tensor, weight: float, noise_basis: Tensor, noise_rest: Tensor
+        self,
+        state: GeoClipState,
+        split: _Split,
+        extend: bool,
+        weight: float,
+        noise_basis: Tensor,
+        noise_rest: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Rank-``k`` streaming update: exact on ``span(U, x)``, then the smallest eigenpair joins the isotropic rest.
 
-        With ``x = U p + rho q`` (``q`` orthogonal to ``U``), the new ``Sigma`` restricted to ``[U, q]`` is
+        With ``x = U p + rho q`` (``q`` orthogonal to ``U``; ``split``), the new ``Sigma`` restricted to ``[U, q]`` is
         ``beta2 diag(lambda, lambda_rest) + w ((p, rho)(p, rho)^T - diag(n, n_rest))`` and equals
         ``beta2 lambda_rest - w n_rest`` on the other ``d - k - 1`` directions.  Its top ``k`` eigenpairs
-        are kept; the smallest is averaged into the rest, which keeps the trace.
+        are kept; the smallest is averaged into the rest, which keeps the trace.  Without ``extend`` (``x``
+        in the span of ``U``, or no rest) the update stays on ``U``.
         """
         U, dim, k = state.basis, state.basis.shape[0], state.basis.shape[1]
         rest_dim = dim - k
-        coords = U.T @ x
-        outside = x - U @ coords
-        rho = torch.linalg.vector_norm(outside)
         rest_value = self.beta2 * state.residual - weight * noise_rest
-        extend = rest_dim > 0 and float(rho) > 1e3 * torch.finfo(x.dtype).eps * float(torch.linalg.vector_norm(x))
         if extend:
-            frame = torch.cat([U, (outside / rho).unsqueeze(1)], dim=1)
-            along = torch.cat([coords, rho.reshape(1)])
+            frame = torch.cat([U, (split.outside / split.rho).unsqueeze(1)], dim=1)
+            along = torch.cat([split.coords, split.rho.reshape(1)])
             previous = torch.cat([state.eigenvalues, state.residual.reshape(1)])
             noise = torch.cat([noise_basis, noise_rest.reshape(1)])
         else:
-            frame, along, previous, noise = U, coords, state.eigenvalues, noise_basis
+            frame, along, previous, noise = U, split.coords, state.eigenvalues, noise_basis
         small = torch.diag(self.beta2 * previous - weight * noise) + weight * torch.outer(along, along)
         eigenvalues, rotation = _symmetric_eigh(small)  # ascending
         if not extend:
@@ -336,6 +400,21 @@ class GeoClip(ClipRule):
         dropped = eigenvalues[0]
         residual = ((rest_dim - 1) * rest_value + dropped) / rest_dim
         return frame @ rotation[:, 1:], eigenvalues[1:], residual
+
+
+@dataclass(frozen=True)
+class _Split:
+    """``x = U coords + outside`` with ``outside`` orthogonal to the basis ``U``, and ``rho = ||outside||``."""
+
+    coords: Tensor
+    outside: Tensor
+    rho: Tensor
+
+    @classmethod
+    def of(cls, basis: Tensor, x: Tensor) -> _Split:
+        coords = basis.T @ x
+        outside = x - basis @ coords
+        return cls(coords=coords, outside=outside, rho=torch.linalg.vector_norm(outside))
 
 
 class GeoClipAdapter(CanaryAdapter[GeoClip]):

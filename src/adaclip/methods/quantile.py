@@ -60,7 +60,7 @@ def noisy_unclipped_fraction(clipped: ClippedSum, count_noise: float, expected_b
     The unclipped count is ``n - n_clipped`` (an example is unclipped exactly when its weight is 1), so
     ``sum_i u_i = n - n_clipped - n / 2``; ``count_noise`` is the draw ``N(0, sigma_b^2)``.
     """
-    examples, clipped_count = (float(count) for count in clipped.counts[:2].tolist())
+    examples, clipped_count = clipped.count_values[:2]
     return (examples - clipped_count - examples / 2 + count_noise) / expected_batch_size + 0.5
 
 
@@ -132,8 +132,9 @@ class QuantileClip(ClipRule):
         grad_noise_std = self.grad_noise_multiplier * clip_norm
         noisy_mean = torch.add(clipped.vector, noise[:dim], alpha=grad_noise_std).div_(B)
 
+        (count_draw,) = clipped.read(noise[dim])  # one host synchronisation: the counts and the count's draw
         examples = clipped.examples
-        unclipped_estimate = noisy_unclipped_fraction(clipped, self.count_noise_std * float(noise[dim]), B)
+        unclipped_estimate = noisy_unclipped_fraction(clipped, self.count_noise_std * count_draw, B)
         next_clip = geometric_update(clip_norm, unclipped_estimate, self.target_quantile, self.clip_lr)
         stats = {
             "clipped_fraction": clipped.clipped_fraction,
