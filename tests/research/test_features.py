@@ -1,6 +1,7 @@
 """ScatterNet features: shape, per-example normalisation, independence from other examples, the stage's file."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -44,6 +45,9 @@ def test_the_stage_writes_features_that_load_as_a_dataset_with_fashion_mnist_s_s
     assert features.main(["--data-dir", str(tmp_path / "idx"), "--out", str(tmp_path / "out")]) == 0
     data.idx_arrays.cache_clear()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["features.pt"]  # no temporary file left
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "out" / "features.pt").stat().st_mode & 0o777 == 0o666 & ~mask  # as a plain open gives
     splits = data.load_scatternet(seed=0, train_size=None, data_dir=tmp_path / "out", validation_size=8)
     assert splits.input_shape == (81, 7, 7)
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (32, 8, 10)

@@ -89,13 +89,19 @@ def compute(
 
 
 def save_atomic(features: dict[str, object], out_dir: str | os.PathLike[str]) -> Path:
-    """Write ``features`` to ``out_dir/features.pt`` through a temporary file and a rename."""
+    """Write ``features`` to ``out_dir/features.pt`` through a temporary file and a rename.
+
+    The file gets the permissions a plain ``open`` would give (``0o666`` less the umask), not ``mkstemp``'s 0600.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{FEATURES_FILE}.", suffix=".tmp")
     os.close(fd)
     try:
         torch.save(features, tmp)
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, out / FEATURES_FILE)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
