@@ -49,13 +49,18 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
 from tqdm import tqdm
 
 from adaclip._validate import as_int, as_real
 from adaclip.engine import AdaptiveClipDPOptimizer, make_private
 from adaclip.engine import distributed as dist_utils
-from adaclip.engine.sampling import load_loader_state_dict, loader_state_dict
+from adaclip.engine.sampling import (
+    BatchedTensorDataset,
+    collate_gathered,
+    load_loader_state_dict,
+    loader_state_dict,
+)
 from adaclip.methods import METHODS, build_rule
 from adaclip.privacy.accounting import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, Spent, account
 from adaclip.research.data import DATASETS, FILE_DATASETS, Splits, load_dataset
@@ -336,16 +341,23 @@ def _check_parallel(config: TrainConfig, world_size: int) -> None:
     )
 
 
+EVALUATION_BATCH = 1024
+"""Examples per forward pass when the validation and test metrics are computed."""
+
+
 def _evaluate(model: nn.Module, dataset: TensorDataset, task: str, device: str) -> float:
     """Accuracy (classification) or mean squared error (regression) on ``dataset`` (each rank a share, summed)."""
     model.eval()
     total, count = 0.0, 0
     world_size = dist_utils.world_size()
-    shard = dataset if world_size == 1 else Subset(dataset, range(dist_utils.rank(), len(dataset), world_size))
+    inputs, labels = dataset.tensors
+    if world_size > 1:
+        shard = torch.arange(dist_utils.rank(), len(dataset), world_size)
+        inputs, labels = inputs[shard], labels[shard]
     with torch.no_grad():
-        for features, targets in DataLoader(shard, batch_size=1024):
-            outputs = model(features.to(device))
-            targets = targets.to(device)
+        for start in range(0, len(labels), EVALUATION_BATCH):  # slices: no per-example __getitem__ and collate
+            outputs = model(inputs[start : start + EVALUATION_BATCH].to(device))
+            targets = labels[start : start + EVALUATION_BATCH].to(device)
             if task == "classification":
                 total += (outputs.argmax(1) == targets).sum().item()
             else:
@@ -540,10 +552,11 @@ def run(
         noise_multiplier, sample_rate, method_params = None, None, {}
     elif config.method == "nonprivate":
         loader = DataLoader(
-            splits.train,
+            BatchedTensorDataset(*splits.train.tensors),  # one gather per batch, not a __getitem__ per example
             batch_size=config.batch_size,
             shuffle=True,
             generator=torch.Generator().manual_seed(config.seed),
+            collate_fn=collate_gathered,
         )
         noise_multiplier, sample_rate, method_params = None, None, {}
     else:
