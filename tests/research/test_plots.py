@@ -132,3 +132,10 @@ def test_training_curves_have_integer_epoch_ticks():
     fig.canvas.draw()
     ticks = fig.axes[0].get_xticks()
     assert all(float(t).is_integer() for t in ticks)
+
+
+def test_the_snr_of_rules_that_release_an_adam_step_is_blanked():
+    table = pd.DataFrame({"method": ["fixed", "adaclip", "macadam", "adambc"], "snr": [1.0, 2.0, 3e4, 5e5]})
+    blanked = plots.comparable_snr(table, "snr")
+    assert blanked["snr"].tolist()[:2] == [1.0, 2.0] and blanked["snr"].iloc[2:].isna().all()
+    assert table["snr"].tolist() == [1.0, 2.0, 3e4, 5e5]  # the input is left as it was

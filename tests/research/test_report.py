@@ -410,7 +410,7 @@ def test_summarise_turns_the_records_into_the_numbers_the_findings_state():
         {**_run("scatternet", "adaclip", 0, 0.0, lr=0.3, scale=0.1), "val_accuracy": float("nan")},
     ]
     stats = {"snr": [0.5, 0.7], "cosine_release": [0.1, 0.3], "heterogeneity": [0.8, 0.9], "shape_saving": [0.05, 0.1]}
-    diagnostics = [_run("scatternet", "adaclip", 0, 0.9, stats=stats)]
+    diagnostics = [_run("scatternet", m, 0, 0.9, stats=stats) for m in ("adaclip", "adambc")]
     summary = summarise(params, {"tuning": tuning, "accuracy": accuracy, "size": size, "diagnostics": diagnostics})
     json.dumps(summary, allow_nan=False)  # NaN and infinities became null
     cell = summary["accuracy"]["scatternet"]["by_epsilon"]["3"]["adaclip"]
@@ -428,6 +428,7 @@ def test_summarise_turns_the_records_into_the_numbers_the_findings_state():
     assert (tuned["fixed"]["lr"], tuned["fixed"]["scale"], tuned["fixed"]["best"]) == (1.6, 1.0, pytest.approx(87.0))
     assert tuned["adaclip"]["expected_best_of_1"] is None  # a random cell can be the diverged one
     assert summary["diagnostics"]["scatternet"]["adaclip"]["snr"] == pytest.approx(0.6)
+    assert summary["diagnostics"]["scatternet"]["adambc"]["snr"] is None  # an Adam step: no comparable SNR
     assert "better than DP-SGD" in findings(summary)["accuracy"]
     tiny = load_params(ROOT / "tests" / "fixtures" / "params-tiny.yaml")  # main task breast cancer: no anchor
     relabelled = [{**r, "config": {**r["config"], "task": "breast-cancer"}} for r in accuracy]

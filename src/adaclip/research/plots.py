@@ -46,6 +46,19 @@ def _linestyle(method: str) -> Any:
     return _LINESTYLES.get(method, "-")
 
 
+def comparable_snr(table: pd.DataFrame, column: str) -> pd.DataFrame:
+    """``table`` with ``column`` (a release signal-to-noise ratio or a ratio of two) blanked for the rules that
+    release an optimiser step (``Method.releases_step``: DP-MacAdam, DP-AdamBC).
+
+    Their noise-free release is an Adam direction while ``E||noise||^2`` is the noise of the gradient they
+    were built from, so the quotient has no common unit with the other methods' and is not reported.
+    """
+    steps = table["method"].map(lambda m: m in METHODS and METHODS[m].releases_step)
+    result = table.copy()
+    result[column] = result[column].astype(float).where(~steps)
+    return result
+
+
 def privacy_caption(epsilon: str | float, delta: float | None, accountant: str | None) -> str:
     """``"ε = 3, δ = 1e-05 (PRV accountant)"``."""
     eps = f"{epsilon:g}" if isinstance(epsilon, (int, float)) else epsilon

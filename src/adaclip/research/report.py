@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from adaclip.methods import METHODS
 from adaclip.privacy.accounting import epsilon as epsilon_of
 from adaclip.research import analysis
 from adaclip.research.data import load_dataset
@@ -197,7 +198,15 @@ def _diagnostics(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for row in table.to_dict("records"):
         result.setdefault(row["task"], {})[row["method"]] = {key: row[key] for key in analysis.DIAGNOSTICS}
+        if _releases_step(row["method"]):
+            result[row["task"]][row["method"]]["snr"] = None
     return result
+
+
+def _releases_step(method: str) -> bool:
+    """Whether ``method`` releases an Adam step: its release SNR has no common unit with the others'
+    (:func:`adaclip.research.plots.comparable_snr`), so the report leaves it out."""
+    return method in METHODS and METHODS[method].releases_step
 
 
 def _heterogeneity(
@@ -211,6 +220,8 @@ def _heterogeneity(
         entry["methods"][row["method"]] = {key: row[key] for key in ("difference", "low", "high", "snr_ratio")} | {
             "higher_is_better": params.task(row["task"]).dataset != "diabetes"
         }
+        if _releases_step(row["method"]):
+            entry["methods"][row["method"]]["snr_ratio"] = None
     return result
 
 
