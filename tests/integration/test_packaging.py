@@ -136,7 +136,9 @@ def third_party_imports(paths: list[Path], *, top_level_only: bool = False) -> s
                 found.update(alias.name.partition(".")[0] for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 found.add(node.module.partition(".")[0])
-    return {name for name in found if name not in sys.stdlib_module_names and name not in ("adaclip", "__future__")}
+    # _typeshed: the standard library's typing-only stubs (imported under TYPE_CHECKING)
+    ignored = ("adaclip", "__future__", "_typeshed")
+    return {name for name in found if name not in sys.stdlib_module_names and name not in ignored}
 
 
 def core_closure() -> set[str]:
