@@ -126,3 +126,15 @@ def test_runner_writes_the_executed_notebook_without_timings_or_fails_leaving_no
     assert main([str(notebook("raise ValueError('boom')")), str(failing)]) == 1
     assert "boom" in capsys.readouterr().err
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.ipynb"]  # no output and no half-written file
+
+
+def test_the_injected_parameters_cell_gets_the_same_id_on_every_run():
+    """papermill gives the cell it injects a random id; two runs with the same numbers must write the same bytes."""
+
+    def run(random_id):
+        injected = {"cell_type": "code", "id": random_id, "metadata": {"tags": ["injected-parameters"]}, "source": []}
+        other = {"cell_type": "code", "id": "kept", "metadata": {"tags": ["parameters"]}, "source": []}
+        return strip_timing({"metadata": {}, "cells": [other, injected]})
+
+    first, second = run("691b4f42"), run("60357f81")
+    assert first == second and [cell["id"] for cell in first["cells"]] == ["kept", "injected-parameters"]

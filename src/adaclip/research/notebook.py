@@ -21,7 +21,8 @@ from typing import Any
 
 
 def strip_timing(notebook: dict[str, Any]) -> dict[str, Any]:
-    """Remove papermill's and the kernel's timing metadata (and nothing else) from an executed notebook."""
+    """Remove papermill's and the kernel's timing metadata from an executed notebook, and give the cell papermill
+    injects a fixed id, so that a rerun with the same numbers writes the same bytes."""
     papermill = notebook.get("metadata", {}).get("papermill", {})
     for key in (
         "start_time",
@@ -36,6 +37,8 @@ def strip_timing(notebook: dict[str, Any]) -> dict[str, Any]:
         papermill.pop(key, None)
     for cell in notebook.get("cells", []):
         metadata = cell.get("metadata", {})
+        if "injected-parameters" in metadata.get("tags", []):
+            cell["id"] = "injected-parameters"  # papermill gives the cell it adds a random id on every run
         metadata.pop("execution", None)
         for key in ("start_time", "end_time", "duration", "status", "exception"):
             metadata.get("papermill", {}).pop(key, None)
