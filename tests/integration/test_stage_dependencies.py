@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGES = PIPELINE["stages"]
+VARS = {name: value for entry in PIPELINE.get("vars", []) for name, value in entry.items()}
 
 
 def expanded_stages() -> dict[str, dict]:
@@ -42,6 +44,8 @@ def import_statements(code: str) -> list[str]:
 def entry_imports(cmd: str) -> list[str]:
     """Python import statements that load what the stage's command loads."""
     statements = []
+    for name, value in VARS.items():  # dvc.yaml's vars, e.g. ${nb}: the notebook runner
+        cmd = cmd.replace(f"${{{name}}}", value)
     for command in re.findall(r"-m adaclip (\w+)", cmd):
         statements += [
             "import importlib, adaclip.research.cli as cli",
