@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
+from tensor_sizes import LargestTensor
 from torch import nn
 from torch.func import functional_call, grad, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip.engine import AdaptiveClipDPOptimizer, make_private
@@ -371,21 +371,6 @@ def test_norms_and_weighted_sums_match_torch_func(model_name):
 
 
 # --- what the fast path never does ---------------------------------------------------------------
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operation returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (list, tuple)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -9,8 +9,8 @@ import copy
 
 import pytest
 import torch
+from tensor_sizes import LargestTensor
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip.engine import make_private
@@ -158,21 +158,6 @@ def test_which_embeddings_are_bookkeeping():
     tied_output.weight = tied_input.weight
     model = nn.ModuleList([plain, by_frequency, tied_input, tied_output])
     assert BookkeepingGradSampleModule(model).bookkeeping_layers() == [plain]
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operation returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (list, tuple)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
 
 
 @pytest.mark.parametrize("method, params", [("fixed", {}), ("adaclip", {}), ("geoclip", {"rank": 4})])

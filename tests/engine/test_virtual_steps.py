@@ -9,8 +9,8 @@ import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from tensor_sizes import LargestTensor
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import epsilon, make_private
@@ -147,21 +147,6 @@ def test_empty_logical_batches_still_release_once():
     sizes = with_batch_memory_manager(module, optimizer, loader)
     assert 0 in sizes and optimizer.steps_taken == len(loader) == 60
     assert_same_outcome(outcome(module, optimizer), expected)
-
-
-class LargestTensor(TorchDispatchMode):
-    """The largest number of elements of any tensor an operation returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (list, tuple)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
 
 
 def test_memory_is_bounded_by_the_physical_batch():
