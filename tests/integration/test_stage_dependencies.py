@@ -93,3 +93,9 @@ def test_stage_depends_on_every_module_its_command_imports(name, stage):
 def test_the_check_sees_a_missing_module():
     files = loaded_files(entry_imports("python -m adaclip aggregate"))
     assert "src/adaclip/research/report.py" in files and "src/adaclip/research/analysis.py" in files
+
+
+def test_the_lock_holds_exactly_the_stages_of_the_pipeline():
+    """A stage removed from dvc.yaml must leave dvc.lock too (DVC keeps a removed stage's entry)."""
+    locked = yaml.safe_load((ROOT / "dvc.lock").read_text())["stages"]
+    assert sorted(locked) == sorted(expanded_stages())

@@ -2,6 +2,8 @@
 
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -56,3 +58,26 @@ def test_the_stage_writes_features_that_load_as_a_dataset_with_fashion_mnist_s_s
 def test_missing_features_name_the_stage(tmp_path):
     with pytest.raises(data.DataNotFoundError, match="dvc repro features"):
         data.load_scatternet(seed=0, train_size=None, data_dir=tmp_path)
+
+
+def test_the_stage_runs_mkl_s_fft_in_its_reproducible_mode_unless_the_user_chose_one(tmp_path):
+    """MKL picks its FFT code path by processor, so the features' bytes differed between machines; the stage runs
+    MKL's conditional numerical reproducibility mode, which MKL reports (MKL_VERBOSE) as CNR:COMPATIBLE."""
+    digests = write_fake_idx(tmp_path / "idx", n_train=4, n_test=2)
+    script = (
+        "import dataclasses, sys\n"
+        "from adaclip.research import data, features\n"
+        f"source = dataclasses.replace(data.IDX_SOURCES['fashion-mnist'], sha256={digests!r})\n"
+        "data.IDX_SOURCES['fashion-mnist'] = source\n"
+        f"sys.exit(features.main(['--data-dir', {str(tmp_path / 'idx')!r}, '--out', {str(tmp_path / 'out')!r}]))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "MKL_CBWR"}
+    env.update(MKL_VERBOSE="1", TQDM_DISABLE="1")
+    ran = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    fft_calls = [line for line in ran.stdout.splitlines() if "MKL_VERBOSE FFT" in line]
+    assert fft_calls and all("CNR:COMPATIBLE" in line for line in fft_calls)
+    env["MKL_CBWR"] = "AUTO"  # a user's own choice is kept
+    ran = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert all("CNR:AUTO" in line for line in ran.stdout.splitlines() if "MKL_VERBOSE FFT" in line)

@@ -16,6 +16,14 @@ module, which needs ``scipy.special.sph_harm`` (removed in SciPy 1.15), so this 
 
 ``python -m adaclip.research.features --data-dir data/prepared/fashion-mnist --out DIR`` writes
 ``features.pt`` (train and test features, labels and the settings) atomically.
+
+The same bytes on every x86-64 CPU: torch computes the FFTs of the transform with Intel MKL, which picks its code
+path by processor (an AVX-512 path on recent Intel CPUs, another on AMD's), and the paths round differently, so the
+features (and every run trained on them) hashed differently from machine to machine.  The command line therefore
+runs MKL in its conditional numerical reproducibility mode ``MKL_CBWR=COMPATIBLE`` (one code path on every x86-64
+processor) unless ``MKL_CBWR`` is already set; MKL reads the variable at its first call, so it must be set before
+any FFT runs in the process.  torch's own kernels (GroupNorm, the modulus, the averaging) gave the same bytes with
+its AVX-512 and AVX2 kernels.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ from adaclip._validate import require_int
 from adaclip.research.data import IDX_PARTS, idx_arrays, locate_idx
 
 FEATURES_FILE = "features.pt"
+MKL_REPRODUCIBLE_VARIABLE = "MKL_CBWR"
+MKL_REPRODUCIBLE_MODE = "COMPATIBLE"
+"""MKL's conditional numerical reproducibility setting: one FFT code path, so the same bytes on every x86-64 CPU."""
 
 
 def scattering(scales: int = 2, orientations: int = 8, shape: tuple[int, int] = (28, 28)) -> torch.nn.Module:
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--groups", type=int, default=27, help="GroupNorm groups (default 27)")
     parser.add_argument("--limit", type=int, default=0, help="0: every image (default); else the first LIMIT (tests)")
     args = parser.parse_args(argv)
+    os.environ.setdefault(MKL_REPRODUCIBLE_VARIABLE, MKL_REPRODUCIBLE_MODE)
     try:
         require_int("--limit", args.limit, minimum=0)
         features = compute(
