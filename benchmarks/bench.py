@@ -593,11 +593,17 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--methods", nargs="+", choices=OUR_METHODS, help=f"default {list(OUR_METHODS)}")
     cli.add_argument("--paths", nargs="+", choices=PATHS, help=f"default {list(PATHS)}")
     cli.add_argument("--baselines", nargs="*", choices=BASELINES, help=f"default {list(BASELINES)}")
-    cli.add_argument("--repeats", type=int, help=f"timed samples per setup and run (default {FULL['repeats']})")
+    cli.add_argument(
+        "--repeats", type=int, help=f"rounds per run, each timing one sample of every setup (default {FULL['repeats']})"
+    )
     cli.add_argument(
         "--warmup", type=int, help=f"untimed steps per setup before the first run (default {FULL['warmup']})"
     )
-    cli.add_argument("--runs", type=int, help=f"whole measurements in this process (default {FULL['runs']})")
+    cli.add_argument(
+        "--runs",
+        type=int,
+        help=f"whole measurements in this process; a cell pools their rounds (default {FULL['runs']})",
+    )
     cli.add_argument("--threads", type=int, help="torch CPU threads (default 1: stable timings on a shared machine)")
     cli.add_argument("--device", help="cpu (default) or cuda[:i]")
     cli.add_argument(
@@ -708,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ratios (interquartile range over the median); 'stable?': unstable when the spread exceeds "
         f"{100 * UNSTABLE_SPREAD:.0f} % or there is a single round (do not quote an unstable ratio); "
         "'run k' columns: the median of run k's per-round ratios. "
-        f"'x CPU time' uses this thread's CPU time{cpu_time_note}. "
+        f"'x CPU time (run k)': the same median with this thread's CPU time{cpu_time_note}. "
         "Peak memory: torch allocations during a step above those before it "
         f"({'CUDA max_memory_allocated' if on_cuda else 'profiler allocation events'}); "
         "largest tensor: the largest tensor any operation of a step returns; "
