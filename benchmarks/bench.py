@@ -11,12 +11,17 @@ steps: no data loader, so only the per-example machinery differs):
   with ``per_example="fast"`` (book-keeping, no ``[B, d]``) or ``"materialise"`` (the ``[B, d]`` matrix).
 
 A step is ``zero_grad``, forward, cross-entropy loss, backward and ``optimizer.step`` (with noise,
-sigma = 1).  Timing interleaves the setups round-robin (each sample is a block of consecutive steps
-of one setup, so drift from other load on the machine hits every setup alike); ``step_time_s`` is
-the median over samples of wall-clock time per step, ``cpu_time_s`` the same in CPU time of this
-thread (robust to preemption on a shared machine, meaningful with one thread on CPU).  Ratios are to
-the ``nonprivate`` setup of the same model, batch size and run.  ``--runs 2`` repeats the whole
-measurement in the same process to show its stability.
+sigma = 1).  Timing interleaves the setups round-robin: a *round* times one sample of every setup in
+turn (a sample is a block of consecutive steps of one setup), so drift from other load on the machine
+hits every setup alike.  ``step_time_s`` is the median over a run's samples of wall-clock time per step,
+``cpu_time_s`` the same in CPU time of this thread (robust to preemption on a shared machine, meaningful
+with one thread on CPU).  A *per-round ratio* divides a setup's sample by the ``nonprivate`` sample of
+the same round (same model and batch size); a run's ``ratio_to_nonprivate`` is the median of its
+per-round ratios.  ``--runs 2`` repeats the whole measurement in the same process; a cell (model, batch
+size, setup) pools the rounds of every run: its ratio is their median and its *spread* their
+interquartile range over the median, ``(Q3 - Q1) / median`` (quartiles interpolated linearly between the
+sorted ratios).  A cell whose spread exceeds :data:`UNSTABLE_SPREAD` (10 %), or that has a single round,
+is marked unstable: its ratio is not a number to quote.
 
 Memory is measured in separate, untimed steps after the timing: ``peak_memory_bytes`` on CUDA is
 ``torch.cuda.max_memory_allocated`` during a step minus the memory allocated before it; on CPU the
@@ -113,6 +118,8 @@ GEOCLIP_RANK = 8
 PATHS = ("fast", "materialise")
 BASELINES = ("opacus/hooks", "opacus/ghost")
 NOISE_MULTIPLIER = 1.0
+UNSTABLE_SPREAD = 0.10
+"""A cell is unstable when its spread, (Q3 - Q1) / median of its per-round ratios, exceeds this."""
 QUICK = {"models": ["logistic", "mlp", "cnn"], "batch_sizes": [64, 600], "repeats": 6, "warmup": 1, "runs": 2}
 FULL = {
     "models": ["logistic", "mlp", "mlp1000", "cnn"],
@@ -236,13 +243,13 @@ def _synchronise(device: str) -> None:
 
 def time_setups(
     setups: list[Setup], repeats: int, warmup: int, device: str, target_sample_s: float = 0.02, slow_step_s: float = 0.1
-) -> dict[int, tuple[float, float]]:
-    """Median wall-clock and CPU seconds per step of each setup, sampled round-robin.
+) -> dict[int, tuple[list[float], list[float]]]:
+    """Wall-clock and CPU seconds per step of each setup, one sample per round (``repeats`` rounds, round-robin).
 
     Each sample times a block of consecutive steps of one setup, sized from the warm-up so that a
     sample lasts about ``target_sample_s`` (one step for slow setups).  Setups slower than
     ``slow_step_s`` per step (the materialised paths of large models) get ``max(3, repeats // 3)``
-    samples, taken in the first rounds.
+    samples, taken in the first rounds: sample ``k`` of every setup belongs to round ``k``.
     """
     blocks, samples = {}, {}
     for index, setup in enumerate(setups):
@@ -267,7 +274,35 @@ def time_setups(
             _synchronise(device)
             wall[index].append((time.perf_counter() - start_wall) / blocks[index])
             cpu[index].append((time.thread_time() - start_cpu) / blocks[index])
-    return {i: (statistics.median(wall[i]), statistics.median(cpu[i])) for i in wall}
+    return {i: (wall[i], cpu[i]) for i in wall}
+
+
+def per_round_ratios(samples: list[float], baseline: list[float]) -> list[float]:
+    """A setup's sample over the baseline's sample of the same round, for every round the setup was timed in."""
+    return [sample / reference for sample, reference in zip(samples, baseline, strict=False)]
+
+
+def ratio_statistics(ratios: list[float]) -> dict[str, Any]:
+    """Median, quartiles and spread ``(Q3 - Q1) / median`` of a cell's per-round ratios; unstable above 10 %.
+
+    Quartiles interpolate linearly between the sorted ratios (``statistics.quantiles(method="inclusive")``,
+    numpy's default).  With a single round there is no spread (``None``) and the cell counts as unstable.
+    """
+    if not ratios:
+        raise ValueError("ratios: expected at least one per-round ratio, got none")
+    median = statistics.median(ratios)
+    if len(ratios) < 2:
+        return {"ratio": median, "q1": None, "q3": None, "spread": None, "rounds": 1, "unstable": True}
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    spread = (q3 - q1) / median
+    return {
+        "ratio": median,
+        "q1": q1,
+        "q3": q3,
+        "spread": spread,
+        "rounds": len(ratios),
+        "unstable": bool(spread > UNSTABLE_SPREAD),
+    }
 
 
 def peak_step_memory(setup: Setup, device: str, steps: int = 3) -> int:
@@ -363,10 +398,12 @@ def measure(
             timed = [time_setups(setups, repeats, warmup if run == 1 else 1, device) for run in range(1, runs + 1)]
             memory = {i: peak_step_memory(setup, device) for i, setup in enumerate(setups)}  # warm: steady-state steps
             largest = {i: largest_step_tensor(setup) for i, setup in enumerate(setups)}
+            ratios = [{i: per_round_ratios(times[i][0], times[0][0]) for i in times} for times in timed]
+            cells = {i: ratio_statistics([r for by_run in ratios for r in by_run[i]]) for i in range(len(setups))}
             for run, times in enumerate(timed, start=1):
-                base_wall, base_cpu = times[0]
                 for index, setup in enumerate(setups):
-                    wall, cpu = times[index]
+                    wall, cpu = statistics.median(times[index][0]), statistics.median(times[index][1])
+                    cpu_ratios = [c / b for c, b in zip(times[index][1], times[0][1], strict=False) if b > 0]
                     records.append(
                         {
                             "model": model_name,
@@ -376,9 +413,11 @@ def measure(
                             "run": run,
                             "step_time_s": wall,
                             "examples_per_s": batch_size / wall,
-                            "ratio_to_nonprivate": wall / base_wall,
+                            "ratio_to_nonprivate": statistics.median(ratios[run - 1][index]),
+                            "round_ratios": ratios[run - 1][index],
+                            "cell": cells[index],
                             "cpu_time_s": cpu,
-                            "cpu_ratio_to_nonprivate": cpu / base_cpu if base_cpu > 0 else float("nan"),
+                            "cpu_ratio_to_nonprivate": statistics.median(cpu_ratios) if cpu_ratios else float("nan"),
                             "peak_memory_bytes": memory[index],
                             "largest_tensor_bytes": largest[index],
                             "per_example_bytes": size,
@@ -388,11 +427,13 @@ def measure(
                     )
                 if progress:
                     summary = ", ".join(
-                        f"{s.method}/{s.path} {times[i][0] / base_wall:.2f}x" for i, s in enumerate(setups) if i
+                        f"{s.method}/{s.path} {statistics.median(ratios[run - 1][i]):.2f}x"
+                        for i, s in enumerate(setups)
+                        if i
                     )
                     print(
                         f"[bench] {model_name} B={batch_size} run {run}: "
-                        f"non-private {base_wall * 1e3:.2f} ms; {summary}",
+                        f"non-private {statistics.median(times[0][0]) * 1e3:.2f} ms; {summary}",
                         file=sys.stderr,
                         flush=True,
                     )
@@ -415,18 +456,29 @@ def _device_label(device: str) -> str:
     return f"CPU ({_cpu_name()}, {torch.get_num_threads()} of {os.cpu_count()} cores used)"
 
 
+def _percent(spread: float | None) -> str:
+    return "-" if spread is None else f"{100 * spread:.0f} %"
+
+
+def _stability(cell: dict[str, Any]) -> str:
+    if cell["spread"] is None:
+        return "unstable (one round)"
+    return "unstable" if cell["unstable"] else "stable"
+
+
 def table(records: list[dict[str, Any]], header_note: str, skipped: list[str]) -> str:
-    """Markdown: one row per model, batch size and setup, ratios of every run side by side."""
+    """Markdown: one row per model, batch size and setup: the cell's ratio, spread and stability, each run's ratio."""
     runs = sorted({r["run"] for r in records})
     keyed: dict[tuple, dict[int, dict[str, Any]]] = {}
     for r in records:
         keyed.setdefault((r["model"], r["batch_size"], r["method"], r["path"]), {})[r["run"]] = r
-    header = ["model", "B", "method", "path", "step (ms)", "examples/s"]
+    header = ["model", "B", "method", "path", "step (ms)", "examples/s", "x non-private", "spread", "stable?"]
     header += [f"x non-private (run {run})" for run in runs] + [f"x CPU time (run {run})" for run in runs]
     header += ["peak memory (MiB)", "largest tensor (MiB)", "[B, d] (MiB)"]
     rows = []
     for (model, batch, method, path), by_run in keyed.items():
         last = by_run[runs[-1]]
+        cell = last["cell"]
         rows.append(
             [
                 MODEL_LABELS.get(model, model),
@@ -435,6 +487,9 @@ def table(records: list[dict[str, Any]], header_note: str, skipped: list[str]) -
                 path,
                 round(last["step_time_s"] * 1e3, 3),
                 round(last["examples_per_s"]),
+                f"{cell['ratio']:.2f}",
+                _percent(cell["spread"]),
+                _stability(cell),
             ]
             + [f"{by_run[run]['ratio_to_nonprivate']:.2f}" for run in runs]
             + [f"{by_run[run]['cpu_ratio_to_nonprivate']:.2f}" for run in runs]
@@ -447,10 +502,12 @@ def table(records: list[dict[str, Any]], header_note: str, skipped: list[str]) -
 
 
 def scaling_table(records: list[dict[str, Any]]) -> str:
-    """Markdown: the scaling table, one row per model and setup, one column per batch size (last run).
+    """Markdown: the scaling table, one row per model and setup, one column per batch size.
 
-    A cell is the step time relative to non-private and the peak memory of a step (the non-private row gives
-    its step time instead of the ratio); "-" where the setup was not run (skipped, or not in the grid).
+    A cell is the step time relative to non-private (the cell's median over the rounds of every run), its
+    spread and the peak memory of a step, with "unstable" where the spread exceeds 10 %; the non-private row
+    gives its step time (last run) instead of the ratio; "-" where the setup was not run (skipped, or not in
+    the grid).
     """
     last_run = max(r["run"] for r in records)
     chosen = [r for r in records if r["run"] == last_run]
@@ -459,9 +516,12 @@ def scaling_table(records: list[dict[str, Any]]) -> str:
     for r in chosen:
         setup = "non-private" if r["method"] == "nonprivate" else f"{r['method']}/{r['path']}"
         memory = f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
-        timing = (
-            f"{r['step_time_s'] * 1e3:.2f} ms" if r["method"] == "nonprivate" else f"{r['ratio_to_nonprivate']:.2f}x"
-        )
+        if r["method"] == "nonprivate":
+            timing = f"{r['step_time_s'] * 1e3:.2f} ms"
+        else:
+            cell = r["cell"]
+            flag = "" if not cell["unstable"] else ", unstable"
+            timing = f"{cell['ratio']:.2f}x ({_percent(cell['spread'])}{flag})"
         cells.setdefault((MODEL_LABELS.get(r["model"], r["model"]), setup), {})[r["batch_size"]] = f"{timing}, {memory}"
     header = ["model", "setup"] + [f"B = {b}" for b in batch_sizes]
     rows = [[model, setup] + [by_batch.get(b, "-") for b in batch_sizes] for (model, setup), by_batch in cells.items()]
@@ -469,7 +529,7 @@ def scaling_table(records: list[dict[str, Any]]) -> str:
 
 
 def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
-    """Ratio to non-private (last run) per setup, one panel per batch size, one bar per model."""
+    """Each cell's ratio to non-private (median over rounds, bar from Q1 to Q3) per setup, a panel per batch size."""
     apply_style()
     import matplotlib.pyplot as plt
 
@@ -482,13 +542,18 @@ def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
     width = 0.8 / max(len(models), 1)
     for ax, batch_size in zip(axes[0], batch_sizes, strict=True):
         for k, model in enumerate(models):
-            ratios = {
-                f"{r['method']}/{r['path']}": r["ratio_to_nonprivate"]
+            cells = {
+                f"{r['method']}/{r['path']}": r["cell"]
                 for r in chosen
                 if r["model"] == model and r["batch_size"] == batch_size
             }
             xs = [i + (k - (len(models) - 1) / 2) * width for i in range(len(setups))]
-            ax.bar(xs, [ratios.get(s, float("nan")) for s in setups], width=width, label=MODEL_LABELS.get(model, model))
+            absent = {"ratio": float("nan"), "q1": None, "q3": None}
+            bars = [cells.get(s, absent) for s in setups]
+            medians = [c["ratio"] for c in bars]
+            low = [c["ratio"] - c["q1"] if c["q1"] is not None else 0.0 for c in bars]
+            high = [c["q3"] - c["ratio"] if c["q3"] is not None else 0.0 for c in bars]
+            ax.bar(xs, medians, width=width, yerr=[low, high], capsize=1.5, label=MODEL_LABELS.get(model, model))
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         ax.set_xticks(range(len(setups)), setups, rotation=70, ha="right", fontsize=8)
@@ -528,11 +593,17 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--methods", nargs="+", choices=OUR_METHODS, help=f"default {list(OUR_METHODS)}")
     cli.add_argument("--paths", nargs="+", choices=PATHS, help=f"default {list(PATHS)}")
     cli.add_argument("--baselines", nargs="*", choices=BASELINES, help=f"default {list(BASELINES)}")
-    cli.add_argument("--repeats", type=int, help=f"timed samples per setup and run (default {FULL['repeats']})")
+    cli.add_argument(
+        "--repeats", type=int, help=f"rounds per run, each timing one sample of every setup (default {FULL['repeats']})"
+    )
     cli.add_argument(
         "--warmup", type=int, help=f"untimed steps per setup before the first run (default {FULL['warmup']})"
     )
-    cli.add_argument("--runs", type=int, help=f"whole measurements in this process (default {FULL['runs']})")
+    cli.add_argument(
+        "--runs",
+        type=int,
+        help=f"whole measurements in this process; a cell pools their rounds (default {FULL['runs']})",
+    )
     cli.add_argument("--threads", type=int, help="torch CPU threads (default 1: stable timings on a shared machine)")
     cli.add_argument("--device", help="cpu (default) or cuda[:i]")
     cli.add_argument(
@@ -637,8 +708,13 @@ def main(argv: list[str] | None = None) -> int:
     note = (
         f"Step time relative to non-private training, same process ({device}; torch {torch.__version__}; "
         f"sigma = {NOISE_MULTIPLIER}, timing only, no privacy claim). "
-        f"Median of {options['repeats']} round-robin samples per run; "
-        f"'x CPU time' uses this thread's CPU time{cpu_time_note}. "
+        f"{options['repeats']} rounds per run, {options['runs']} run(s); a round times every setup once, "
+        "round-robin, and a per-round ratio divides a setup's sample by the non-private sample of the same round. "
+        "'x non-private': the median of the per-round ratios of every run; 'spread': (Q3 - Q1) / median of those "
+        f"ratios (interquartile range over the median); 'stable?': unstable when the spread exceeds "
+        f"{100 * UNSTABLE_SPREAD:.0f} % or there is a single round (do not quote an unstable ratio); "
+        "'run k' columns: the median of run k's per-round ratios. "
+        f"'x CPU time (run k)': the same median with this thread's CPU time{cpu_time_note}. "
         "Peak memory: torch allocations during a step above those before it "
         f"({'CUDA max_memory_allocated' if on_cuda else 'profiler allocation events'}); "
         "largest tensor: the largest tensor any operation of a step returns; "
@@ -649,8 +725,9 @@ def main(argv: list[str] | None = None) -> int:
     write_text_atomic(args.json, json.dumps(records, indent=1) + "\n")
     scaling = (
         "\n## Scaling with batch size and width\n\n"
-        "Step time relative to non-private (the non-private row: its step time) and peak memory of a step, "
-        f"per batch size (last run; same process and setting as above).\n\n{scaling_table(records)}"
+        "Step time relative to non-private (median over the rounds of every run, its spread in brackets; the "
+        "non-private row: its step time in the last run) and peak memory of a step, per batch size "
+        f"(same process and setting as above).\n\n{scaling_table(records)}"
     )
     write_text_atomic(args.table, table(records, note, skipped) + scaling)
     figure(records, args.figure, f"Private step time / non-private step time ({device})")

@@ -7,10 +7,11 @@ Opacus ghost clipping, at
 * MLP 784-100-10 and ScatterNet features + linear (3969-10), B = 8192 (Opacus hooks skipped: [B, d] > 1 GiB);
 * the tanh CNN, B = 64 and 600.
 
-Ratios are to the non-private setup built and timed round-robin with them (``bench.measure``; medians over
-samples; two runs in the same process).  The targets table compares the last run's ratio (and the other
-run's) with the issue's targets; for each missed target a ``torch.profiler`` profile of one step of the setup
-(and of the non-private step beside it) shows where the time goes.
+Ratios are to the non-private setup built and timed round-robin with them (``bench.measure``: per-round
+ratios, two runs in the same process, each cell the median over the rounds of both runs with its spread).
+The targets table compares each cell's ratio with the issue's target: met or missed where the cell is stable
+(spread at most 10 %), "unstable" otherwise; for each missed target a ``torch.profiler`` profile of one step
+of the setup (and of the non-private step beside it) shows where the time goes.
 
     PYTHONPATH=src .venv/bin/python probes/bench_scaling.py     # writes reports/probes/bench_scaling.{md,json}
     PYTHONPATH=src .venv/bin/python probes/bench_scaling.py --quick  # smoke test: B = 16 only, no file
@@ -93,26 +94,26 @@ def profile(bench: Any, model: str, batch_size: int, method: str, rows: int = 12
 
 
 def targets_table(records: list[dict[str, Any]]) -> tuple[str, list[tuple[str, int, str]]]:
+    """Each target's cell: its ratio and spread, each run's ratio, and met / missed (stable cells) or unstable."""
     runs = sorted({r["run"] for r in records})
-    ratios = {
-        (r["model"], r["batch_size"], r["method"], r["run"]): r["ratio_to_nonprivate"]
-        for r in records
-        if r["path"] in ("fast", "-")
-    }
+    by_run = {(r["model"], r["batch_size"], r["method"], r["run"]): r for r in records if r["path"] in ("fast", "-")}
     rows, missed = [], []
     for model, batch_size, method, target in TARGETS:
-        measured = [ratios.get((model, batch_size, method, run)) for run in runs]
+        measured = [by_run.get((model, batch_size, method, run)) for run in runs]
         if measured[-1] is None:
             continue
-        met = measured[-1] <= target
-        if not met:
+        cell = measured[-1]["cell"]
+        verdict = "unstable" if cell["unstable"] else "met" if cell["ratio"] <= target else "missed"
+        if verdict == "missed":
             missed.append((model, batch_size, method))
+        spread = "-" if cell["spread"] is None else f"{100 * cell['spread']:.0f} %"
         rows.append(
-            [model, batch_size, method, f"<= {target}"]
-            + [f"{m:.2f}" if m is not None else "-" for m in measured]
-            + ["met" if met else "missed"]
+            [model, batch_size, method, f"<= {target}", f"{cell['ratio']:.2f}", spread]
+            + [f"{m['ratio_to_nonprivate']:.2f}" if m is not None else "-" for m in measured]
+            + [verdict]
         )
-    header = ["model", "B", "method", "target"] + [f"x non-private (run {run})" for run in runs] + ["last run"]
+    header = ["model", "B", "method", "target", "x non-private", "spread"]
+    header += [f"x non-private (run {run})" for run in runs] + ["verdict"]
     return markdown_table(header, rows), missed
 
 
@@ -152,8 +153,10 @@ def main() -> int:
         "# Scaling table and speed targets (issue 18)\n\n"
         f"`probes/bench_scaling.py` ({device}; torch {torch.__version__}; sigma = {bench.NOISE_MULTIPLIER}; "
         f"{elapsed / 60:.1f} min). Every cell is measured in one process, each ratio against the non-private "
-        "setup built and timed round-robin with it (median over 7 samples per run; two runs). The machine "
-        "is shared: other jobs ran on its 2 cores, so ratios move by about 0.1-0.3 between runs. Private "
+        "setup built and timed round-robin with it: a per-round ratio pairs a setup's sample with the "
+        "non-private sample of the same round; a cell is the median over 7 rounds per run and two runs, its "
+        "spread (Q3 - Q1) / median of those ratios, unstable above 10 %. The machine is shared: other jobs "
+        "ran on its 2 cores. Private "
         "steps draw their next step's noise in a worker thread (it may use the second core).\n\n"
         "## Scaling: step time relative to non-private and peak memory of a step, per batch size\n\n"
         + bench.scaling_table(records)

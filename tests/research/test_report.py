@@ -132,10 +132,14 @@ SUMMARY = {
     },
     "compute": {
         "mlp/B=64": {
-            "adaclip/fast": {"ratio_to_nonprivate": 9.0},
-            "fixed/fast": {"ratio_to_nonprivate": 3.0},
-            "opacus/hooks": {"ratio_to_nonprivate": 12.0},
+            "nonprivate/-": {"ratio_to_nonprivate": 1.0, "spread": 0.0, "unstable": False},
+            "adaclip/fast": {"ratio_to_nonprivate": 9.0, "spread": 0.04, "unstable": False},
+            "fixed/fast": {"ratio_to_nonprivate": 3.0, "spread": 0.06, "unstable": False},
+            "auto/fast": {"ratio_to_nonprivate": 1.2, "spread": 0.3, "unstable": True},
+            "opacus/hooks": {"ratio_to_nonprivate": 12.0, "spread": 0.05, "unstable": False},
+            "opacus/ghost": {"ratio_to_nonprivate": 4.5, "spread": 0.5, "unstable": True},
         },
+        "mlp/B=600": {"fixed/fast": {"ratio_to_nonprivate": 1.4, "spread": 0.2, "unstable": True}},
     },
     "audit": {
         "fixed": {"kind": "rule", "passed": True, "theoretical_epsilon": 3.0, "lower_bound": 0.5},
@@ -205,6 +209,51 @@ def test_the_noise_finding_states_the_comparable_units_and_adaclips_own_bound():
     assert "spreads over a factor 1000 would allow the optimal transform 0.29× DP-SGD's noise power" in text
 
 
+def test_the_compute_finding_quotes_only_stable_benchmark_cells():
+    text = findings(SUMMARY)["compute"]
+    # AUTO-S (1.2x) and Opacus ghost are unstable: the range runs from DP-SGD, and ghost clipping is not quoted
+    assert "mlp/B=64: 3.00× (DP-SGD (fixed C)) to 9.00× (AdaCliP) on the fast path (opacus/hooks 12.00×)" in text
+    assert "1.20×" not in text and "ghost" not in text and "4.50×" not in text
+    assert "mlp/B=600" not in text and "1.40×" not in text  # no stable cell at B = 600
+    assert "3 unstable cell(s) not quoted" in text  # the two at B = 64 and the one at B = 600
+    summary = copy.deepcopy(SUMMARY)
+    del summary["compute"]["mlp/B=600"]
+    summary["compute"]["mlp/B=64"] = {
+        n: {**r, "unstable": True} for n, r in summary["compute"]["mlp/B=64"].items() if n != "nonprivate/-"
+    }
+    assert "no stable cell. 5 unstable cell(s) not quoted" in findings(summary)["compute"]
+
+
+def test_summarise_takes_each_benchmark_cells_pooled_ratio_and_flag():
+    cell = {"ratio": 2.5, "q1": 2.0, "q3": 3.0, "spread": 0.4, "rounds": 6, "unstable": True}
+    rows = [
+        {
+            "model": "mlp",
+            "batch_size": 64,
+            "method": "auto",
+            "path": "fast",
+            "run": run,
+            "cell": cell,
+            "ratio_to_nonprivate": ratio,
+            "step_time_s": step,
+            "examples_per_s": 64 / step,
+        }
+        for run, ratio, step in ((1, 2.0, 0.002), (2, 3.0, 0.004))
+    ]
+    compute = report._compute(rows)
+    assert compute == {
+        "mlp/B=64": {
+            "auto/fast": {
+                "ratio_to_nonprivate": 2.5,  # the pooled median, not the mean of the runs' medians
+                "spread": 0.4,
+                "unstable": True,
+                "step_time_s": pytest.approx(0.003),
+                "examples_per_s": pytest.approx((32000 + 16000) / 2),
+            }
+        }
+    }
+
+
 def test_the_tuning_finding_reads_the_grid_and_its_metric():
     text = findings(SUMMARY)["tuning"]
     assert "within 1 point of each method's best validation accuracy" in text
@@ -238,6 +287,13 @@ NOT_STATED = {
     "diagnostics.diabetes.fixed.parameter_noise",
     "accuracy.scatternet.by_epsilon.1",  # only the main epsilon is quoted
     "size.fixed",  # the finding quotes AdaCliP's gap to DP-SGD
+    "compute.mlp/B=64.nonprivate/-",  # the reference of every ratio
+    "compute.mlp/B=64.auto/fast",  # unstable cells are not quoted
+    "compute.mlp/B=64.opacus/ghost",
+    "compute.mlp/B=600",
+    "compute.mlp/B=64.adaclip/fast.spread",  # spreads are in the table; the sentence quotes stable cells only
+    "compute.mlp/B=64.fixed/fast.spread",
+    "compute.mlp/B=64.opacus/hooks.spread",
     "size.adaclip.1000.mean",
     "size.adaclip.1000.low",
     "size.adaclip.1000.high",

@@ -121,11 +121,16 @@ class _Transform:
         return (self.scale_squared * squared).sqrt()
 
     def inverse(self, vector: Tensor) -> Tensor:
-        """``M^-1 v = c^-1 (U diag(lambda^1/4) U^T v + lambda_rest^1/4 (I - U U^T) v)``."""
+        """``M^-1 v = c^-1 (U diag(lambda^1/4) U^T v + lambda_rest^1/4 (I - U U^T) v)``.
+
+        With a rest, computed as ``c^-1 (lambda_rest^1/4 v + U diag(lambda^1/4 - lambda_rest^1/4) U^T v)``: one
+        pass over ``U`` each way.
+        """
         coords = self.basis.T @ vector
-        mapped = self.basis @ (coords * self.eigenvalues.pow(0.25))
-        if self.rest_dim:
-            mapped = mapped + self.residual.pow(0.25) * (vector - self.basis @ coords)
+        if not self.rest_dim:
+            return self.basis @ (coords * self.eigenvalues.pow(0.25)) / self.scale_squared.sqrt()
+        rest_root = self.residual.pow(0.25)
+        mapped = torch.addmv(rest_root * vector, self.basis, coords * (self.eigenvalues.pow(0.25) - rest_root))
         return mapped / self.scale_squared.sqrt()
 
     def noise_covariance(self) -> tuple[Tensor, Tensor]:
@@ -387,19 +392,33 @@ class GeoClip(ClipRule):
         rest_dim = dim - k
         rest_value = self.beta2 * state.residual - weight * noise_rest
         if extend:
-            frame = torch.cat([U, (split.outside / split.rho).unsqueeze(1)], dim=1)
             along = torch.cat([split.coords, split.rho.reshape(1)])
             previous = torch.cat([state.eigenvalues, state.residual.reshape(1)])
             noise = torch.cat([noise_basis, noise_rest.reshape(1)])
         else:
-            frame, along, previous, noise = U, split.coords, state.eigenvalues, noise_basis
+            along, previous, noise = split.coords, state.eigenvalues, noise_basis
         small = torch.diag(self.beta2 * previous - weight * noise) + weight * torch.outer(along, along)
         eigenvalues, rotation = _symmetric_eigh(small)  # ascending
         if not extend:
-            return frame @ rotation, eigenvalues, rest_value
+            return _rotate(U, rotation), eigenvalues, rest_value
         dropped = eigenvalues[0]
         residual = ((rest_dim - 1) * rest_value + dropped) / rest_dim
-        return frame @ rotation[:, 1:], eigenvalues[1:], residual
+        new_direction = (split.outside / split.rho, rotation[k, 1:])
+        return _rotate(U, rotation[:k, 1:], new_direction), eigenvalues[1:], residual
+
+
+def _rotate(basis: Tensor, rotation: Tensor, new_direction: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """``basis @ rotation``, plus ``outer(q, r)`` for ``new_direction = (q, r)``: ``[basis, q] @ [rotation; r]``.
+
+    The product is formed as ``rotation^T basis^T`` (``[k, d]``, one row per new vector) and transposed once,
+    without concatenating ``[basis, q]``: on CPU a ``[d, k] @ [k, k]`` product written row-major ``[d, k]``
+    is several times slower for small ``k``.
+    """
+    rows = torch.mm(rotation.T.contiguous(), basis.T)
+    if new_direction is not None:
+        vector, coefficients = new_direction
+        rows.addr_(coefficients, vector)
+    return rows.T.contiguous()
 
 
 @dataclass(frozen=True)

@@ -248,7 +248,9 @@ def _audit(audit: dict[str, Any]) -> dict[str, Any]:
 
 
 def _compute(bench: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Step time relative to non-private (mean over the benchmark's runs), per (model, batch size, method, path)."""
+    """Per (model, batch size, method, path): the benchmark cell's step time relative to non-private (median of
+    the per-round ratios of every run), its spread ((Q3 - Q1) / median of those ratios) and whether the benchmark
+    marked it unstable (spread above 10 %), and the step time and throughput (mean over the runs)."""
     grouped: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for row in bench:
         key = f"{row['model']}/B={row['batch_size']}"
@@ -256,8 +258,10 @@ def _compute(bench: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         key: {
             setup: {
-                name: float(np.mean([r[name] for r in rows]))
-                for name in ("ratio_to_nonprivate", "step_time_s", "examples_per_s")
+                "ratio_to_nonprivate": rows[0]["cell"]["ratio"],
+                "spread": rows[0]["cell"]["spread"],
+                "unstable": rows[0]["cell"]["unstable"],
+                **{name: float(np.mean([r[name] for r in rows])) for name in ("step_time_s", "examples_per_s")},
             }
             for setup, rows in setups.items()
         }
@@ -487,8 +491,9 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
     compute = summary.get("compute")
     if compute:
         parts = []
+        unstable = sum(r["unstable"] for rows in compute.values() for n, r in rows.items() if n != "nonprivate/-")
         for key in sorted(compute, key=lambda k: (k.split("/B=")[0], int(k.split("B=")[1]))):
-            rows = compute[key]
+            rows = {n: r for n, r in compute[key].items() if not r["unstable"]}
             ours_fast = {n.split("/")[0]: r["ratio_to_nonprivate"] for n, r in rows.items() if n.endswith("/fast")}
             if not ours_fast:
                 continue
@@ -501,9 +506,13 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
                 f"{ours_fast[high]:.2f}× ({analysis.label(high)}) "
                 f"on the fast path ({opacus})"
             )
-        if parts:
+        if parts or unstable:
             result["compute"] = (
-                "Step time relative to non-private training, measured in one process: " + "; ".join(parts) + "."
+                "Step time relative to non-private training, measured in one process (median over interleaved "
+                "rounds; only cells whose spread, (Q3 − Q1) / median of the per-round ratios, is at most 10 %): "
+                + ("; ".join(parts) if parts else "no stable cell")
+                + "."
+                + (f" {unstable} unstable cell(s) not quoted (`tables/bench.md`)." if unstable else "")
             )
 
     heterogeneity = summary.get("heterogeneity")
