@@ -144,6 +144,8 @@ def test_accountant_state_dict_has_opacus_shape_and_opacus_reads_it():
 
 def test_a_history_loaded_before_make_private_is_answered_and_then_continued():
     engine = PrivacyEngine(seed=5)
+    engine.accountant.load_state_dict({"history": [(SIGMA, BATCH / N, 0)], "mechanism": "prv"})
+    assert engine.get_epsilon(DELTA) == 0.0 and engine.accountant.history == []
     engine.accountant.load_state_dict({"history": [(SIGMA, BATCH / N, 3), (SIGMA, BATCH / N, 2)], "mechanism": "prv"})
     assert engine.get_epsilon(DELTA) == epsilon(noise_multiplier=SIGMA, sample_rate=BATCH / N, steps=5, delta=DELTA)
     model = nn.Linear(6, 3)

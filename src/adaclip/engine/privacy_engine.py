@@ -125,7 +125,7 @@ class EngineAccountant:
                 "this engine has one; continue it with the settings it was saved with"
             )
         steps = sum(int(count) for _, _, count in state_dict["history"])
-        self._loaded = None if not settings else (*settings.pop(), steps)
+        self._loaded = (*settings.pop(), steps) if settings and steps else None
         if self.optimizer is not None:
             self._apply_loaded(self.optimizer)
 
