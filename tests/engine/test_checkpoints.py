@@ -69,7 +69,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(method, tmp_path):
 
     engine, module, optimizer, loader = _private(method, seed=6, init_seed=1, accountant="rdp")
     left = engine.load_checkpoint(path=tmp_path / "run.pt", module=module, optimizer=optimizer)
-    assert left == {}
+    assert sorted(left) == ["module_state_dict", "privacy_accountant_state_dict"]  # what Opacus returns
     assert torch.equal(_parameters(module), halfway)
     assert optimizer.steps_taken == len(loader) == 4
     _train(module, optimizer, loader, 1)
@@ -128,7 +128,7 @@ def test_the_callers_entries_and_a_file_object_round_trip():
     engine.save_checkpoint(path=buffer, module=module, optimizer=optimizer, checkpoint_dict={"epoch": 1})
     buffer.seek(0)
     engine, module, optimizer, loader = _private("quantile", seed=5)
-    assert engine.load_checkpoint(path=buffer, module=module, optimizer=optimizer) == {"epoch": 1}
+    assert engine.load_checkpoint(path=buffer, module=module, optimizer=optimizer)["epoch"] == 1
 
 
 def test_accountant_state_dict_has_opacus_shape_and_opacus_reads_it():

@@ -88,12 +88,13 @@ def restore_checkpoint(
 ) -> dict[str, Any]:
     """Load ``checkpoint``'s states into the given objects, as ``load_checkpoint`` does; return what is left.
 
-    ``load_accountant_state`` is the accountant's ``load_state_dict``.  The entries loaded are popped,
-    so the returned dict holds the caller's own ``checkpoint_dict`` entries.  Warns, as Opacus does,
-    when the checkpoint has an optimizer state but no optimizer is given, or the other way round.
+    ``load_accountant_state`` is the accountant's ``load_state_dict``.  As Opacus's ``load_checkpoint``, it
+    returns the checkpoint without the optimizer's and the schedulers' states (and the sampler's): the
+    module's and the accountant's states and the caller's own ``checkpoint_dict`` entries.  Warns, as Opacus
+    does, when the checkpoint has an optimizer state but no optimizer is given, or the other way round.
     """
-    module.load_state_dict(checkpoint.pop("module_state_dict"), **(module_load_dict_kwargs or {}))
-    load_accountant_state(checkpoint.pop("privacy_accountant_state_dict"))
+    module.load_state_dict(checkpoint["module_state_dict"], **(module_load_dict_kwargs or {}))
+    load_accountant_state(checkpoint["privacy_accountant_state_dict"])
     optimizer_state = checkpoint.pop("optimizer_state_dict", None)
     clip_scheduler_state = checkpoint.pop("grad_clip_scheduler_state_dict", None)
     if optimizer is not None and optimizer_state:

@@ -350,7 +350,8 @@ class PrivacyEngine:
         torch_load_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Opacus's ``load_checkpoint``: restore :meth:`save_checkpoint`'s file into the objects given and this
-        engine's accountant and sampler; return the checkpoint's remaining entries (the caller's own).
+        engine's accountant and sampler; return the checkpoint as Opacus does (the module's and the accountant's
+        states and the caller's own ``checkpoint_dict`` entries).
 
         Call it after :meth:`make_private`, with the module and optimizer it returned, as with Opacus; the
         run then continues exactly where it was saved, and epsilon counts the steps before the checkpoint.
@@ -363,7 +364,6 @@ class PrivacyEngine:
                 "then load_checkpoint(path=..., module=model, optimizer=optimizer)"
             )
         checkpoint = torch.load(path, **{"weights_only": True, **(torch_load_kwargs or {})})
-        saved_history = checkpoint["privacy_accountant_state_dict"]["history"]
         rest = restore_checkpoint(
             checkpoint,
             module=module,
@@ -374,7 +374,7 @@ class PrivacyEngine:
             grad_clip_scheduler=grad_clip_scheduler,
             module_load_dict_kwargs=module_load_dict_kwargs,
         )
-        saved_steps = sum(int(count) for _, _, count in saved_history)
+        saved_steps = sum(int(count) for _, _, count in rest["privacy_accountant_state_dict"]["history"])
         if self.accountant.optimizer.steps_taken != saved_steps:
             raise ValueError(
                 f"the checkpoint's accountant counts {saved_steps} steps but its optimizer state "
