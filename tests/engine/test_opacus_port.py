@@ -549,3 +549,27 @@ def test_noise_multiplier_is_read_only():
     _, optimizer, _ = private("fixed")
     with pytest.raises(ValueError, match="noise_multiplier is fixed for the run"):
         optimizer.noise_multiplier = 2.0
+
+
+def test_both_entry_points_default_to_opacus_dp_sgd():
+    """A ported script gets Opacus's algorithm unless it asks for another: ``"fixed"`` for both entry points."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    _, optimizer, _ = make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(toy(), batch_size=20),
+        noise_multiplier=1.0,
+        max_grad_norm=0.7,
+    )
+    _, engine_optimizer, _ = engine_run(PrivacyEngine(), max_grad_norm=0.7, epochs=0)
+    for private_optimizer in (optimizer, engine_optimizer):
+        assert type(private_optimizer.rule) is adaclip.FixedClip and private_optimizer.rule.clip_norm == 0.7
+
+
+def test_every_registered_rule_is_importable_from_adaclip():
+    from adaclip import AdamBC, MacAdam  # noqa: F401  (the import is the test)
+
+    for entry in METHODS.values():
+        name = entry.rule.__name__
+        assert name in adaclip.__all__ and getattr(adaclip, name) is entry.rule, name

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset, default_collate
 from adaclip._validate import require_int, require_one_of, require_open_unit, require_positive
 from adaclip.engine import distributed as dist_utils
 from adaclip.engine.bookkeeping import BookkeepingGradSampleModule, LayoutGradSampleModule, name_parameters
+from adaclip.engine.ddp import resolve_data_parallel
 from adaclip.engine.opacus_arguments import translate
 from adaclip.engine.optimizer import (
     NONFINITE_POLICIES,
@@ -101,7 +102,7 @@ def make_private(
     module: nn.Module,
     optimizer: Optimizer,
     data_loader: DataLoader[Any],
-    method: str = "adaclip",
+    method: str = "fixed",
     noise_multiplier: float | None = None,
     target_epsilon: float | None = None,
     delta: float | None = None,
@@ -115,7 +116,7 @@ def make_private(
     nonfinite: NonFinite = "drop",
     **method_params: object,
 ) -> tuple[GradSampleModule, AdaptiveClipDPOptimizer, PoissonDataLoader]:
-    """Make training private with clipping rule ``method``, like ``opacus.PrivacyEngine.make_private``.
+    """Make training private with clipping rule ``method`` (default ``"fixed"``: Opacus's DP-SGD), like Opacus.
 
     Returns a ``GradSampleModule``, an :class:`AdaptiveClipDPOptimizer` and a Poisson-sampling
     ``DataLoader`` with rate ``q = batch_size / len(dataset)``; one epoch is ``int(1 / q)`` steps.
@@ -174,6 +175,7 @@ def make_private(
         raise ValueError(
             "data_loader must be a torch DataLoader with an integer batch_size (the expected batch size B)"
         )
+    module, distributed = resolve_data_parallel(module, data_loader, distributed)
     opacus = translate(method, method_params, delta=delta, per_example=per_example)
     method_params, delta, per_example = opacus.method_params, opacus.delta, opacus.per_example
     check_method(method, method_params)
