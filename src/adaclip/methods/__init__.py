@@ -40,7 +40,7 @@ class Method:
     scale with ``C``), so that a learning rate is best read per unit of scale (``lr x C``);
     ``releases_step`` says that the rule releases an optimiser step (an Adam direction built from the
     released gradient) rather than a gradient, to be applied by plain SGD without momentum;
-    ``canary`` the audit view of :mod:`adaclip.privacy.audit`; ``paper`` the reference.
+    ``canary`` the audit view of :mod:`adaclip.audit`; ``paper`` the reference.
     """
 
     rule: type[ClipRule]

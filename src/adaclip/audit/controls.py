@@ -1,4 +1,4 @@
-"""DELIBERATELY BROKEN clipping rules: the negative controls of :mod:`adaclip.privacy.audit`.  Never train with them.
+"""DELIBERATELY BROKEN clipping rules: the negative controls of :mod:`adaclip.audit`.  Never train with them.
 
 Each class breaks exactly one privacy rule that every correct rule obeys (see
 :mod:`adaclip.methods.base`), the way DP-SGD implementations are known to break it silently, and
@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adaclip.audit.config import AuditConfig, AuditResult
+from adaclip.audit.rule import audit_rule
 from adaclip.methods import METHODS, ClippedSum, ClipRule, Stats
 from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState
 from adaclip.methods.fixed import FixedClip
 from adaclip.methods.quantile import QuantileClip, QuantileClipState
-from adaclip.privacy.audit.config import AuditConfig, AuditResult
-from adaclip.privacy.audit.rule import audit_rule
 
 
 class FixedClipWithoutClipping(FixedClip):

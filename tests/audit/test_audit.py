@@ -21,11 +21,7 @@ from test_accounting_conformance import gaussian_delta as closed_form_delta
 from test_accounting_conformance import gaussian_epsilon
 
 import adaclip
-from adaclip.methods import METHODS, AdaCliP, AdaClipState, CanaryAdapter, build_rule
-from adaclip.methods.adaclip import ESTIMATORS, AdaCliPAdapter
-from adaclip.privacy import audit
-from adaclip.privacy.accounting import epsilon
-from adaclip.privacy.audit import (
+from adaclip.audit import (
     PASS_MEANING,
     GaussianLowerBound,
     audit_config,
@@ -40,8 +36,12 @@ from adaclip.privacy.audit import (
     standardised_mean_shift,
     warm_state,
 )
-from adaclip.privacy.audit import gaussian_epsilon as audit_gaussian_epsilon
-from adaclip.privacy.audit.controls import CONTROLS, FixedClipWithoutClipping, audit_control, build_control
+from adaclip.audit import gaussian_epsilon as audit_gaussian_epsilon
+from adaclip.audit.controls import CONTROLS, FixedClipWithoutClipping, audit_control, build_control
+from adaclip.methods import METHODS, AdaCliP, AdaClipState, CanaryAdapter, build_rule
+from adaclip.methods.adaclip import ESTIMATORS, AdaCliPAdapter
+from adaclip.privacy import audit
+from adaclip.privacy.accounting import epsilon
 
 OPTIMIZER_METHODS = ["fixed", "adaclip", "macadam", "adambc"]  # the Adam rules: g~ read back from the state
 CHECKS = len(METHODS) + len(OPTIMIZER_METHODS) + len(ESTIMATORS)  # every AdaCliP estimator is audited as well
