@@ -23,7 +23,7 @@ __version__ = "0.2.0"
 __all__ = [
     "METHODS",
     "AdaCliP",
-    "AdaClipState",
+    "AdaCliPState",
     "AdaptiveClipDPOptimizer",
     "AutoClip",
     "ClipRule",
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from adaclip.methods import (
         METHODS,
         AdaCliP,
-        AdaClipState,
+        AdaCliPState,
         AutoClip,
         ClipRule,
         FixedClip,

@@ -38,7 +38,7 @@ from adaclip.audit import (
 )
 from adaclip.audit import gaussian_epsilon as audit_gaussian_epsilon
 from adaclip.audit.controls import CONTROLS, FixedClipWithoutClipping, audit_control, build_control
-from adaclip.methods import METHODS, AdaCliP, AdaClipState, CanaryAdapter, build_rule
+from adaclip.methods import METHODS, AdaCliP, AdaCliPState, CanaryAdapter, build_rule
 from adaclip.methods.adaclip import ESTIMATORS, AdaCliPAdapter
 from adaclip.privacy import audit
 from adaclip.privacy.accounting import epsilon
@@ -246,7 +246,7 @@ def test_every_adaclip_estimator_has_an_exact_inverse_and_shift(estimator):
 
 def test_warm_state_is_not_the_initial_one():
     _, rule, state = rule_and_state("adaclip")  # the default estimator, quantile_scale
-    assert isinstance(state, AdaClipState)
+    assert isinstance(state, AdaCliPState)
     assert state.mean.abs().min() > 0  # a != 0
     # b non-uniform: b ~ v^(1/4), so a ratio of 1.15 means per-coordinate variance estimates a factor 1.75 apart
     assert state.scale.max() / state.scale.min() > 1.15

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState, QuantileScaleState
+from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaCliPState, QuantileScaleState
 from adaclip.methods.adambc import AdamBC, AdamBCAdapter, AdamState
 from adaclip.methods.auto import AutoClip, AutoClipAdapter
 from adaclip.methods.base import ClippedSum, ClipRule, Stats, clip_factors, supports_norm_path
@@ -109,7 +109,7 @@ __all__ = [
     "METHODS",
     "PER_LAYER_METHODS",
     "AdaCliP",
-    "AdaClipState",
+    "AdaCliPState",
     "AdamBC",
     "AdamState",
     "AutoClip",
