@@ -21,6 +21,7 @@ from test_accounting_conformance import gaussian_delta as closed_form_delta
 from test_accounting_conformance import gaussian_epsilon
 
 import adaclip
+from adaclip import audit
 from adaclip.audit import (
     PASS_MEANING,
     GaussianLowerBound,
@@ -40,7 +41,6 @@ from adaclip.audit import gaussian_epsilon as audit_gaussian_epsilon
 from adaclip.audit.controls import CONTROLS, FixedClipWithoutClipping, audit_control, build_control
 from adaclip.methods import METHODS, AdaCliP, AdaCliPState, CanaryAdapter, build_rule
 from adaclip.methods.adaclip import ESTIMATORS, AdaCliPAdapter
-from adaclip.privacy import audit
 from adaclip.privacy.accounting import epsilon
 
 OPTIMIZER_METHODS = ["fixed", "adaclip", "macadam", "adambc"]  # the Adam rules: g~ read back from the state
