@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -88,12 +89,22 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip.engine import make_private
+from adaclip.research.io import apply_style, markdown_table, save_figure, write_text_atomic
 from adaclip.research.models import build_model
-from adaclip.research.reporting import apply_style, markdown_table, save_figure, write_text_atomic
+
+
+def largest_tensor_mode() -> Any:
+    """A fresh ``LargestTensor`` dispatch mode, the one of ``tests/engine/tensor_sizes.py`` (loaded from its file)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "engine" / "tensor_sizes.py"
+    spec = importlib.util.spec_from_file_location("tensor_sizes", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LargestTensor()
+
 
 IMAGE = (1, 28, 28)
 SCATTERNET = (81, 7, 7)
@@ -337,26 +348,11 @@ def peak_step_memory(setup: Setup, device: str, steps: int = 3) -> int:
     return max(peaks)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the size in bytes of the largest tensor any operation returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, (list, tuple)) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel() * tensor.element_size())
-        return out
-
-
 def largest_step_tensor(setup: Setup) -> int:
     """Bytes of the largest tensor created during one step (a ``[B, d]`` matrix shows up here)."""
-    with _LargestTensor() as tracker:
+    with largest_tensor_mode() as tracker:
         setup.step()
-    return tracker.largest
+    return tracker.largest_bytes
 
 
 def measure(

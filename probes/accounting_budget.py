@@ -25,7 +25,7 @@ from adaclip.privacy.accounting import (
     _epsilon_unchecked,
     grid_points,
 )
-from adaclip.research.reporting import markdown_table, write_text_atomic
+from adaclip.research.io import markdown_table, write_text_atomic
 
 SETTINGS = [  # (sigma, q, steps)
     (1.0, 0.0047, 2150),  # Fashion-MNIST, B = 256, 10 epochs

@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from adaclip import make_private
 from adaclip.research.data import IDX_SOURCES, locate_idx
 from adaclip.research.data import read_idx as adaclip_read_idx
-from adaclip.research.reporting import write_text_atomic
+from adaclip.research.io import write_text_atomic
 
 OUT_PATH = Path(__file__).resolve().parents[1] / "reports" / "probes" / "adaclip_defaults.md"
 EPSILON, DELTA, ACCOUNTANT, BATCH_SIZE = 1.0, 1e-5, "prv", 250

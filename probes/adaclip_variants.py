@@ -61,8 +61,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private, noise_multiplier_for
 from adaclip.research.data import load_dataset, synthetic_logistic
+from adaclip.research.io import markdown_table, write_text_atomic
 from adaclip.research.models import build_model
-from adaclip.research.reporting import markdown_table, write_text_atomic
 
 OUT_PATH = Path(__file__).resolve().parents[1] / "reports" / "probes" / "adaclip_variants.md"
 EPSILON, DELTA, ACCOUNTANT, BATCH_SIZE, EPOCHS = 3.0, 1e-5, "prv", 256, 3

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from adaclip.privacy.audit import audit_config, audit_method, audit_optimizer
-from adaclip.privacy.audit.controls import CONTROLS, audit_control
-from adaclip.research.reporting import markdown_table, write_text_atomic
+from adaclip.audit import audit_config, audit_method, audit_optimizer
+from adaclip.audit.controls import CONTROLS, audit_control
+from adaclip.research.io import markdown_table, write_text_atomic
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from adaclip.research.reporting import markdown_table, write_text_atomic
+from adaclip.research.io import markdown_table, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

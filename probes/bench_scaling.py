@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from adaclip.research.reporting import markdown_table, write_text_atomic
+from adaclip.research.io import markdown_table, write_text_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "reports" / "probes" / "bench_scaling"

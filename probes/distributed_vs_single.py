@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from adaclip.research.reporting import markdown_table, write_text_atomic
+from adaclip.research.io import markdown_table, write_text_atomic
 
 ARGS = [
     "--dataset",

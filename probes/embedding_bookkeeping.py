@@ -11,6 +11,7 @@ materialised path forms ``[B, V x D]``), and the median wall time of the steps a
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -18,28 +19,20 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private
-from adaclip.research.reporting import markdown_table, write_text_atomic
+from adaclip.research.io import markdown_table, write_text_atomic
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an operation returns."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
-    ) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for tensor in out if isinstance(out, list | tuple) else [out]:
-            if isinstance(tensor, torch.Tensor):
-                self.largest = max(self.largest, tensor.numel())
-        return out
+def largest_tensor_mode() -> Any:
+    """A fresh ``LargestTensor`` dispatch mode, the one of ``tests/engine/tensor_sizes.py`` (loaded from its file)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "engine" / "tensor_sizes.py"
+    spec = importlib.util.spec_from_file_location("tensor_sizes", path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.LargestTensor()
 
 
 class TextModel(nn.Module):
@@ -73,7 +66,7 @@ def measure(vocabulary: int, dim: int, batch: int, positions: int, per_example: 
         nn.functional.cross_entropy(module(ids), labels).backward()
         optimizer.step()
 
-    with LargestTensor() as tracker:
+    with largest_tensor_mode() as tracker:
         step()
     times = []
     for _ in range(steps):

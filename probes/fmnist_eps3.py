@@ -13,7 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
-from adaclip.research.reporting import markdown_table, write_text_atomic
+from adaclip.research.io import markdown_table, write_text_atomic
 from adaclip.research.train import run
 
 METHODS = ("fixed", "adaclip", "quantile", "auto", "nonprivate")

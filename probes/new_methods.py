@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adaclip.research.reporting import markdown_table, write_text_atomic
+from adaclip.research.io import markdown_table, write_text_atomic
 from adaclip.research.train import run
 
 METHODS = ("fixed", "adaclip", "quantile", "geoclip", "psac")

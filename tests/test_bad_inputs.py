@@ -18,9 +18,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import epsilon, make_private, noise_multiplier_for
+from adaclip.audit import audit_config
 from adaclip.engine.sampling import TensorPoissonLoader, load_loader_state_dict
 from adaclip.methods import AdaCliP, build_rule
-from adaclip.privacy.audit import audit_config
 from adaclip.research.cli import main
 from adaclip.research.data import load_dataset
 from adaclip.research.train import TrainConfig, run

@@ -4,8 +4,8 @@ Two wings:
 
 * the library – :mod:`adaclip.methods` (the clipping rules and their registry), :mod:`adaclip.engine`
   (``make_private`` and Opacus's ``PrivacyEngine`` interface, the optimizer, per-example paths,
-  sampling, data-parallel steps) and
-  :mod:`adaclip.privacy` (accounting and the empirical audit);
+  sampling, data-parallel steps), :mod:`adaclip.privacy` (accounting) and :mod:`adaclip.audit` (the
+  empirical privacy audit);
 * the research pipeline – :mod:`adaclip.research` (params, data, models, training runs, sweeps,
   analysis, figures and the report), which uses the library and is never imported by it.
 
@@ -23,7 +23,7 @@ __version__ = "0.2.0"
 __all__ = [
     "METHODS",
     "AdaCliP",
-    "AdaClipState",
+    "AdaCliPState",
     "AdamBC",
     "AdamState",
     "AdaptiveClipDPOptimizer",
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from adaclip.methods import (
         METHODS,
         AdaCliP,
-        AdaClipState,
+        AdaCliPState,
         AdamBC,
         AdamState,
         AutoClip,

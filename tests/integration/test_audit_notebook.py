@@ -7,7 +7,7 @@ import papermill
 import pytest
 import yaml
 
-from adaclip.privacy.audit.controls import CONTROLS
+from adaclip.audit.controls import CONTROLS
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "audit.ipynb"

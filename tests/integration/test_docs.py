@@ -58,11 +58,11 @@ def public_names() -> dict[str, list[str]]:
     """Module -> the names it makes public: packages' ``__all__``, the accounting and audit modules' own."""
     names = {
         package: list(importlib.import_module(package).__all__)
-        for package in ("adaclip", "adaclip.methods", "adaclip.engine", "adaclip.privacy.audit")
+        for package in ("adaclip", "adaclip.methods", "adaclip.engine", "adaclip.audit")
     }
     accounting = importlib.import_module("adaclip.privacy.accounting")
     names[accounting.__name__] = public_functions_and_classes(accounting)
-    audit = importlib.import_module("adaclip.privacy.audit")
+    audit = importlib.import_module("adaclip.audit")
     for info in pkgutil.iter_modules(audit.__path__, prefix=f"{audit.__name__}."):
         names[info.name] = public_functions_and_classes(importlib.import_module(info.name))
     return names

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private
-from adaclip.methods import AdaCliP, AdaClipState, QuantileScaleState
+from adaclip.methods import AdaCliP, AdaCliPState, QuantileScaleState
 from adaclip.methods.adaclip import ESTIMATORS, optimal_scale, variance_correction
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
@@ -370,7 +370,7 @@ def test_quantile_scale_state_needs_its_count():
     with pytest.raises(ValueError, match="noisy unclipped fraction"):
         rule.next_state(torch.zeros(2), rule.init_state(2))
     with pytest.raises(ValueError, match="its own state"):
-        rule.next_state(torch.zeros(2), AdaClipState(torch.zeros(2), torch.ones(2), torch.ones(2)), 0.5)
+        rule.next_state(torch.zeros(2), AdaCliPState(torch.zeros(2), torch.ones(2), torch.ones(2)), 0.5)
 
 
 def test_optimal_scale_of_a_uniform_variance_is_the_initial_clip():

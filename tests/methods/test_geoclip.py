@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private
-from adaclip.methods import AdaCliP, AdaClipState, FixedClip
+from adaclip.methods import AdaCliP, AdaCliPState, FixedClip
 from adaclip.methods.adaclip import optimal_scale
 from adaclip.methods.geoclip import FULL_MATRIX_MAX_DIM, GeoClip, GeoClipState
 from adaclip.privacy.accounting import epsilon
@@ -77,7 +77,7 @@ def test_diagonal_covariance_gives_adaclips_transform():
     variance = torch.rand(dim, generator=gen) + 0.01
     mean = torch.randn(dim, generator=gen)
     geo_state = make_state(mean, torch.eye(dim), variance)
-    ada_state = AdaClipState(mean=mean, variance=variance, scale=optimal_scale(variance.sqrt(), kappa))
+    ada_state = AdaCliPState(mean=mean, variance=variance, scale=optimal_scale(variance.sqrt(), kappa))
     np.testing.assert_allclose(
         transform_of(geo_state, kappa**-2), np.diag(1 / ada_state.scale.numpy()), rtol=1e-10, atol=1e-12
     )

@@ -14,10 +14,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private
+from adaclip.audit import audit_config, audit_method
 from adaclip.methods import METHODS, Method, build_rule, method_parameters
 from adaclip.methods.base import ClipRule, clip_factors
 from adaclip.methods.canary import DTYPE, CoordinatewiseAdapter
-from adaclip.privacy.audit import audit_config, audit_method
 from adaclip.research import analysis
 from adaclip.research.params import load_params
 from adaclip.research.sweeps import tuning_configs

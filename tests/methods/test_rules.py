@@ -10,7 +10,7 @@ from scipy.optimize import minimize
 from adaclip.methods import (
     METHODS,
     AdaCliP,
-    AdaClipState,
+    AdaCliPState,
     AutoClip,
     ClippedSum,
     FixedClip,
@@ -206,7 +206,7 @@ def test_adaclip_with_zero_shift_and_constant_scale_equals_fixed_clip():
     clip, sigma, batch = 2.5, 1.3, 30.0
     adaclip = AdaCliP(estimator="per_example", noise_multiplier=sigma, expected_batch_size=batch, initial_clip=clip)
     fixed = FixedClip(clip_norm=clip, noise_multiplier=sigma, expected_batch_size=batch)
-    held = AdaClipState(mean=torch.zeros(10), variance=torch.rand(10, generator=gen), scale=torch.full((10,), clip))
+    held = AdaCliPState(mean=torch.zeros(10), variance=torch.rand(10, generator=gen), scale=torch.full((10,), clip))
     torch.testing.assert_close(adaclip.step(grads, held, noise)[0], fixed.step(grads, None, noise)[0])
     # and its initial state gives the same first step
     torch.testing.assert_close(adaclip.step(grads, adaclip.init_state(10), noise)[0], fixed.step(grads, None, noise)[0])
@@ -266,7 +266,7 @@ def test_removing_one_example_moves_the_sum_by_at_most_the_sensitivity(name):
     dim = 6
     state = rule.init_state(dim)
     if name == "adaclip":  # an arbitrary adapted state, not just the initial one
-        state = AdaClipState(
+        state = AdaCliPState(
             mean=torch.randn(dim, generator=gen), variance=torch.ones(dim), scale=torch.rand(dim, generator=gen) + 0.1
         )
     worst = 0.0
@@ -299,7 +299,7 @@ def test_noise_variance_subtraction_is_unbiased():
     grads = torch.randn(batch, dim, generator=gen) * torch.tensor([3.0, 1.0, 0.3, 0.1, 0.01])
     mean = 0.2 * torch.randn(dim, generator=gen)
     scale = torch.rand(dim, generator=gen) + 0.2
-    state = AdaClipState(mean=mean, variance=torch.ones(dim), scale=scale)
+    state = AdaCliPState(mean=mean, variance=torch.ones(dim), scale=scale)
     rule = AdaCliP(estimator="per_example", noise_multiplier=sigma, expected_batch_size=batch)
     noise = torch.randn(draws, dim, generator=gen)
     estimates = torch.stack(
@@ -425,7 +425,7 @@ def test_adaclip_next_state_depends_only_on_the_released_gradient():
         h1=1e-6,
         h2=50.0,
     )
-    state = AdaClipState(
+    state = AdaCliPState(
         mean=torch.randn(dim, generator=gen),
         variance=torch.rand(dim, generator=gen),
         scale=torch.rand(dim, generator=gen) + 0.5,

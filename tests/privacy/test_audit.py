@@ -21,11 +21,8 @@ from test_accounting_conformance import gaussian_delta as closed_form_delta
 from test_accounting_conformance import gaussian_epsilon
 
 import adaclip
-from adaclip.methods import METHODS, AdaCliP, AdaClipState, CanaryAdapter, build_rule
-from adaclip.methods.adaclip import ESTIMATORS, AdaCliPAdapter
-from adaclip.privacy import audit
-from adaclip.privacy.accounting import epsilon
-from adaclip.privacy.audit import (
+from adaclip import audit
+from adaclip.audit import (
     PASS_MEANING,
     GaussianLowerBound,
     audit_config,
@@ -40,8 +37,11 @@ from adaclip.privacy.audit import (
     standardised_mean_shift,
     warm_state,
 )
-from adaclip.privacy.audit import gaussian_epsilon as audit_gaussian_epsilon
-from adaclip.privacy.audit.controls import CONTROLS, FixedClipWithoutClipping, audit_control, build_control
+from adaclip.audit import gaussian_epsilon as audit_gaussian_epsilon
+from adaclip.audit.controls import CONTROLS, FixedClipWithoutClipping, audit_control, build_control
+from adaclip.methods import METHODS, AdaCliP, AdaCliPState, CanaryAdapter, build_rule
+from adaclip.methods.adaclip import ESTIMATORS, AdaCliPAdapter
+from adaclip.privacy.accounting import epsilon
 
 OPTIMIZER_METHODS = ["fixed", "adaclip", "macadam", "adambc"]  # the Adam rules: g~ read back from the state
 CHECKS = len(METHODS) + len(OPTIMIZER_METHODS) + len(ESTIMATORS)  # every AdaCliP estimator is audited as well
@@ -246,7 +246,7 @@ def test_every_adaclip_estimator_has_an_exact_inverse_and_shift(estimator):
 
 def test_warm_state_is_not_the_initial_one():
     _, rule, state = rule_and_state("adaclip")  # the default estimator, quantile_scale
-    assert isinstance(state, AdaClipState)
+    assert isinstance(state, AdaCliPState)
     assert state.mean.abs().min() > 0  # a != 0
     # b non-uniform: b ~ v^(1/4), so a ratio of 1.15 means per-coordinate variance estimates a factor 1.75 apart
     assert state.scale.max() / state.scale.min() > 1.15

@@ -16,7 +16,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private
-from adaclip.methods import AdaClipState
+from adaclip.methods import AdaCliPState
 from adaclip.research.diagnostics import ReleaseProbe, heterogeneity, shape_saving
 
 SIGMA, BATCH, LR, CLIP = 0.7, 16, 0.3, 0.5
@@ -166,7 +166,7 @@ def test_shape_saving_reaches_one_minus_h_when_b_is_proportional_to_sqrt_s(float
         h = float(std.sum()) ** 2 / (len(std) * float(std.square().sum()))
         assert h < 0.9  # heterogeneous enough that 1 - h is not a trivial 0
         scale = shape(std)
-        optimizer.rule_state = AdaClipState(mean=grads.mean(0) * 0.5, variance=torch.ones_like(std), scale=scale)
+        optimizer.rule_state = AdaCliPState(mean=grads.mean(0) * 0.5, variance=torch.ones_like(std), scale=scale)
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         probe.before_step()

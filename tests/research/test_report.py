@@ -490,3 +490,50 @@ def test_summarise_turns_the_records_into_the_numbers_the_findings_state():
     relabelled = [{**r, "config": {**r["config"], "task": "breast-cancer"}} for r in accuracy]
     assert "ours" not in report._anchors(relabelled, tiny)
     assert "ours" in report._anchors(accuracy, params)
+
+
+def test_every_finding_has_a_question_and_a_writer_of_its_own():
+    keys = [question.key for question in QUESTIONS]
+    assert len(set(keys)) == len(keys) and set(report.WRITERS) <= set(keys)
+    assert len(set(report.WRITERS.values())) == len(report.WRITERS)
+    assert set(findings(SUMMARY)) == set(report.WRITERS) - {"heterogeneity"}  # SUMMARY has no heterogeneity tasks
+
+
+def test_the_committed_report_is_what_the_committed_summary_renders():
+    # the README the report stage wrote from the committed summary and tables, byte for byte
+    reports = ROOT / "reports"
+    summary = json.loads((reports / "summary.json").read_text())
+    inline = ("tables/audit.md", "tables/accounting.md", "tables/anchors.md")
+    tables = {t: (reports / t).read_text() for t in inline if (reports / t).exists()}
+    assert render_readme(summary, tables) == (reports / "README.md").read_text()
+
+
+def test_the_packaged_anchors_are_read_and_checked():
+    anchors = report.load_anchors()
+    assert [(a.reference, a.accuracy) for a in anchors[:2]] == [
+        ("Tramèr & Boneh 2021", 86.0),
+        ("Tramèr & Boneh 2021", 89.7),
+    ]
+    assert all(isinstance(a.accuracy, float) and a.accountant == "RDP" for a in anchors)
+    assert anchors == report.ANCHORS
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"accuracy": 186.0}, r"anchor 0: accuracy must lie in \[0, 100\]"),
+        ({"accuracy": True}, r"anchor 0: accuracy must lie in"),
+        ({"accountant": "moments"}, r"anchor 0: accountant must be one of \['RDP', 'PRV', 'PLD'\]"),
+        ({"note": ""}, r"anchor 0: note must be a non-empty text"),
+        ({"year": 2021}, r"anchor 0 must have exactly the fields"),
+    ],
+)
+def test_a_bad_anchors_file_is_refused_with_the_entry_and_field(tmp_path, entry, message):
+    good = {"model": "m", "reference": "r", "accuracy": 86.0, "accountant": "RDP", "note": "n"}
+    path = tmp_path / "anchors.yaml"
+    path.write_text(yaml.safe_dump([{**good, **entry}]))
+    with pytest.raises(ValueError, match=message):
+        report.load_anchors(path)
+    path.write_text("{}\n")
+    with pytest.raises(ValueError, match="non-empty list of anchors"):
+        report.load_anchors(path)

@@ -415,7 +415,7 @@ def test_malformed_yaml_is_one_line_naming_the_file_and_place(tmp_path, capsys):
 
 
 def test_records_follow_the_umask_and_stale_temporaries_are_cleaned(tmp_path):
-    from adaclip.research.reporting import write_text_atomic
+    from adaclip.research.io import write_text_atomic
 
     stale = tmp_path / ".x.json.999999999.abc.tmp"  # a writer that died (no such process)
     live = tmp_path / f".x.json.{os.getpid()}.def.tmp"  # a writer still running

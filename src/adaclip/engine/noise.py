@@ -1,7 +1,8 @@
 """The private optimizer's noise: one fresh standard-normal draw per step from its seeded generator, drawn ahead.
 
-Drawing ``d`` Gaussian numbers on a CPU costs about 3 ns each with torch's generator (Mersenne Twister and
-Box-Muller), as much as the rest of a private step of a small model at a small batch.  :class:`NoiseDraws`
+Drawing ``d`` Gaussian numbers on a CPU with torch's generator (Mersenne Twister and Box-Muller) costs time
+linear in ``d``, a large share of a private step of a small model at a small batch (the step times are in
+the report: 5. What does it cost in compute?).  :class:`NoiseDraws`
 therefore draws the next step's noise in a worker thread as soon as a step has released its own, so
 that the draw overlaps what the caller does before the next step (the parameter update, the next
 forward and backward pass); torch releases the GIL while it draws.
@@ -15,7 +16,7 @@ the state before a draw that is still ahead, so a resumed run draws the same noi
 Only CPU generators draw ahead: on a GPU ``randn`` is an asynchronous kernel that already overlaps the host.
 Only draws of at least :data:`AHEAD_MIN_SIZE` numbers go to the worker: handing a draw to another thread
 and taking its result back costs a fixed amount (waking the thread, the GIL) that a small draw does not
-repay (``reports/probes/bench_scaling.md``).
+repay.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class Transform:
 
 
 @dataclass(frozen=True)
-class Draft:
+class UncheckedSquaredNorms:
     """Squared norms computed in the parameters' precision, and what the float64 check needs.
 
     ``magnitude`` is the size of the terms that were added up (``None`` where nothing cancels: the values are
@@ -107,13 +107,13 @@ class Part(ABC):
     def transformed_squared_norms(self, transform: Transform) -> Tensor:
         """``||(g_i - a) / b||^2`` restricted to this parameter, shape ``[n]``."""
 
-    def draft_transformed_squared_norms(self, transform: Transform) -> Draft:
+    def unchecked_transformed_squared_norms(self, transform: Transform) -> UncheckedSquaredNorms:
         """:meth:`transformed_squared_norms` with the float64 check left to the caller, who reads the checks of
         every part in one host synchronisation and calls :meth:`transformed_squared_norms_float64` where needed."""
-        return Draft(self.transformed_squared_norms(transform))
+        return UncheckedSquaredNorms(self.transformed_squared_norms(transform))
 
     def transformed_squared_norms_float64(self, transform: Transform) -> Tensor:
-        """:meth:`transformed_squared_norms` in float64 (for drafts whose rounding error may be too large)."""
+        """:meth:`transformed_squared_norms` in float64 (for norms whose rounding error may be too large)."""
         return self.transformed_squared_norms(transform).double()
 
     def projections(self, columns: Tensor) -> Tensor:
@@ -259,16 +259,18 @@ class LinearWeightPart(Part):
         return self._as_materialised().squared_norms()
 
     def transformed_squared_norms(self, transform: Transform) -> Tensor:
-        draft = self.draft_transformed_squared_norms(transform)
-        if draft.magnitude is not None and _needs_float64(draft.value, draft.magnitude, draft.terms, floor=1.0):
-            return self.transformed_squared_norms_float64(transform).to(draft.value.dtype).clamp_min_(0)
-        return draft.value.clamp_min_(0) if draft.magnitude is not None else draft.value
+        unchecked = self.unchecked_transformed_squared_norms(transform)
+        if unchecked.magnitude is not None and _needs_float64(
+            unchecked.value, unchecked.magnitude, unchecked.terms, floor=1.0
+        ):
+            return self.transformed_squared_norms_float64(transform).to(unchecked.value.dtype).clamp_min_(0)
+        return unchecked.value.clamp_min_(0) if unchecked.magnitude is not None else unchecked.value
 
-    def draft_transformed_squared_norms(self, transform: Transform) -> Draft:
+    def unchecked_transformed_squared_norms(self, transform: Transform) -> UncheckedSquaredNorms:
         if not self.factors.single:
-            return Draft(self._as_materialised().transformed_squared_norms(transform))
+            return UncheckedSquaredNorms(self._as_materialised().transformed_squared_norms(transform))
         value, magnitude = _transformed_linear_norms(*self._transform_operands(transform, self.factors.x.dtype))
-        return Draft(value, magnitude, self.param.numel())
+        return UncheckedSquaredNorms(value, magnitude, self.param.numel())
 
     def transformed_squared_norms_float64(self, transform: Transform) -> Tensor:
         if not self.factors.single:
@@ -709,7 +711,9 @@ def per_example_norms(parts: list[Part], transform: Transform | None = None) -> 
     if transform is None:
         squared = [part.squared_norms() for part in parts]
     else:
-        squared = _settled(parts, [part.draft_transformed_squared_norms(transform) for part in parts], transform)
+        squared = _float64_checked(
+            parts, [part.unchecked_transformed_squared_norms(transform) for part in parts], transform
+        )
     if len(squared) == 1:
         return squared[0].sqrt()
     total = squared[0] + squared[1]
@@ -742,15 +746,15 @@ def per_layer_clipped_sum(
     return rule.clipped_sum_from_layer_weights(flat, weights, dropped)
 
 
-def _settled(parts: list[Part], drafts: list[Draft], transform: Transform) -> list[Tensor]:
-    """The drafts' values, recomputed in float64 where their checks (read in one synchronisation) ask for it."""
-    values = [draft.value for draft in drafts]
-    checked = [i for i, draft in enumerate(drafts) if draft.magnitude is not None]
+def _float64_checked(parts: list[Part], pending: list[UncheckedSquaredNorms], transform: Transform) -> list[Tensor]:
+    """The parts' squared norms, recomputed in float64 where their checks (read in one synchronisation) ask for it."""
+    values = [unchecked.value for unchecked in pending]
+    checked = [i for i, unchecked in enumerate(pending) if unchecked.magnitude is not None]
     flags = {}
     for i in checked:
-        draft = drafts[i]
-        assert draft.magnitude is not None
-        flag = _float64_flag(draft.value, draft.magnitude, draft.terms, floor=1.0)
+        unchecked = pending[i]
+        assert unchecked.magnitude is not None
+        flag = _float64_flag(unchecked.value, unchecked.magnitude, unchecked.terms, floor=1.0)
         if flag is not None:
             flags[i] = flag
     if flags:
@@ -780,7 +784,7 @@ def _subspace_squared_norms(parts: list[Part], subspace: SubspaceNorm, dtype: to
     """The unclamped ``||M (g_i - a)||^2`` in ``dtype`` and the size of its terms (see :func:`subspace_norms`).
 
     ``p_ij = u_j . g_i - u_j . a`` is computed to about ``eps sqrt(d) (||g_i|| + ||a||)`` (``||u_j|| = 1``), so
-    ``w_j p_ij^2`` to ``2 |w_j| |p_ij|`` times that; the rest term's drafts carry their own sizes.
+    ``w_j p_ij^2`` to ``2 |w_j| |p_ij|`` times that; the rest term's unchecked squared norms carry their own sizes.
     """
     shift, basis = subspace.shift.to(dtype), subspace.basis.to(dtype)
     weights = subspace.basis_weights.to(dtype)
@@ -799,9 +803,9 @@ def _subspace_squared_norms(parts: list[Part], subspace: SubspaceNorm, dtype: to
                 value.add_(term)
                 magnitude.add_(term)
                 continue
-            draft = part.draft_transformed_squared_norms(rest)
-            value.add_(draft.value)
-            magnitude.add_(draft.value.abs() if draft.magnitude is None else draft.magnitude)
+            unchecked = part.unchecked_transformed_squared_norms(rest)
+            value.add_(unchecked.value)
+            magnitude.add_(unchecked.value.abs() if unchecked.magnitude is None else unchecked.magnitude)
     return value, magnitude
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState, QuantileScaleState
+from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaCliPState, QuantileScaleState
 from adaclip.methods.adambc import AdamBC, AdamBCAdapter, AdamState
 from adaclip.methods.auto import AutoClip, AutoClipAdapter
 from adaclip.methods.base import ClippedSum, ClipRule, Stats, clip_factors, supports_norm_path
@@ -40,7 +40,7 @@ class Method:
     scale with ``C``), so that a learning rate is best read per unit of scale (``lr x C``);
     ``releases_step`` says that the rule releases an optimiser step (an Adam direction built from the
     released gradient) rather than a gradient, to be applied by plain SGD without momentum;
-    ``canary`` the audit view of :mod:`adaclip.privacy.audit`; ``paper`` the reference.
+    ``canary`` the audit view of :mod:`adaclip.audit`; ``paper`` the reference.
     """
 
     rule: type[ClipRule]
@@ -109,7 +109,7 @@ __all__ = [
     "METHODS",
     "PER_LAYER_METHODS",
     "AdaCliP",
-    "AdaClipState",
+    "AdaCliPState",
     "AdamBC",
     "AdamState",
     "AutoClip",

@@ -14,10 +14,9 @@ batch sizes) the denominator is about ``sqrt(Phi)``, a constant, and DP-Adam is 
 and a rescaled learning rate (the paper's title).  Subtracting ``Phi`` restores Adam's per-coordinate
 scaling; ``gamma'`` (``gamma``) floors the corrected second moment.  Where the gradient's second moment
 is below ``Phi`` the corrected estimate sits at the floor, and the step there is ``m^ / sqrt(gamma')``: a
-floor far below ``Phi`` blows up the noise-dominated coordinates.  The authors' scripts use ``1e-9`` and
-``7e-9``; the default ``1e-6`` (about ``Phi / 10`` at B = 256, C = 1, sigma near 1) beat ``1e-9`` by a wide
-margin on Fashion-MNIST and lost by much less on the two synthetic tasks
-(``reports/probes/adaclip_variants.md``).  Tune it with the learning rate when ``Phi`` is far from that.
+floor far below ``Phi`` blows up the noise-dominated coordinates.  The default ``1e-6`` is about ``Phi / 10``
+at B = 256, C = 1, sigma near 1 (the authors' scripts use ``1e-9`` and ``7e-9``); tune it with the learning
+rate when ``Phi`` is far from that.
 
 **How it meets the optimizer.**  The rule's release *is* the Adam step ``m^_t / sqrt(max(v^_t - Phi,
 gamma'))``, and the moments live in the rule's state: wrap a plain ``torch.optim.SGD(lr=...)``

@@ -1,6 +1,6 @@
 """What a white-box auditor knows about a rule: its canary, its background and the inverse of its noise map.
 
-The privacy audit (:mod:`adaclip.privacy.audit`) runs a rule many times on two neighbouring batches
+The privacy audit (:mod:`adaclip.audit`) runs a rule many times on two neighbouring batches
 and inverts each release into the standard-normal draws that would explain it; it needs, per rule,
 where to put a canary on the clip boundary and how the analysis says that canary shifts the draws.
 That knowledge is part of a method's definition, so each method module defines its adapter (usually

@@ -15,9 +15,9 @@ h1, h2)``: the noise variance is subtracted after the moving average, which ``ka
 its start-up.  The bias-free estimator, its one deviation from the offline transcription of the
 paper's equations (``u_t`` as a product, for which ``kappa_t`` is exact) and its behaviour are
 documented on :class:`~adaclip.methods.adaclip.AdaCliP`.  Without upward bias the estimate shrinks ``b``
-until the floor ``h1`` stops it, so ``h1`` sets the scale in practice: the default ``h1 = 1e-6`` beat
-AdaCliP's ``1e-12`` on all three probe tasks (``reports/probes/adaclip_variants.md``).  The paper's own values of
-``h1``, ``h2`` and ``gamma`` were not available offline; ``h2`` is AdaCliP's and ``gamma`` Adam's.
+until the floor ``h1`` stops it, so ``h1`` sets the scale in practice (default ``1e-6``; tune it with the
+learning rate).  ``h2`` is AdaCliP's default and ``gamma`` Adam's; the report's tuned results are in
+(report: 3. Better accuracy at the same (ε, δ)?).
 
 **How it meets the optimizer.**  The release is the Adam step and the moments live in the rule's
 state: wrap a plain ``torch.optim.SGD(lr=...)`` (no momentum, no weight decay), whose step
@@ -38,13 +38,13 @@ import torch
 from torch import Tensor
 
 from adaclip._validate import require_in_range, require_positive
-from adaclip.methods.adaclip import AdaCliP, AdaClipState, startup_weight
+from adaclip.methods.adaclip import AdaCliP, AdaCliPState, startup_weight
 from adaclip.methods.base import ClippedSum, ClipRule, Stats
 from adaclip.methods.canary import CoordinatewiseAdapter
 
 
 @dataclass(frozen=True, kw_only=True)
-class MacAdamState(AdaClipState):
+class MacAdamState(AdaCliPState):
     """AdaCliP's bias-free state (``mean`` is ``m^_t``, ``variance`` ``s_t``) plus Adam's raw second moment ``v_t``."""
 
     second_moment: Tensor
@@ -113,7 +113,7 @@ class MacAdam(ClipRule):
         next_state = self.next_state(released, state, clip_state)
         return self.adam_step(next_state), next_state, stats
 
-    def next_state(self, released: Tensor, state: MacAdamState, clip_state: AdaClipState) -> MacAdamState:
+    def next_state(self, released: Tensor, state: MacAdamState, clip_state: AdaCliPState) -> MacAdamState:
         """``clip_state`` (AdaCliP's next state from ``g~``) with Adam's ``v_t = beta2 v_t-1 + (1 - beta2) g~^2``."""
         return MacAdamState(
             mean=clip_state.mean,

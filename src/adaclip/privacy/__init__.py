@@ -1,4 +1,4 @@
-"""Privacy accounting and the empirical privacy audit.
+"""Privacy accounting: :mod:`~adaclip.privacy.accounting` (PRV, PLD, RDP).
 
-Accounting lives in :mod:`~adaclip.privacy.accounting`, the audit in :mod:`~adaclip.privacy.audit`.
+The empirical privacy audit runs the engine's optimizer, so it sits above the engine in :mod:`adaclip.audit`.
 """

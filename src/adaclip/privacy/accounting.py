@@ -26,7 +26,7 @@ accountants' own recipes for the price of two RDP evaluations:
   ``sigma / sqrt(T)``, built directly, which is exact).
 
 Above :data:`PRV_MAX_POINTS` or the PLD budgets (:data:`PLD_MAX_STEP_POINTS`, :data:`PLD_MAX_POINTS`;
-``reports/probes/accounting_budget.md`` has the measured cost per point) RDP answers instead: it costs
+each grid point costs memory and time in proportion) RDP answers instead: it costs
 milliseconds and is an upper bound on epsilon, so the reported value stays safe, only looser.  An
 :class:`AccountingFallbackWarning` names the fallback, the reason and the value reported, and
 :func:`account` returns which accountant answered.  Such grids arise only where epsilon is in the
@@ -56,7 +56,7 @@ ACCOUNTANTS: tuple[str, ...] = ("prv", "pld", "rdp")
 MAX_NOISE_MULTIPLIER = 1e6
 """Largest noise multiplier accepted; calibration never goes beyond it either."""
 PRV_MAX_POINTS = 2_000_000
-"""Largest PRV grid computed; above it RDP answers (cost per point: ``reports/probes/accounting_budget.md``)."""
+"""Largest PRV grid computed; above it RDP answers."""
 PLD_MAX_STEP_POINTS = 400_000
 """Largest grid of one subsampled PLD step (the slowest part to build); above it RDP answers."""
 PLD_MAX_POINTS = 4_000_000

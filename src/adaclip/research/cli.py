@@ -24,10 +24,10 @@ from adaclip.engine import distributed as dist_utils
 from adaclip.methods import METHODS
 from adaclip.privacy.accounting import ACCOUNTANTS
 from adaclip.research.data import DATASETS
+from adaclip.research.io import write_text_atomic
 from adaclip.research.models import MODELS
 from adaclip.research.params import SWEEPS, load_params
 from adaclip.research.records import load_yaml, parse_yaml_value, read_records
-from adaclip.research.reporting import write_text_atomic
 
 COMMAND_MODULES = {
     "train": "adaclip.research.train",

@@ -11,7 +11,7 @@ Sections: ``runtime`` (device, parallel workers), ``data`` (the datasets the pre
 ``features`` (the ScatterNet stage), ``setting`` (methods, accountant, delta, the main epsilon and
 the tasks), ``tuning`` (the joint grid learning rate x scale per method at the main epsilon: claims 2
 and 3), ``accuracy`` (claim 3), ``size`` (claim 4), ``diagnostics`` (claim 1), ``theory``,
-``accounting``, ``audit`` (:class:`adaclip.privacy.audit.AuditConfig`) and ``bench`` (validated by
+``accounting``, ``audit`` (:class:`adaclip.audit.AuditConfig`) and ``bench`` (validated by
 ``benchmarks/bench.py``).
 """
 
@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from adaclip._validate import as_int, as_real, is_finite
+from adaclip.audit import AuditConfig, audit_config
 from adaclip.methods import METHODS, check_method
 from adaclip.privacy.accounting import ACCOUNTANTS
-from adaclip.privacy.audit import AuditConfig, audit_config
 from adaclip.research.data import DATASETS, TRAIN_SIZES
 from adaclip.research.models import MODELS
 from adaclip.research.records import load_yaml

@@ -1,7 +1,7 @@
 """The report's figures, drawn from :mod:`adaclip.research.analysis` tables in the one shared style.
 
 Each function returns a matplotlib ``Figure``; notebooks save it with
-:func:`adaclip.research.reporting.save_figure`.  Every method keeps its colour, marker and line style in
+:func:`adaclip.research.io.save_figure`.  Every method keeps its colour, marker and line style in
 every figure; methods that share an x value are shifted apart slightly so that none hides another;
 legends sit outside the axes; intervals are drawn as error bars or bands and the caption says which;
 every title or caption carries (epsilon, delta, accountant) where privacy is involved.

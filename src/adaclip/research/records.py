@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from adaclip.research.reporting import write_text_atomic
+from adaclip.research.io import write_text_atomic
 
 
 class _NumberLoader(yaml.SafeLoader):

@@ -11,17 +11,21 @@ a loss only when its 95 % interval excludes zero (a "tie" otherwise); :func:`ren
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from adaclip._validate import require_in_range, require_one_of
 from adaclip.methods import METHODS
 from adaclip.privacy.accounting import epsilon as epsilon_of
 from adaclip.research import analysis
 from adaclip.research.data import load_dataset
 from adaclip.research.params import Params
+from adaclip.research.records import load_yaml
 from adaclip.research.theory import dpsgd_noise_power, log_spaced_std, optimal_noise_power
 
 
@@ -36,25 +40,32 @@ class Anchor:
     note: str
 
 
-ANCHORS = (
-    Anchor(
-        "end-to-end tanh CNN, DP-SGD",
-        "Tramèr & Boneh 2021",
-        86.0,
-        "RDP",
-        "B = 2048, lr 4, momentum 0.9, C = 0.1, σ = 2.15, 40 epochs",
-    ),
-    Anchor(
-        "ScatterNet + linear, DP-SGD",
-        "Tramèr & Boneh 2021",
-        89.7,
-        "RDP",
-        "B = 8192, lr 16, momentum 0.9, C = 0.1, σ = 4.05, 40 epochs, N = 60 000",
-    ),
-    Anchor("ScatterNet + CNN, DP-SGD", "Tramèr & Boneh 2021", 89.0, "RDP", "B = 2048, lr 4, σ = 2.15, 40 epochs"),
-    Anchor("end-to-end tanh CNN, DP-SGD", "Papernot et al. 2021", 86.1, "RDP", "tempered sigmoid activations"),
-    Anchor("end-to-end CNN, AUTO-S", "Bu et al. 2023", 86.36, "RDP", "automatic clipping"),
-)
+ANCHORS_FILE = Path(__file__).with_name("anchors.yaml")
+"""The published anchors, package data beside this module."""
+
+
+def load_anchors(path: str | os.PathLike[str] = ANCHORS_FILE) -> tuple[Anchor, ...]:
+    """The anchors listed in ``path``, each checked: exactly :class:`Anchor`'s fields, text where text is due,
+    an accuracy in [0, 100] % and an accountant the library knows (RDP, PRV, PLD)."""
+    entries = load_yaml(path)
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: must hold a non-empty list of anchors, got {entries!r}")
+    names = [f.name for f in fields(Anchor)]
+    anchors = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: anchor {index}"
+        if not isinstance(entry, dict) or sorted(entry) != sorted(names):
+            raise ValueError(f"{where} must have exactly the fields {names}, got {entry!r}")
+        for name in ("model", "reference", "note"):
+            if not isinstance(entry[name], str) or not entry[name]:
+                raise ValueError(f"{where}: {name} must be a non-empty text, got {entry[name]!r}")
+        accuracy = require_in_range(f"{where}: accuracy", entry["accuracy"], 0, 100, closed_high=True)
+        accountant = require_one_of(f"{where}: accountant", entry["accountant"], ("RDP", "PRV", "PLD"))
+        anchors.append(Anchor(entry["model"], entry["reference"], accuracy, accountant, entry["note"]))
+    return tuple(anchors)
+
+
+ANCHORS = load_anchors()
 """Published numbers the report sets ours beside (each with the accountant its authors used)."""
 
 
@@ -235,7 +246,7 @@ def _theory(params: Params) -> dict[str, Any]:
 
 
 def _audit(audit: dict[str, Any]) -> dict[str, Any]:
-    """Per audit row (:mod:`adaclip.privacy.audit`): kind, verdict, theoretical epsilon and the audited lower bound."""
+    """Per audit row (:mod:`adaclip.audit`): kind, verdict, theoretical epsilon and the audited lower bound."""
     return {
         row["name"]: {
             "kind": row["kind"],
@@ -359,80 +370,92 @@ def _versus(cell: dict[str, Any], higher_is_better: bool) -> str:
     )
 
 
-def findings(summary: dict[str, Any]) -> dict[str, str]:
-    """Sentences per question, every number read from ``summary``; a win only when the interval excludes 0."""
-    privacy, main = summary["privacy"], summary["main_task"]
-    caption = f"ε = {privacy['main_epsilon']:g}, δ = {privacy['delta']:g}, {privacy['accountant'].upper()}"
-    main_eps = f"{privacy['main_epsilon']:g}"
-    result: dict[str, str] = {}
+def _caption(summary: dict[str, Any]) -> str:
+    """The privacy setting every finding states: ``ε = …, δ = …, ACCOUNTANT``."""
+    privacy = summary["privacy"]
+    return f"ε = {privacy['main_epsilon']:g}, δ = {privacy['delta']:g}, {privacy['accountant'].upper()}"
 
-    diagnostics = summary["diagnostics"]
-    if main in diagnostics:
-        diag = diagnostics[main]
-        snr = ", ".join(
-            f"{analysis.label(m)} {diag[m]['snr']:.3g}" for m in _ordered(diag) if diag[m]["snr"] is not None
-        )
-        cosine = ", ".join(
-            f"{analysis.label(m)} {diag[m]['cosine_noise_free']:.2f}/{diag[m]['cosine_release']:.2f}"
-            for m in _ordered(diag)
-            if diag[m]["cosine_release"] is not None and diag[m]["cosine_noise_free"] is not None
-        )
-        parameter_noise = ", ".join(
-            f"{analysis.label(m)} {diag[m]['parameter_noise']:.3g}"
-            for m in _ordered(diag)
-            if diag[m]["parameter_noise"] is not None
-        )
-        savings = []
-        for task, methods in diagnostics.items():
-            # AdaCliP's saving is bounded by 1 - h of its own run's gradients: quote that h when AdaCliP ran
-            own = methods.get("adaclip", {}).get("heterogeneity")
-            h = (
-                own
-                if own is not None
-                else next((v["heterogeneity"] for v in methods.values() if v["heterogeneity"] is not None), None)
-            )
-            if h is None:
-                continue
-            achieved = methods.get("adaclip", {}).get("shape_saving")
-            saving = f"; AdaCliP's b saved {100 * achieved:.0f} %" if achieved is not None else ""
-            savings.append(f"{task}: h = {h:.2f}, at most {100 * (1 - h):.0f} % to gain{saving}")
-        spreads = summary["theory"]["noise_power_ratio"]
-        widest = max(spreads, key=float)
-        result["noise"] = (
-            f"On {main}, each method at its tuned hyperparameters ({caption}): the release's signal-to-noise ratio "
-            f"(‖noise-free release‖² / E‖noise‖², mean over steps) was {snr}; the cosine of the noise-free "
-            f"release and of the release with the clean batch gradient was {cosine}; the noise each step adds to the "
-            f"parameters (lr² E‖noise‖²) was {parameter_noise}. Coordinate-wise clipping can only help as much as "
-            f"the gradients are heterogeneous: {'; '.join(savings)}. (Synthetic gradients whose per-coordinate std "
-            f"spreads over a factor {float(widest):g} would allow the optimal transform {spreads[widest]:.2f}× "
-            f"DP-SGD's noise power.)"
-        )
 
+def _gradient_heterogeneity(diagnostics: dict[str, Any]) -> list[str]:
+    """Per task: its gradients' heterogeneity ``h``, the ``1 - h`` bound on coordinate-wise clipping's saving, and
+    AdaCliP's achieved saving.  AdaCliP's saving is bounded by ``1 - h`` of its own run's gradients, so its ``h`` is
+    quoted where AdaCliP ran, another method's otherwise."""
+    savings = []
+    for task, methods in diagnostics.items():
+        own = methods.get("adaclip", {}).get("heterogeneity")
+        h = (
+            own
+            if own is not None
+            else next((v["heterogeneity"] for v in methods.values() if v["heterogeneity"] is not None), None)
+        )
+        if h is None:
+            continue
+        achieved = methods.get("adaclip", {}).get("shape_saving")
+        saving = f"; AdaCliP's b saved {100 * achieved:.0f} %" if achieved is not None else ""
+        savings.append(f"{task}: h = {h:.2f}, at most {100 * (1 - h):.0f} % to gain{saving}")
+    return savings
+
+
+def noise_finding(summary: dict[str, Any]) -> str | None:
+    """Question 1, less noise: each method's release SNR, cosines and parameter noise on the main task."""
+    main = summary["main_task"]
+    if main not in summary["diagnostics"]:
+        return None
+    diag = summary["diagnostics"][main]
+    snr = ", ".join(f"{analysis.label(m)} {diag[m]['snr']:.3g}" for m in _ordered(diag) if diag[m]["snr"] is not None)
+    cosine = ", ".join(
+        f"{analysis.label(m)} {diag[m]['cosine_noise_free']:.2f}/{diag[m]['cosine_release']:.2f}"
+        for m in _ordered(diag)
+        if diag[m]["cosine_release"] is not None and diag[m]["cosine_noise_free"] is not None
+    )
+    parameter_noise = ", ".join(
+        f"{analysis.label(m)} {diag[m]['parameter_noise']:.3g}"
+        for m in _ordered(diag)
+        if diag[m]["parameter_noise"] is not None
+    )
+    savings = _gradient_heterogeneity(summary["diagnostics"])
+    spreads = summary["theory"]["noise_power_ratio"]
+    widest = max(spreads, key=float)
+    return (
+        f"On {main}, each method at its tuned hyperparameters ({_caption(summary)}): the release's signal-to-noise "
+        f"ratio (‖noise-free release‖² / E‖noise‖², mean over steps) was {snr}; the cosine of the noise-free "
+        f"release and of the release with the clean batch gradient was {cosine}; the noise each step adds to the "
+        f"parameters (lr² E‖noise‖²) was {parameter_noise}. Coordinate-wise clipping can only help as much as "
+        f"the gradients are heterogeneous: {'; '.join(savings)}. (Synthetic gradients whose per-coordinate std "
+        f"spreads over a factor {float(widest):g} would allow the optimal transform {spreads[widest]:.2f}× "
+        f"DP-SGD's noise power.)"
+    )
+
+
+def tuning_finding(summary: dict[str, Any]) -> str | None:
+    """Question 2, no hand tuning: the share of each method's tuning grid near its best, and one random cell."""
+    main = summary["main_task"]
     tuning = summary["tuning"].get(main)
-    if tuning:
-        higher = summary["accuracy"].get(main, {}).get("higher_is_better", True)
-        digits = 1 if higher else 3
+    if not tuning:
+        return None
+    higher = summary["accuracy"].get(main, {}).get("higher_is_better", True)
+    digits = 1 if higher else 3
 
-        def one_cell(value: float | None) -> str:
-            return "undefined: a random cell can diverge" if value is None else f"{value:.{digits}f} expected"
+    def one_cell(value: float | None) -> str:
+        return "undefined: a random cell can diverge" if value is None else f"{value:.{digits}f} expected"
 
-        parts = [
-            f"{analysis.label(m)} {100 * v['share_near_best']:.0f} % of {v['cells']} cells "
-            f"(best {v['best']:.{digits}f}, one random cell {one_cell(v['expected_best_of_1'])})"
-            for m, v in tuning.items()
-            if m != "nonprivate"
-        ]
-        near = (
-            "1 point of each method's best validation accuracy"
-            if higher
-            else "5 % of each method's best validation MSE"
-        )
-        result["tuning"] = (
-            f"On {main} at {caption}, the share of the learning rate × scale grid within {near}: "
-            + "; ".join(parts)
-            + "."
-        )
+    parts = [
+        f"{analysis.label(m)} {100 * v['share_near_best']:.0f} % of {v['cells']} cells "
+        f"(best {v['best']:.{digits}f}, one random cell {one_cell(v['expected_best_of_1'])})"
+        for m, v in tuning.items()
+        if m != "nonprivate"
+    ]
+    near = "1 point of each method's best validation accuracy" if higher else "5 % of each method's best validation MSE"
+    return (
+        f"On {main} at {_caption(summary)}, the share of the learning rate × scale grid within {near}: "
+        + "; ".join(parts)
+        + "."
+    )
 
+
+def accuracy_finding(summary: dict[str, Any]) -> str | None:
+    """Question 3, accuracy at the same (ε, δ): per task, each method's test metric and paired gap to DP-SGD."""
+    main_eps = f"{summary['privacy']['main_epsilon']:g}"
     sentences = []
     for task, entry in summary["accuracy"].items():
         at_main = entry["by_epsilon"].get(main_eps)
@@ -446,143 +469,201 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
         )
         baseline = f"; non-private {_fmt(entry['nonprivate'], higher)}" if entry["nonprivate"] else ""
         sentences.append(f"{task}: DP-SGD {_fmt(at_main['fixed'], higher)}; {others}{baseline}")
-    if sentences:
-        result["accuracy"] = (
-            f"At {caption}, test metric (mean ± half-width of the 95 % interval; paired difference to DP-SGD "
-            f"[95 % interval]): " + ". ".join(sentences) + "."
-        )
+    if not sentences:
+        return None
+    return (
+        f"At {_caption(summary)}, test metric (mean ± half-width of the 95 % interval; paired difference to DP-SGD "
+        f"[95 % interval]): " + ". ".join(sentences) + "."
+    )
 
+
+def anchors_finding(summary: dict[str, Any]) -> str | None:
+    """Beside the published state of the art: our tuned DP-SGD on the main task and the published anchors."""
     anchors = summary["anchors"]
-    if "ours" in anchors:
-        ours = anchors["ours"]
-        published = "; ".join(
-            f"{a['model']} {a['accuracy']:g} % ({a['reference']}, {a['accountant']})" for a in anchors["published"]
-        )
-        result["anchors"] = (
-            f"Our DP-SGD on {ours['task']} ({ours['model']} model, {ours['dataset']}) reached {_fmt(ours, True)} at "
-            f"{ours['accountant'].upper()} ε = "
-            f"{ours['epsilon']:.2f} (RDP ε = {ours['epsilon_rdp']:.2f} for the same run; "
-            f"σ = {ours['noise_multiplier']:.3g}, "
-            f"{ours['epochs']} epochs, B = {ours['batch_size']}, N = {ours['train_size']}). Published: {published}."
-        )
+    if "ours" not in anchors:
+        return None
+    ours = anchors["ours"]
+    published = "; ".join(
+        f"{a['model']} {a['accuracy']:g} % ({a['reference']}, {a['accountant']})" for a in anchors["published"]
+    )
+    return (
+        f"Our DP-SGD on {ours['task']} ({ours['model']} model, {ours['dataset']}) reached {_fmt(ours, True)} at "
+        f"{ours['accountant'].upper()} ε = "
+        f"{ours['epsilon']:.2f} (RDP ε = {ours['epsilon_rdp']:.2f} for the same run; "
+        f"σ = {ours['noise_multiplier']:.3g}, "
+        f"{ours['epochs']} epochs, B = {ours['batch_size']}, N = {ours['train_size']}). Published: {published}."
+    )
 
+
+def size_finding(summary: dict[str, Any]) -> str | None:
+    """Question 4, how much data: AdaCliP minus DP-SGD at the smallest and the largest training set."""
     size = summary["size"]
-    if "fixed" in size and "adaclip" in size:
-        sizes = sorted(size["adaclip"], key=int)
-        higher = summary["accuracy"].get(summary["size_task"], {}).get("higher_is_better", True)
-        digits, unit = (1, " points") if higher else (3, "")
-        parts = []
-        for n in dict.fromkeys((sizes[0], sizes[-1])):
-            cell = size["adaclip"][n]
-            if "gap" in cell:
-                word = _verdict_word(
-                    cell["gap"], cell["gap_low"], cell["gap_high"], int(cell.get("gap_seeds", 1)), higher
-                )
-                parts.append(
-                    f"{_signed(cell['gap'], digits)} [{_signed(cell['gap_low'], digits)}, "
-                    f"{_signed(cell['gap_high'], digits)}]{unit} at n = {n} ({word} DP-SGD)"
-                )
-        if parts:
-            result["size"] = (
-                f"On {summary['size_task']} at {caption}, with the same sampling rate and number of steps for every n, "
-                f"AdaCliP minus DP-SGD was " + " and ".join(parts) + "."
-            )
-
-    compute = summary.get("compute")
-    if compute:
-        parts = []
-        unstable = sum(r["unstable"] for rows in compute.values() for n, r in rows.items() if n != "nonprivate/-")
-        for key in sorted(compute, key=lambda k: (k.split("/B=")[0], int(k.split("B=")[1]))):
-            rows = {n: r for n, r in compute[key].items() if not r["unstable"]}
-            ours_fast = {n.split("/")[0]: r["ratio_to_nonprivate"] for n, r in rows.items() if n.endswith("/fast")}
-            if not ours_fast:
-                continue
-            low, high = min(ours_fast, key=ours_fast.get), max(ours_fast, key=ours_fast.get)
-            opacus = ", ".join(
-                f"{n} {r['ratio_to_nonprivate']:.2f}×" for n, r in sorted(rows.items()) if n.startswith("opacus/")
-            )
+    if "fixed" not in size or "adaclip" not in size:
+        return None
+    sizes = sorted(size["adaclip"], key=int)
+    higher = summary["accuracy"].get(summary["size_task"], {}).get("higher_is_better", True)
+    digits, unit = (1, " points") if higher else (3, "")
+    parts = []
+    for n in dict.fromkeys((sizes[0], sizes[-1])):
+        cell = size["adaclip"][n]
+        if "gap" in cell:
+            word = _verdict_word(cell["gap"], cell["gap_low"], cell["gap_high"], int(cell.get("gap_seeds", 1)), higher)
             parts.append(
-                f"{key}: {ours_fast[low]:.2f}× ({analysis.label(low)}) to "
-                f"{ours_fast[high]:.2f}× ({analysis.label(high)}) "
-                f"on the fast path ({opacus})"
+                f"{_signed(cell['gap'], digits)} [{_signed(cell['gap_low'], digits)}, "
+                f"{_signed(cell['gap_high'], digits)}]{unit} at n = {n} ({word} DP-SGD)"
             )
-        if parts or unstable:
-            result["compute"] = (
-                "Step time relative to non-private training, measured in one process (median over interleaved "
-                "rounds; only cells whose spread, (Q3 − Q1) / median of the per-round ratios, is at most 10 %): "
-                + ("; ".join(parts) if parts else "no stable cell")
-                + "."
-                + (f" {unstable} unstable cell(s) not quoted (`tables/bench.md`)." if unstable else "")
-            )
+    if not parts:
+        return None
+    return (
+        f"On {summary['size_task']} at {_caption(summary)}, with the same sampling rate and number of steps for "
+        f"every n, AdaCliP minus DP-SGD was " + " and ".join(parts) + "."
+    )
 
+
+def compute_finding(summary: dict[str, Any]) -> str | None:
+    """Question 5, the cost in compute: step time relative to non-private training, ours and Opacus's."""
+    compute = summary.get("compute")
+    if not compute:
+        return None
+    unstable = sum(r["unstable"] for rows in compute.values() for n, r in rows.items() if n != "nonprivate/-")
+    parts = []
+    for key in sorted(compute, key=lambda k: (k.split("/B=")[0], int(k.split("B=")[1]))):
+        rows = {n: r for n, r in compute[key].items() if not r["unstable"]}
+        ours_fast = {n.split("/")[0]: r["ratio_to_nonprivate"] for n, r in rows.items() if n.endswith("/fast")}
+        if not ours_fast:
+            continue
+        low, high = min(ours_fast, key=ours_fast.get), max(ours_fast, key=ours_fast.get)
+        opacus = ", ".join(
+            f"{n} {r['ratio_to_nonprivate']:.2f}×" for n, r in sorted(rows.items()) if n.startswith("opacus/")
+        )
+        parts.append(
+            f"{key}: {ours_fast[low]:.2f}× ({analysis.label(low)}) to "
+            f"{ours_fast[high]:.2f}× ({analysis.label(high)}) "
+            f"on the fast path ({opacus})"
+        )
+    if not parts and not unstable:
+        return None
+    return (
+        "Step time relative to non-private training, measured in one process (median over interleaved "
+        "rounds; only cells whose spread, (Q3 − Q1) / median of the per-round ratios, is at most 10 %): "
+        + ("; ".join(parts) if parts else "no stable cell")
+        + "."
+        + (f" {unstable} unstable cell(s) not quoted (`tables/bench.md`)." if unstable else "")
+    )
+
+
+def heterogeneity_finding(summary: dict[str, Any]) -> str | None:
+    """When coordinate-wise clipping helps: each method's paired gain over DP-SGD on the synthetic tasks."""
     heterogeneity = summary.get("heterogeneity")
-    if heterogeneity:
-        parts = []
-        for task, entry in sorted(heterogeneity.items(), key=lambda item: -item[1]["heterogeneity"]):
-            gains = []
-            for method in _ordered(entry["methods"]):
-                cell = entry["methods"][method]
-                higher, digits = cell["higher_is_better"], 1 if cell["higher_is_better"] else 3
-                word = _verdict_word(cell["difference"], cell["low"], cell["high"], 2, higher)
-                ratio = "" if cell["snr_ratio"] is None else f", SNR ×{cell['snr_ratio']:.2g}"
-                gains.append(f"{analysis.label(method)} {_signed(cell['difference'], digits)} ({word} DP-SGD{ratio})")
-            parts.append(f"{task} (h = {entry['heterogeneity']:.2f}): " + ", ".join(gains))
-        result["heterogeneity"] = (
-            f"Gain over tuned DP-SGD at {caption} (paired by seed; accuracy points, MSE for diabetes), tasks from "
-            f"homogeneous to heterogeneous gradients: " + "; ".join(parts) + "."
-        )
+    if not heterogeneity:
+        return None
+    parts = []
+    for task, entry in sorted(heterogeneity.items(), key=lambda item: -item[1]["heterogeneity"]):
+        gains = []
+        for method in _ordered(entry["methods"]):
+            cell = entry["methods"][method]
+            higher, digits = cell["higher_is_better"], 1 if cell["higher_is_better"] else 3
+            word = _verdict_word(cell["difference"], cell["low"], cell["high"], 2, higher)
+            ratio = "" if cell["snr_ratio"] is None else f", SNR ×{cell['snr_ratio']:.2g}"
+            gains.append(f"{analysis.label(method)} {_signed(cell['difference'], digits)} ({word} DP-SGD{ratio})")
+        parts.append(f"{task} (h = {entry['heterogeneity']:.2f}): " + ", ".join(gains))
+    return (
+        f"Gain over tuned DP-SGD at {_caption(summary)} (paired by seed; accuracy points, MSE for diabetes), tasks "
+        f"from homogeneous to heterogeneous gradients: " + "; ".join(parts) + "."
+    )
 
+
+def audit_finding(summary: dict[str, Any]) -> str | None:
+    """Is it private: the audits of correct methods that passed, the tightest bound, the controls caught."""
     audit = summary.get("audit")
-    if audit:
-        correct = {n: r for n, r in audit.items() if r["kind"] != "control"}
-        controls = {n: r for n, r in audit.items() if r["kind"] == "control"}
-        tightest = max(correct, key=lambda n: correct[n]["lower_bound"] / correct[n]["theoretical_epsilon"])
-        result["audit"] = (
-            f"No violation was found by this adversary in {sum(r['passed'] for r in correct.values())} of "
-            f"{len(correct)} audits of correct methods (the tightest audited lower bound: "
-            f"{correct[tightest]['lower_bound']:.2f} against ε = {correct[tightest]['theoretical_epsilon']:.2f} for "
-            f"{tightest}); {sum(not r['passed'] for r in controls.values())} of {len(controls)} deliberately broken "
-            f"controls were caught. A pass bounds ε from below for this adversary only; it does not prove privacy."
-        )
-    return result
+    if not audit:
+        return None
+    correct = {n: r for n, r in audit.items() if r["kind"] != "control"}
+    controls = {n: r for n, r in audit.items() if r["kind"] == "control"}
+    tightest = max(correct, key=lambda n: correct[n]["lower_bound"] / correct[n]["theoretical_epsilon"])
+    return (
+        f"No violation was found by this adversary in {sum(r['passed'] for r in correct.values())} of "
+        f"{len(correct)} audits of correct methods (the tightest audited lower bound: "
+        f"{correct[tightest]['lower_bound']:.2f} against ε = {correct[tightest]['theoretical_epsilon']:.2f} for "
+        f"{tightest}); {sum(not r['passed'] for r in controls.values())} of {len(controls)} deliberately broken "
+        f"controls were caught. A pass bounds ε from below for this adversary only; it does not prove privacy."
+    )
+
+
+class Question(NamedTuple):
+    """One section of the report: what it asks and where its artefacts are."""
+
+    key: str
+    """The section's key in :func:`findings` (and :data:`WRITERS`)."""
+    title: str
+    figures: tuple[str, ...]
+    """Figure stems under ``reports/``."""
+    notebook: str
+    """The notebook (or ``bench``) that makes its figures and table."""
+    table: str
+    """Its table, under ``reports/``."""
 
 
 QUESTIONS = (
-    (
+    Question(
         "noise",
         "1. Less noise?",
-        ["figures/snr", "figures/cosine_noise_free", "figures/heterogeneity", "figures/theory_noise"],
+        ("figures/snr", "figures/cosine_noise_free", "figures/heterogeneity", "figures/theory_noise"),
         "noise",
         "tables/noise.md",
     ),
-    (
+    Question(
         "tuning",
         "2. No hand tuning?",
-        ["figures/tuning_heatmaps", "figures/tuning_curves"],
+        ("figures/tuning_heatmaps", "figures/tuning_curves"),
         "tuning",
         "tables/tuning.md",
     ),
-    (
+    Question(
         "accuracy",
         "3. Better accuracy at the same (ε, δ)?",
-        ["figures/accuracy", "figures/paired", "figures/training_curves"],
+        ("figures/accuracy", "figures/paired", "figures/training_curves"),
         "accuracy",
         "tables/paired.md",
     ),
-    ("anchors", "Beside the published state of the art", [], "accuracy", "tables/anchors.md"),
-    (
+    Question("anchors", "Beside the published state of the art", (), "accuracy", "tables/anchors.md"),
+    Question(
         "heterogeneity",
         "When does coordinate-wise clipping help?",
-        ["figures/heterogeneity_gain"],
+        ("figures/heterogeneity_gain",),
         "heterogeneity",
         "tables/heterogeneity.md",
     ),
-    ("size", "4. How much data?", ["figures/data_size"], "data_size", "tables/data_size.md"),
-    ("compute", "5. What does it cost in compute?", ["figures/bench"], "bench", "tables/bench.md"),
-    ("audit", "Is it private? The white-box privacy audit", ["figures/audit"], "audit", "tables/audit.md"),
-    ("accounting", "Accounting: ε against steps", ["figures/epsilon_steps"], "accounting", "tables/accounting.md"),
+    Question("size", "4. How much data?", ("figures/data_size",), "data_size", "tables/data_size.md"),
+    Question("compute", "5. What does it cost in compute?", ("figures/bench",), "bench", "tables/bench.md"),
+    Question("audit", "Is it private? The white-box privacy audit", ("figures/audit",), "audit", "tables/audit.md"),
+    Question(
+        "accounting", "Accounting: ε against steps", ("figures/epsilon_steps",), "accounting", "tables/accounting.md"
+    ),
 )
-"""(finding key, title, figure stems under reports/, notebook or stage, table under reports/)."""
+"""The report's sections in order."""
+
+WRITERS: dict[str, Callable[[dict[str, Any]], str | None]] = {
+    "noise": noise_finding,
+    "tuning": tuning_finding,
+    "accuracy": accuracy_finding,
+    "anchors": anchors_finding,
+    "size": size_finding,
+    "compute": compute_finding,
+    "heterogeneity": heterogeneity_finding,
+    "audit": audit_finding,
+}
+"""The writer of each question's finding (the ``accounting`` section has a table and a figure only)."""
+
+
+def findings(summary: dict[str, Any]) -> dict[str, str]:
+    """Sentences per question, every number read from ``summary``; a win only when the interval excludes 0.
+
+    Each question has its own writer in :data:`WRITERS`, which returns ``None`` where the summary holds nothing
+    for it; the questions without a finding are left out.
+    """
+    written = {key: writer(summary) for key, writer in WRITERS.items()}
+    return {key: text for key, text in written.items() if text is not None}
 
 
 NOTEBOOK_STAGES = {"tuning": "tuning_cost"}
@@ -616,14 +697,14 @@ def render_readme(summary: dict[str, Any], tables: dict[str, str]) -> str:
         f"is PNG and SVG, and the whole report is one self-contained HTML file, `report.html`.",
         "",
     ]
-    for key, title, figures, notebook, table in QUESTIONS:
-        if key not in found and table not in tables:
+    for question in QUESTIONS:
+        if question.key not in found and question.table not in tables:
             continue
-        lines += [f"## {title}", ""]
-        if key in found:
-            lines += [found[key], ""]
-        lines += [f"![{stem}]({stem}.png)" for stem in figures]
-        lines += ["", f"Table: [`{table}`]({table}). Source: {source_of(notebook)}.", ""]
-        if table in tables:
-            lines += [tables[table].rstrip(), ""]
+        lines += [f"## {question.title}", ""]
+        if question.key in found:
+            lines += [found[question.key], ""]
+        lines += [f"![{stem}]({stem}.png)" for stem in question.figures]
+        lines += ["", f"Table: [`{question.table}`]({question.table}). Source: {source_of(question.notebook)}.", ""]
+        if question.table in tables:
+            lines += [tables[question.table].rstrip(), ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -255,7 +255,7 @@ def run_sweep(
     return records
 
 
-class _Progress:
+class _ProgressBar:
     """Runs done / total and the time left: a tqdm bar on a terminal, else one line per finished run (logs)."""
 
     def __init__(self, total: int, label: str, enabled: bool) -> None:
@@ -286,8 +286,8 @@ class _Progress:
 def _map(
     tasks: list[tuple[dict[str, Any], bool]], workers: int, progress: bool, label: str
 ) -> Iterable[dict[str, Any]]:
-    """The records in the order of ``tasks``, computed by ``workers`` processes, with :class:`_Progress`."""
-    bar = _Progress(len(tasks), label, progress)
+    """The records in the order of ``tasks``, computed by ``workers`` processes, with :class:`_ProgressBar`."""
+    bar = _ProgressBar(len(tasks), label, progress)
     try:
         if workers == 1 or len(tasks) == 1:
             for task in tasks:

@@ -65,10 +65,10 @@ from adaclip.methods import METHODS, build_rule
 from adaclip.privacy.accounting import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, Spent, account
 from adaclip.research.data import DATASETS, FILE_DATASETS, Splits, load_dataset
 from adaclip.research.diagnostics import ReleaseProbe
+from adaclip.research.io import write_bytes_atomic, write_text_atomic
 from adaclip.research.models import MODELS, build_model
 from adaclip.research.params import is_device_name
 from adaclip.research.records import check_destination, to_json
-from adaclip.research.reporting import write_bytes_atomic, write_text_atomic
 
 # Per dataset: default model, expected batch size, epochs, the learning rate of every private method
 # and of the non-private baseline, and per-method learning rates where one was measured to differ.
@@ -375,7 +375,7 @@ def _versions() -> dict[str, str]:
 
 
 @dataclass
-class _Progress:
+class _RunHistory:
     """The history a run accumulates; a checkpoint carries it with the model, optimizer and generators."""
 
     epoch: int = 0
@@ -434,7 +434,7 @@ def _save_checkpoint(
     model: nn.Module,
     optimizer: Any,
     loader: Any,
-    progress: _Progress,
+    progress: _RunHistory,
 ) -> None:
     """Everything :func:`_load_checkpoint` needs to continue exactly, written atomically."""
     buffer = io.BytesIO()
@@ -455,7 +455,7 @@ def _save_checkpoint(
 
 def _load_checkpoint(
     path: str | os.PathLike[str], config: TrainConfig, model: nn.Module, optimizer: Any, loader: Any, device: str
-) -> _Progress:
+) -> _RunHistory:
     """Restore a checkpoint of the same config into the freshly built model, optimizer and loader."""
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
@@ -477,7 +477,7 @@ def _load_checkpoint(
     optimizer.load_state_dict(saved["optimizer"])
     _load_loader_state(loader, saved["loader"])
     torch.set_rng_state(saved["torch_rng"].cpu())
-    progress = _Progress(**saved["progress"])
+    progress = _RunHistory(**saved["progress"])
     progress.resumed_at_epoch = progress.epoch
     return progress
 
@@ -579,7 +579,7 @@ def run(
         noise_multiplier, sample_rate = optimizer.noise_multiplier, optimizer.sample_rate
         method_params = optimizer.rule.hyperparameters()
 
-    progress = _Progress()
+    progress = _RunHistory()
     if resume and checkpoint is not None:
         progress = _load_checkpoint(checkpoint, config, model, optimizer, loader, device)
     metric = "accuracy" if task == "classification" else "mse"
@@ -657,7 +657,7 @@ def run(
 
 def _record(
     config: TrainConfig,
-    progress: _Progress,
+    progress: _RunHistory,
     optimizer: Any,
     n_train: int,
     world_size: int,

@@ -1,10 +1,10 @@
-"""Markdown tables and atomic writes."""
+"""adaclip.research.io: Markdown tables, atomic writes, saved figures."""
 
 import os
 
 import pytest
 
-from adaclip.research.reporting import markdown_table, write_text_atomic
+from adaclip.research.io import markdown_table, write_text_atomic
 
 
 def test_markdown_table_formats_floats_and_checks_widths():
@@ -25,7 +25,7 @@ def test_write_text_atomic_leaves_no_partial_file(tmp_path):
 def test_save_figure_writes_png_and_svg_reproducibly(tmp_path):
     import matplotlib.pyplot as plt
 
-    from adaclip.research.reporting import apply_style, save_figure
+    from adaclip.research.io import apply_style, save_figure
 
     apply_style()
     fig, ax = plt.subplots()

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from adaclip._validate import require_bool, require_int, require_open_unit, require_positive
+from adaclip.audit.statistics import EpsilonLowerBound, GaussianLowerBound, MeanShift
 from adaclip.methods import METHODS
-from adaclip.privacy.audit.statistics import EpsilonLowerBound, GaussianLowerBound, MeanShift
 
 PASS_MEANING = (
     "pass = no violation found by this adversary: the audited lower bounds do not exceed the theoretical "
@@ -25,7 +25,7 @@ class AuditConfig:
 
     ``trials`` per world; ``steps`` rule steps per trial after ``warmup_steps``; ``expected_batch_size``
     examples besides the canary; ``dim`` gradient coordinates; ``methods`` a list or ``"all"``;
-    ``controls`` whether to run the deliberately broken rules of :mod:`adaclip.privacy.audit.controls`;
+    ``controls`` whether to run the deliberately broken rules of :mod:`adaclip.audit.controls`;
     ``optimizer_*`` the optimizer-path audit (``optimizer_trials = 0`` skips it), on a data set of
     ``optimizer_dataset_size`` examples including the canary, with its own noise multiplier (its
     subsampled, few-step signal is weak at the rule audit's sigma).
@@ -114,7 +114,7 @@ class AuditResult:
     """One audit: the theory it is held against, the measured bounds and shift, and the verdict.
 
     ``lower_bound`` is the headline epsilon lower bound: through the Gaussian trade-off curve
-    (:class:`~adaclip.privacy.audit.statistics.GaussianLowerBound`) for the rule audits, whose statistic is
+    (:class:`~adaclip.audit.statistics.GaussianLowerBound`) for the rule audits, whose statistic is
     exactly Gaussian for a correct rule; the Clopper–Pearson threshold bound for the optimizer path,
     whose statistic is a mixture under Poisson sampling.  ``threshold_bound`` is always the
     Clopper–Pearson one (valid whatever the mechanism, but capped by the number of trials).

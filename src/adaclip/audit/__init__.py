@@ -60,10 +60,10 @@ Adding a rule: give its registry entry (:data:`adaclip.methods.METHODS`) a
 :class:`~adaclip.methods.canary.CanaryAdapter` in the method's own module.
 """
 
-from adaclip.privacy.audit.config import PASS_MEANING, AuditConfig, AuditResult, audit_config, table_header, table_row
-from adaclip.privacy.audit.optimizer import audit_optimizer, canary_dataset, optimizer_expected_mu
-from adaclip.privacy.audit.rule import audit_method, audit_rule, warm_state
-from adaclip.privacy.audit.statistics import (
+from adaclip.audit.config import PASS_MEANING, AuditConfig, AuditResult, audit_config, table_header, table_row
+from adaclip.audit.optimizer import audit_optimizer, canary_dataset, optimizer_expected_mu
+from adaclip.audit.rule import audit_method, audit_rule, warm_state
+from adaclip.audit.statistics import (
     EpsilonLowerBound,
     GaussianLowerBound,
     MeanShift,

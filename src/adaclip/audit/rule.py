@@ -10,15 +10,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from adaclip.methods import METHODS, ClipRule, build_rule
-from adaclip.methods.canary import DTYPE, CanaryAdapter
-from adaclip.privacy.accounting import epsilon
-from adaclip.privacy.audit.config import AuditConfig, AuditResult
-from adaclip.privacy.audit.statistics import (
+from adaclip.audit.config import AuditConfig, AuditResult
+from adaclip.audit.statistics import (
     epsilon_lower_bound,
     gaussian_epsilon_lower_bound,
     standardised_mean_shift,
 )
+from adaclip.methods import METHODS, ClipRule, build_rule
+from adaclip.methods.canary import DTYPE, CanaryAdapter
+from adaclip.privacy.accounting import epsilon
 
 
 def seeds(seed: int, count: int) -> list[int]:
@@ -108,7 +108,7 @@ def audit_rule(
     ``mu = sqrt(steps) / sigma``.  The headline lower bound is the Gaussian trade-off bound of ``mu_hat``'s
     lower confidence limit (exact for a correct rule: the statistic is ``N(0, 1)`` against ``N(mu, 1)``).
     ``rule`` may be any :class:`ClipRule`, including a broken one (``kind="control"``, see
-    :mod:`adaclip.privacy.audit.controls`).
+    :mod:`adaclip.audit.controls`).
     """
     warm_seed, trial_seed = seeds(config.seed, 2)
     dim, batch_size = config.dim, config.expected_batch_size

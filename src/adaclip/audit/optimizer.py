@@ -12,13 +12,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from adaclip.audit.config import AuditConfig, AuditResult
+from adaclip.audit.rule import seeds
+from adaclip.audit.statistics import epsilon_lower_bound, standardised_mean_shift
 from adaclip.engine import make_private
 from adaclip.methods import METHODS, build_rule
 from adaclip.methods.canary import DTYPE, CanaryAdapter
 from adaclip.privacy.accounting import epsilon
-from adaclip.privacy.audit.config import AuditConfig, AuditResult
-from adaclip.privacy.audit.rule import seeds
-from adaclip.privacy.audit.statistics import epsilon_lower_bound, standardised_mean_shift
 
 #: The canary example's input along weight 0 and its target; its squared-error gradient is about
 #: ``2 * CANARY_INPUT**3`` along weight 0, far outside every rule's clip region.

@@ -1,4 +1,4 @@
-"""DELIBERATELY BROKEN clipping rules: the negative controls of :mod:`adaclip.privacy.audit`.  Never train with them.
+"""DELIBERATELY BROKEN clipping rules: the negative controls of :mod:`adaclip.audit`.  Never train with them.
 
 Each class breaks exactly one privacy rule that every correct rule obeys (see
 :mod:`adaclip.methods.base`), the way DP-SGD implementations are known to break it silently, and
@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adaclip.audit.config import AuditConfig, AuditResult
+from adaclip.audit.rule import audit_rule
 from adaclip.methods import METHODS, ClippedSum, ClipRule, Stats
-from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState
+from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaCliPState
 from adaclip.methods.fixed import FixedClip
 from adaclip.methods.quantile import QuantileClip, QuantileClipState
-from adaclip.privacy.audit.config import AuditConfig, AuditResult
-from adaclip.privacy.audit.rule import audit_rule
 
 
 class FixedClipWithoutClipping(FixedClip):
@@ -72,7 +72,7 @@ class AdaCliPWithRawStatistics(AdaCliP):
     whose shift ``a`` and scale ``b`` now depend on private data.
     """
 
-    def step(self, per_example_grads: Tensor, state: AdaClipState, noise: Tensor) -> tuple[Tensor, AdaClipState, Stats]:
+    def step(self, per_example_grads: Tensor, state: AdaCliPState, noise: Tensor) -> tuple[Tensor, AdaCliPState, Stats]:
         released, _, stats = super().step(per_example_grads, state, noise)
         raw_mean = per_example_grads.sum(0) / self.expected_batch_size
         return released, self.next_state(raw_mean, state, stats.get("unclipped_estimate")), stats
@@ -89,7 +89,7 @@ class AdaCliPWithNoiselessCount(AdaCliP):
         params |= AdaCliPAdapter.variant_params("quantile_scale", noise_multiplier)
         super().__init__(noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, **params)
 
-    def release(self, clipped: ClippedSum, state: AdaClipState, noise: Tensor) -> tuple[Tensor, AdaClipState, Stats]:
+    def release(self, clipped: ClippedSum, state: AdaCliPState, noise: Tensor) -> tuple[Tensor, AdaCliPState, Stats]:
         without_count_noise = noise.clone()
         without_count_noise[-1] = 0.0
         return super().release(clipped, state, without_count_noise)

@@ -1,4 +1,4 @@
-"""Report artefacts shared by notebooks and stages: Markdown tables, atomic writes, the figure style."""
+"""Writing the report's files: Markdown tables, atomic writes of text and bytes, the figure style and saved figures."""
 
 from __future__ import annotations
 
