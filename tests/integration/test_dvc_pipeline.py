@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from sklearn.datasets import load_breast_cancer
+from test_notebooks import shows_a_figure_and_a_finding
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,6 +81,7 @@ def test_repro_writes_every_declared_output_and_the_report(tiny_repo):
     for notebook in (repo / "notebooks").glob("*.ipynb"):
         executed = json.loads((repo / "reports" / "notebooks" / notebook.name).read_text())
         assert any(c.get("outputs") for c in executed["cells"] if c["cell_type"] == "code"), notebook.name
+        assert shows_a_figure_and_a_finding(executed), notebook.name
     readme = (repo / "reports" / "README.md").read_text()
     assert "profile" in readme and "tiny" in readme
     for link in re.findall(r"\]\(([^)]+\.(?:png|md))\)", readme):

@@ -14,6 +14,37 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
+def shows_a_figure_and_a_finding(executed: dict) -> bool:
+    """An executed notebook reads as a paper's section: at least one figure shown inline (a PNG output), and a
+    cell tagged ``findings`` whose output is the generated finding as Markdown."""
+    outputs = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    findings = [
+        o
+        for c in executed["cells"]
+        if "findings" in c.get("metadata", {}).get("tags", [])
+        for o in c.get("outputs", [])
+        if o.get("data", {}).get("text/markdown", "").strip()
+    ]
+    return any("image/png" in o.get("data", {}) for o in outputs) and bool(findings)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_executed_notebook_shows_its_figures_and_ends_with_its_finding(path):
+    executed = json.loads((ROOT / "reports" / "notebooks" / path.name).read_text())
+    assert shows_a_figure_and_a_finding(executed), f"reports/notebooks/{path.name}: no inline figure or no finding"
+    assert "findings" in executed["cells"][-1]["metadata"].get("tags", []), "the finding closes the notebook"
+
+
+def test_the_check_sees_a_notebook_without_figures_or_finding():
+    figure = {"output_type": "display_data", "data": {"image/png": "iVBOR"}}
+    finding = {"output_type": "display_data", "data": {"text/markdown": "**1. Less noise?** ..."}}
+    cell = lambda outputs, tags=(): {"cell_type": "code", "metadata": {"tags": list(tags)}, "outputs": outputs}  # noqa: E731
+    assert shows_a_figure_and_a_finding({"cells": [cell([figure]), cell([finding], ["findings"])]})
+    assert not shows_a_figure_and_a_finding({"cells": [cell([]), cell([finding], ["findings"])]})
+    assert not shows_a_figure_and_a_finding({"cells": [cell([figure]), cell([finding])]})  # not tagged
+    assert not shows_a_figure_and_a_finding({"cells": [cell([figure]), cell([], ["findings"])]})
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_source_notebook_has_no_outputs_and_one_parameters_cell(path):
     cells = json.loads(path.read_text())["cells"]

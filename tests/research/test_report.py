@@ -490,6 +490,24 @@ def test_summarise_turns_the_records_into_the_numbers_the_findings_state():
     relabelled = [{**r, "config": {**r["config"], "task": "breast-cancer"}} for r in accuracy]
     assert "ours" not in report._anchors(relabelled, tiny)
     assert "ours" in report._anchors(accuracy, params)
+    # a notebook states its own question's finding from the one sweep it reads
+    alone = summarise(params, {"accuracy": accuracy})
+    assert alone["accuracy"] == summary["accuracy"] and alone["tuning"] == alone["size"] == alone["diagnostics"] == {}
+    closing = report.finding_markdown(alone, "accuracy", "size")
+    assert closing == (
+        f"**{QUESTIONS[2].title}** {findings(summary)['accuracy']}\n\n"
+        f"**4. How much data?** The runs this notebook reads hold nothing for it."
+    )
+    with pytest.raises(ValueError, match="keys must be among the questions with a writer"):
+        report.finding_markdown(alone, "accounting")
+
+
+def test_the_accounting_finding_reads_the_last_step_of_each_accountant():
+    import pandas as pd
+
+    curve = pd.DataFrame({"steps": [1, 100], "rdp": [0.5, 3.3], "prv": [0.4, 3.0], "pld": [0.4, 3.0]})
+    text = report.accounting_finding(curve, ["rdp", "prv", "pld"])
+    assert "After 100 steps: RDP 3.300 (1.10×), PRV 3.000 (1.00×), PLD 3.000 (1.00×)" in text
 
 
 def test_every_finding_has_a_question_and_a_writer_of_its_own():

@@ -80,10 +80,17 @@ def _process_running(pid: int) -> bool:
 
 
 def apply_style() -> None:
-    """The one figure style of the report (seaborn ``whitegrid``, readable sizes, colour-blind palette)."""
+    """The one figure style of the report (seaborn ``whitegrid``, readable sizes, colour-blind palette).
+
+    Outside a Jupyter kernel it selects the non-interactive Agg backend (the sweeps and scripts only save figures);
+    inside one it keeps the kernel's inline backend, so that ``plt.show()`` puts each figure into the notebook.
+    """
+    import sys
+
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg", force=False)
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")

@@ -286,19 +286,26 @@ def summarise(
     bench: Sequence[dict[str, Any]] | None = None,
     audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything the report states: from the sweeps' records (``{sweep: records}``), the benchmark and the audit."""
+    """Everything the report states: from the sweeps' records (``{sweep: records}``), the benchmark and the audit.
+
+    A section whose sweeps are not in ``sweeps`` is empty (``{}``), so that a notebook can state the finding of
+    its own question from the sweeps it reads (its writer then has what it needs and nothing more).
+    """
     setting = params.setting
+    tuning, accuracy, size, diagnostics = (sweeps.get(name) for name in ("tuning", "accuracy", "size", "diagnostics"))
     summary: dict[str, Any] = {
         "profile": params.profile,
         "privacy": {"delta": setting.delta, "accountant": setting.accountant, "main_epsilon": setting.epsilon},
         "main_task": setting.main_task,
-        "tuning": _tuning(sweeps["tuning"]),
-        "accuracy": _accuracy(sweeps["accuracy"]),
-        "anchors": _anchors(sweeps["accuracy"], params),
-        "size": _size(sweeps["size"], sweeps["accuracy"], params),
+        "tuning": {} if tuning is None else _tuning(tuning),
+        "accuracy": {} if accuracy is None else _accuracy(accuracy),
+        "anchors": {} if accuracy is None else _anchors(accuracy, params),
+        "size": {} if size is None or accuracy is None else _size(size, accuracy, params),
         "size_task": params.size.task,
-        "diagnostics": _diagnostics(sweeps["diagnostics"]),
-        "heterogeneity": _heterogeneity(sweeps["diagnostics"], sweeps["accuracy"], params),
+        "diagnostics": {} if diagnostics is None else _diagnostics(diagnostics),
+        "heterogeneity": (
+            {} if diagnostics is None or accuracy is None else _heterogeneity(diagnostics, accuracy, params)
+        ),
         "theory": _theory(params),
     }
     if bench is not None:
@@ -664,6 +671,35 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
     """
     written = {key: writer(summary) for key, writer in WRITERS.items()}
     return {key: text for key, text in written.items() if text is not None}
+
+
+def finding_markdown(summary: dict[str, Any], *keys: str) -> str:
+    """The findings of questions ``keys`` as the Markdown that closes a notebook (each question's title in bold).
+
+    A question whose writer finds nothing in ``summary`` says so in words rather than vanishing.
+    """
+    titles = {question.key: question.title for question in QUESTIONS}
+    paragraphs = []
+    for key in keys:
+        if key not in WRITERS:
+            raise ValueError(f"keys must be among the questions with a writer {list(WRITERS)}, got {key!r}")
+        text = WRITERS[key](summary)
+        paragraphs.append(f"**{titles[key]}** {text or 'The runs this notebook reads hold nothing for it.'}")
+    return "\n\n".join(paragraphs)
+
+
+def accounting_finding(curve: Any, accountants: Sequence[str]) -> str:
+    """What the ε-against-steps table shows: each accountant's ε after the last step, and each one's ratio to the
+    tightest (``curve``: a table with a ``steps`` column and one ε column per accountant)."""
+    last = curve.iloc[-1]
+    tightest = min(float(last[name]) for name in accountants)
+    cells = ", ".join(
+        f"{name.upper()} {float(last[name]):.3f} ({float(last[name]) / tightest:.2f}×)" for name in accountants
+    )
+    return (
+        f"**Accounting: ε against steps** After {int(last['steps'])} steps: {cells} (in brackets each accountant's "
+        f"ε relative to the tightest)."
+    )
 
 
 NOTEBOOK_STAGES = {"tuning": "tuning_cost"}
