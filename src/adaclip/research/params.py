@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from adaclip._validate import as_int, as_real, is_finite
-from adaclip.methods import METHODS, check_method
+from adaclip.methods import METHODS, NONPRIVATE, check_method
 from adaclip.privacy.accounting import ACCOUNTANTS
 from adaclip.privacy.audit import AuditConfig, audit_config
 from adaclip.research.data import DATASETS, TRAIN_SIZES
@@ -363,11 +363,11 @@ def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ..
     if unknown:
         raise ValueError(f"{where}.methods {unknown} must also be listed in setting.methods")
     scaled = [m for m in METHODS if METHODS[m].scale_parameter is not None]
-    for key, known in (("lr", [*METHODS, "nonprivate"]), ("scale", scaled), ("method_params", list(METHODS))):
+    for key, known in (("lr", [*METHODS, NONPRIVATE]), ("scale", scaled), ("method_params", list(METHODS))):
         unknown = sorted(set(getattr(task, key)) - set(known))
         if unknown:
             raise ValueError(f"{where}.{key} has unknown method(s) {unknown}; it accepts {known}")
-    for method in (*task.methods, "nonprivate"):
+    for method in (*task.methods, NONPRIVATE):
         if method not in task.lr:
             raise ValueError(f"{where}.lr needs a learning-rate centre for {method!r}")
     for method in task.methods:

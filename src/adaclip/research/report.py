@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from adaclip.methods import METHODS
+from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.privacy.accounting import epsilon as epsilon_of
 from adaclip.research import analysis
 from adaclip.research.data import load_dataset
@@ -106,12 +106,12 @@ def _accuracy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "metric": block["metric_name"].iloc[0],
             "higher_is_better": bool(block["higher_is_better"].iloc[0]),
             "by_epsilon": {},
-            "nonprivate": None,
+            NONPRIVATE: None,
         }
         for row in block.itertuples():
             cell = {"mean": row.mean, "low": row.low, "high": row.high, "seeds": row.seeds}
-            if row.method == "nonprivate":
-                entry["nonprivate"] = cell
+            if row.method == NONPRIVATE:
+                entry[NONPRIVATE] = cell
             else:
                 entry["by_epsilon"].setdefault(f"{row.target_epsilon:g}", {})[row.method] = cell
         for row in differences[differences["task"] == task].itertuples():
@@ -300,8 +300,8 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     metrics: dict[str, dict[str, float]] = {}
     for task, entry in summary["accuracy"].items():
         values = {m: v["mean"] for m, v in entry["by_epsilon"].get(main, {}).items()}
-        if entry["nonprivate"] is not None:
-            values["nonprivate"] = entry["nonprivate"]["mean"]
+        if entry[NONPRIVATE] is not None:
+            values[NONPRIVATE] = entry[NONPRIVATE]["mean"]
         metrics[f"q3_{task}_eps{main}"] = values
     for task, methods in summary["tuning"].items():
         metrics[f"q2_{task}_share_near_best"] = {m: v["share_near_best"] for m, v in methods.items()}
@@ -416,7 +416,7 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
             f"{analysis.label(m)} {100 * v['share_near_best']:.0f} % of {v['cells']} cells "
             f"(best {v['best']:.{digits}f}, one random cell {one_cell(v['expected_best_of_1'])})"
             for m, v in tuning.items()
-            if m != "nonprivate"
+            if m != NONPRIVATE
         ]
         near = (
             "1 point of each method's best validation accuracy"
@@ -440,7 +440,7 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
             for m in _ordered(at_main)
             if m != "fixed" and "vs_dpsgd" in at_main[m]
         )
-        baseline = f"; non-private {_fmt(entry['nonprivate'], higher)}" if entry["nonprivate"] else ""
+        baseline = f"; non-private {_fmt(entry['nonprivate'], higher)}" if entry[NONPRIVATE] else ""
         sentences.append(f"{task}: DP-SGD {_fmt(at_main['fixed'], higher)}; {others}{baseline}")
     if sentences:
         result["accuracy"] = (

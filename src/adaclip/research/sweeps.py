@@ -37,7 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from adaclip.methods import METHODS
+from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.research.analysis import Hyperparameters
 from adaclip.research.params import SWEEPS, Params, Task, size_batch
 from adaclip.research.records import write_records
@@ -65,7 +65,7 @@ def _base(params: Params, name: str, method: str, seed: int) -> dict[str, Any]:
         "seed": seed,
         "accountant": params.setting.accountant,
         "delta": params.setting.delta,
-        "epsilon": None if method == "nonprivate" else params.setting.epsilon,
+        "epsilon": None if method == NONPRIVATE else params.setting.epsilon,
         "device": params.runtime.device,
         "epochs": task.epochs,
         "batch_size": task.batch_size,
@@ -112,8 +112,8 @@ def tuning_configs(params: Params) -> list[dict[str, Any]]:
                         point = grid_point(task, method, lr_factor, scale_factor)
                         configs.append(_with(_base(params, name, method, seed), method, point))
             for lr_factor in grid.nonprivate_lr_factors:
-                point = Hyperparameters(lr=task.lr["nonprivate"] * lr_factor, scale=None)
-                configs.append(_with(_base(params, name, "nonprivate", seed), "nonprivate", point))
+                point = Hyperparameters(lr=task.lr[NONPRIVATE] * lr_factor, scale=None)
+                configs.append(_with(_base(params, name, NONPRIVATE, seed), NONPRIVATE, point))
     return configs
 
 
@@ -145,8 +145,8 @@ def sweep_configs(
                     point = _chosen(selected, task_name, method)
                     for eps in params.accuracy.epsilons:
                         configs.append({**_with(_base(params, task_name, method, seed), method, point), "epsilon": eps})
-                point = _chosen(selected, task_name, "nonprivate")
-                configs.append(_with(_base(params, task_name, "nonprivate", seed), "nonprivate", point))
+                point = _chosen(selected, task_name, NONPRIVATE)
+                configs.append(_with(_base(params, task_name, NONPRIVATE, seed), NONPRIVATE, point))
     elif name == "size":
         task_name = params.size.task
         task = params.task(task_name)
@@ -154,7 +154,7 @@ def sweep_configs(
         for seed in params.size.seeds:
             for n in params.size.train_sizes:
                 batch = size_batch(task.batch_size, full, n)
-                for method in (*task.methods, "nonprivate"):
+                for method in (*task.methods, NONPRIVATE):
                     config = _with(_base(params, task_name, method, seed), method, _chosen(selected, task_name, method))
                     configs.append({**config, "train_size": n, "batch_size": batch})
     else:  # diagnostics

@@ -61,7 +61,7 @@ from adaclip.engine.sampling import (
     load_loader_state_dict,
     loader_state_dict,
 )
-from adaclip.methods import METHODS, build_rule
+from adaclip.methods import METHODS, NONPRIVATE, build_rule
 from adaclip.privacy.accounting import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, Spent, account
 from adaclip.research.data import DATASETS, FILE_DATASETS, Splits, load_dataset
 from adaclip.research.diagnostics import ReleaseProbe
@@ -120,7 +120,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 def default_lr(dataset: str, method: str) -> float:
     """The default learning rate of ``method`` on ``dataset`` (see ``DATASET_DEFAULTS``)."""
     defaults = DATASET_DEFAULTS[dataset]
-    if method == "nonprivate":
+    if method == NONPRIVATE:
         return float(defaults["nonprivate_lr"])
     return float(defaults["method_lr"].get(method, defaults["lr"]))
 
@@ -253,7 +253,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     is always JSON.
     """
     _one_of("dataset", config.dataset, DATASETS)
-    _one_of("method", config.method, (*METHODS, "nonprivate"))  # the registry as it is now
+    _one_of("method", config.method, (*METHODS, NONPRIVATE))  # the registry as it is now
     defaults = DATASET_DEFAULTS[config.dataset]
     _check(
         isinstance(config.method_params, dict) and all(isinstance(k, str) for k in config.method_params),
@@ -298,7 +298,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     _check(is_device_name(resolved.device), f"device must be 'cpu', 'cuda' or 'cuda:i', got {resolved.device!r}")
     for name in ("diagnostics", "check_replicas", "progress"):
         _flag(name, getattr(resolved, name))
-    if resolved.method == "nonprivate":
+    if resolved.method == NONPRIVATE:
         _check(
             not resolved.method_params,
             f"method 'nonprivate' takes no method_params, got {resolved.method_params!r}",
@@ -331,7 +331,7 @@ def _check_parallel(config: TrainConfig, world_size: int) -> None:
         "diagnostics read the clean per-rank gradient and run in one process only; drop --diagnostics or torchrun",
     )
     _check(
-        config.method != "nonprivate" or config.batch_size % world_size == 0,
+        config.method != NONPRIVATE or config.batch_size % world_size == 0,
         f"the non-private baseline splits batch_size={config.batch_size} evenly over {world_size} ranks: "
         "use a batch size divisible by --nproc_per_node",
     )
@@ -523,7 +523,7 @@ def run(
         f"batch_size={config.batch_size} exceeds the {n_train} training examples; lower it",
     )
     delta = None
-    if config.method != "nonprivate":
+    if config.method != NONPRIVATE:
         delta = config.delta if config.delta is not None else default_delta(n_train)
         _check(
             delta < 1 / n_train,
@@ -545,12 +545,12 @@ def run(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     loss_fn = nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
     loader: Any
-    if config.method == "nonprivate" and world_size > 1:
+    if config.method == NONPRIVATE and world_size > 1:
         sampler = DistributedSampler(splits.train, shuffle=True, seed=config.seed)
         loader = DataLoader(splits.train, batch_size=config.batch_size // world_size, sampler=sampler)
         model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
         noise_multiplier, sample_rate, method_params = None, None, {}
-    elif config.method == "nonprivate":
+    elif config.method == NONPRIVATE:
         loader = DataLoader(
             BatchedTensorDataset(*splits.train.tensors),  # one gather per batch, not a __getitem__ per example
             batch_size=config.batch_size,
@@ -583,7 +583,7 @@ def run(
     if resume and checkpoint is not None:
         progress = _load_checkpoint(checkpoint, config, model, optimizer, loader, device)
     metric = "accuracy" if task == "classification" else "mse"
-    probe = ReleaseProbe(optimizer, config.lr) if config.diagnostics and config.method != "nonprivate" else None
+    probe = ReleaseProbe(optimizer, config.lr) if config.diagnostics and config.method != NONPRIVATE else None
     start = time.perf_counter()
     show = config.progress and not os.environ.get("TQDM_DISABLE") and dist_utils.rank() == 0
     with warnings.catch_warnings():
@@ -683,7 +683,7 @@ def _record(
         "epsilon": None if accounting is None else accounting.epsilon,
         "target_epsilon": config.epsilon,
         "delta": delta,
-        "accountant": config.accountant if config.method != "nonprivate" else None,
+        "accountant": config.accountant if config.method != NONPRIVATE else None,
         "epsilon_accountant": None if accounting is None else accounting.accountant,
         "accounting_fallback": None if accounting is None else accounting.fallback,
         "noise_multiplier": noise_multiplier,
