@@ -56,6 +56,7 @@ from adaclip.methods.psac import PerSampleAdaptiveClip, psac_weights
 from adaclip.methods.quantile import QuantileClip
 from adaclip.methods.registry import METHODS, clip_bound, per_layer_methods, per_layer_refusals
 
+
 def check_per_layer(method: str) -> None:
     """Refuse ``clipping="per_layer"`` for a method without it, in one line with the reason."""
     refusals = per_layer_refusals()
@@ -267,4 +268,3 @@ class PerLayerClip(ClipRule):
                 f"(noise_size({dim})); got {getattr(noise, 'shape', type(noise))}"
             )
         return dim
-

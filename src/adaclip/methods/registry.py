@@ -169,7 +169,9 @@ def per_layer_refusals() -> dict[str, str]:
     return {name: entry.per_layer_refusal for name, entry in METHODS.items() if not entry.per_layer}
 
 
-_WHOLE_VECTOR = "clips the whole transformed vector (g - a) / b to norm 1, its per-coordinate scale b already weighs every layer"
+_WHOLE_VECTOR = (
+    "clips the whole transformed vector (g - a) / b to norm 1, its per-coordinate scale b already weighs every layer"
+)
 
 register_method(
     "fixed",

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from adaclip.engine import distributed as dist_utils
 from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.privacy.accounting import ACCOUNTANTS
-from adaclip.research.data import DATASETS
+from adaclip.research.datasets import dataset_names
 from adaclip.research.models import MODELS
 from adaclip.research.params import SWEEPS, load_params
 from adaclip.research.records import load_yaml, parse_yaml_value, read_records
@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     train.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (dataset, method, epsilon, ...)")
-    train.add_argument("--dataset", choices=DATASETS)
+    train.add_argument("--dataset", choices=dataset_names())
     train.add_argument("--method", choices=[*METHODS, NONPRIVATE], help="clipping method (default adaclip)")
     train.add_argument("--model", choices=MODELS, help="default: the dataset's (cnn for images)")
     train.add_argument("--epsilon", type=float, help="target epsilon (default 3); sigma is calibrated for it")
@@ -184,7 +184,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from adaclip.research.data import prepare
+    from adaclip.research.datasets import prepare
 
     params = load_params(args.params)
     manifest = prepare(list(params.data.datasets), args.out)

@@ -20,7 +20,7 @@ import numpy as np
 from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.privacy.accounting import epsilon as epsilon_of
 from adaclip.research import analysis
-from adaclip.research.data import load_dataset
+from adaclip.research.datasets import dataset_spec, load_dataset
 from adaclip.research.params import Params
 from adaclip.research.theory import dpsgd_noise_power, log_spaced_std, optimal_noise_power
 
@@ -127,10 +127,6 @@ def _accuracy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-ANCHOR_DATASETS = ("fashion-mnist", "fashion-mnist-scatternet")
-"""The datasets the published anchors are on: our main task is set beside them only if it is one of these."""
-
-
 def _anchors(records: Sequence[dict[str, Any]], params: Params) -> dict[str, Any]:
     """The published anchors, and our tuned DP-SGD on the main task at the main epsilon with its PRV and RDP epsilon."""
     frame = analysis.runs_frame(records)
@@ -139,7 +135,7 @@ def _anchors(records: Sequence[dict[str, Any]], params: Params) -> dict[str, Any
         & (frame["method"] == "fixed")
         & (frame["target_epsilon"] == params.setting.epsilon)
     ]
-    if ours.empty or params.task(params.setting.main_task).dataset not in ANCHOR_DATASETS:
+    if ours.empty or not dataset_spec(params.task(params.setting.main_task).dataset).anchored:
         return {"published": [a.__dict__ for a in ANCHORS]}
     first = ours.iloc[0]
     value = analysis.interval(ours["metric"].tolist())
@@ -218,7 +214,7 @@ def _heterogeneity(
     for row in gains.to_dict("records"):
         entry = result.setdefault(row["task"], {"heterogeneity": row["heterogeneity"], "methods": {}})
         entry["methods"][row["method"]] = {key: row[key] for key in ("difference", "low", "high", "snr_ratio")} | {
-            "higher_is_better": params.task(row["task"]).dataset != "diabetes"
+            "higher_is_better": dataset_spec(params.task(row["task"]).dataset).higher_is_better
         }
         if _releases_step(row["method"]):
             entry["methods"][row["method"]]["snr_ratio"] = None
@@ -440,7 +436,7 @@ def findings(summary: dict[str, Any]) -> dict[str, str]:
             for m in _ordered(at_main)
             if m != "fixed" and "vs_dpsgd" in at_main[m]
         )
-        baseline = f"; non-private {_fmt(entry['nonprivate'], higher)}" if entry[NONPRIVATE] else ""
+        baseline = f"; non-private {_fmt(entry[NONPRIVATE], higher)}" if entry[NONPRIVATE] else ""
         sentences.append(f"{task}: DP-SGD {_fmt(at_main['fixed'], higher)}; {others}{baseline}")
     if sentences:
         result["accuracy"] = (

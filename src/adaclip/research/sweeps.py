@@ -39,11 +39,11 @@ from tqdm import tqdm
 
 from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.research.analysis import Hyperparameters
+from adaclip.research.datasets import dataset_spec
 from adaclip.research.params import SWEEPS, Params, Task, size_batch
 from adaclip.research.records import write_records
 from adaclip.research.train import TrainConfig, resolve, run
 
-IMAGE_DATASETS = ("fashion-mnist", "mnist")
 TIMINGS = ("wall_time_s", "examples_per_s")
 """Record fields that change from run to run of the same config: kept apart (:func:`timings_path`), so that a
 sweep's records are byte-identical whenever its numbers are and regeneration can be checked with a diff."""
@@ -76,7 +76,7 @@ def _base(params: Params, name: str, method: str, seed: int) -> dict[str, Any]:
         "on_divergence": "record",  # a diverged grid cell is a result (never selected), not a failed sweep
         "method_params": dict(task.method_params.get(method, {})),
     }
-    if task.dataset in IMAGE_DATASETS or task.dataset == "fashion-mnist-scatternet":
+    if dataset_spec(task.dataset).files is not None:
         config["data_dir"] = None  # filled by run_sweep from the prepared data or features folder
     return config
 
@@ -150,7 +150,7 @@ def sweep_configs(
     elif name == "size":
         task_name = params.size.task
         task = params.task(task_name)
-        full = task.train_size if task.train_size is not None else _train_size(task)
+        full = task.train_size if task.train_size is not None else dataset_spec(task.dataset).train_size
         for seed in params.size.seeds:
             for n in params.size.train_sizes:
                 batch = size_batch(task.batch_size, full, n)
@@ -163,12 +163,6 @@ def sweep_configs(
                 config = _base(params, task_name, method, params.diagnostics.seed)
                 configs.append({**_with(config, method, _chosen(selected, task_name, method)), "diagnostics": True})
     return configs
-
-
-def _train_size(task: Task) -> int:
-    from adaclip.research.data import TRAIN_SIZES
-
-    return TRAIN_SIZES[task.dataset]
 
 
 PARENT_POLL_S = 0.5
@@ -202,9 +196,11 @@ def _key(config: dict[str, Any]) -> str:
 
 
 def _data_dir(config: dict[str, Any], prepared_dir: Path | None, features_dir: Path | None) -> str | None:
-    if config["dataset"] == "fashion-mnist-scatternet":
+    """The folder of the dataset's files: the features folder, or its folder of the prepare stage."""
+    spec = dataset_spec(config["dataset"])
+    if spec.files == "features":
         return None if features_dir is None else str(features_dir)
-    return None if prepared_dir is None else str(prepared_dir / config["dataset"])
+    return None if prepared_dir is None or spec.prepared_as is None else str(prepared_dir / spec.prepared_as)
 
 
 def run_sweep(
