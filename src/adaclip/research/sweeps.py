@@ -4,7 +4,7 @@ A sweep is a list of :class:`adaclip.research.train.TrainConfig` dictionaries, e
 :func:`adaclip.research.train.run`:
 
 * ``tuning`` – for every task and private method, the joint grid learning rate x scale (the method's
-  ``scale_parameter``, e.g. DP-SGD's ``C``, AdaCliP's ``h2``) at ``setting.epsilon``, plus the
+  ``scale_parameter``, e.g. DP-SGD's ``C``, AdaCliP's ``initial_clip``) at ``setting.epsilon``, plus the
   non-private baseline's learning-rate grid (as many cells).  For a method whose release scales with
   its scale parameter (``step_per_scale``: DP-SGD, DP-PSAC) the learning-rate axis is the step per unit
   of scale, so that the grid does not confound the clip norm with the step size.  :func:`select`
