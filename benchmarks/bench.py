@@ -92,6 +92,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip.engine import make_private
+from adaclip.methods import NONPRIVATE
 from adaclip.research.io import apply_style, markdown_table, save_figure, write_text_atomic
 from adaclip.research.models import build_model
 
@@ -198,7 +199,7 @@ def build_setups(
 
     model = copy.deepcopy(initial)
     setups.append(
-        Setup("nonprivate", "-", _step_with(model, torch.optim.SGD(model.parameters(), lr=0.01), batch, cross_entropy))
+        Setup(NONPRIVATE, "-", _step_with(model, torch.optim.SGD(model.parameters(), lr=0.01), batch, cross_entropy))
     )
     for baseline in baselines:
         model = copy.deepcopy(initial)
@@ -510,9 +511,9 @@ def scaling_table(records: list[dict[str, Any]]) -> str:
     batch_sizes = sorted({r["batch_size"] for r in chosen})
     cells: dict[tuple[str, str], dict[int, str]] = {}
     for r in chosen:
-        setup = "non-private" if r["method"] == "nonprivate" else f"{r['method']}/{r['path']}"
+        setup = "non-private" if r["method"] == NONPRIVATE else f"{r['method']}/{r['path']}"
         memory = f"{r['peak_memory_bytes'] / 2**20:.1f} MiB"
-        if r["method"] == "nonprivate":
+        if r["method"] == NONPRIVATE:
             timing = f"{r['step_time_s'] * 1e3:.2f} ms"
         else:
             cell = r["cell"]
@@ -530,7 +531,7 @@ def figure(records: list[dict[str, Any]], stem: Path, title: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     last_run = max(r["run"] for r in records)
-    chosen = [r for r in records if r["run"] == last_run and r["method"] != "nonprivate"]
+    chosen = [r for r in records if r["run"] == last_run and r["method"] != NONPRIVATE]
     batch_sizes = sorted({r["batch_size"] for r in chosen})
     models = list(dict.fromkeys(r["model"] for r in chosen))
     setups = list(dict.fromkeys(f"{r['method']}/{r['path']}" for r in chosen))

@@ -7,7 +7,7 @@ with plain SGD (no momentum) wrapping it, at (epsilon, delta) = (3, 1e-5) with t
 expected batch size B = 256 and 3 epochs (sigma calibrated once per task for int(1 / q) steps per
 epoch, so every run spends the same budget), on two tasks:
 
-* ``fmnist``: Fashion-MNIST multinomial logistic regression (``adaclip.research.data.load_dataset``:
+* ``fmnist``: Fashion-MNIST multinomial logistic regression (``adaclip.research.datasets.load_dataset``:
   10,000 training images, 5,000 validation, the 10,000 test images; pixels standardised by one scalar
   mean and std of the training split).
 * ``synthetic-<spread>``: ``adaclip.research.data.synthetic_logistic`` (12,000 examples drawn once with
@@ -60,7 +60,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private, noise_multiplier_for
-from adaclip.research.data import load_dataset, synthetic_logistic
+from adaclip.research.data import synthetic_logistic
+from adaclip.research.datasets import load_dataset
 from adaclip.research.io import markdown_table, write_text_atomic
 from adaclip.research.models import build_model
 

@@ -22,7 +22,7 @@ from adaclip.audit import audit_config
 from adaclip.engine.sampling import TensorPoissonLoader, load_loader_state_dict
 from adaclip.methods import AdaCliP, build_rule
 from adaclip.research.cli import main
-from adaclip.research.data import load_dataset
+from adaclip.research.datasets import load_dataset
 from adaclip.research.train import TrainConfig, run
 
 BASE = ["--dataset", "breast-cancer", "--epochs", "1", "--no-progress"]

@@ -23,7 +23,7 @@ from adaclip import make_private
 from adaclip.engine.per_example import product_epsilon
 from adaclip.methods import METHODS
 from adaclip.research.analysis import Hyperparameters
-from adaclip.research.data import load_dataset
+from adaclip.research.datasets import load_dataset
 from adaclip.research.params import SWEEPS, load_params
 from adaclip.research.sweeps import sweep_configs
 from adaclip.research.theory import log_spaced_std

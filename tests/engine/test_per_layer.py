@@ -24,15 +24,15 @@ from adaclip import PrivacyEngine, make_private
 from adaclip.engine.bookkeeping import BookkeepingGradSampleModule, LayoutGradSampleModule
 from adaclip.engine.optimizer import AdaptiveClipDPOptimizer
 from adaclip.methods import (
-    PER_LAYER_METHODS,
     AutoClip,
     FixedClip,
     PerLayerClip,
     PerSampleAdaptiveClip,
     QuantileClip,
     build_rule,
+    per_layer_methods,
+    per_layer_refusals,
 )
-from adaclip.methods.per_layer import PER_LAYER_REFUSED
 
 pytestmark = pytest.mark.usefixtures("float64_by_default")
 
@@ -228,7 +228,7 @@ PARAMS = {"fixed": {}, "quantile": {"count_noise_std": 3.0}, "auto": {}, "psac":
 
 
 @pytest.mark.parametrize("per_example", ["fast", "materialise"])
-@pytest.mark.parametrize("method", PER_LAYER_METHODS)
+@pytest.mark.parametrize("method", per_layer_methods())
 def test_both_paths_clip_each_layer_as_written_out(method, per_example):
     torch.manual_seed(0)
     model = TextModel()
@@ -295,7 +295,7 @@ def train_per_layer(method: str, per_example: str, model: nn.Module, pieces: int
     return optimizer, torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("method", PER_LAYER_METHODS)
+@pytest.mark.parametrize("method", per_layer_methods())
 def test_per_layer_training_is_the_same_on_both_paths_and_in_pieces(method):
     """Fast and materialised paths, and each batch's backward pass in three pieces, end at the same parameters."""
     torch.manual_seed(0)
@@ -366,11 +366,16 @@ def refusal(method: str = "fixed", model=None, **kwargs) -> str:
     return str(error.value)
 
 
-@pytest.mark.parametrize("method", sorted(PER_LAYER_REFUSED))
+def test_the_registry_offers_per_layer_clipping_for_the_four_rules_with_a_per_layer_weight():
+    assert per_layer_methods() == ("fixed", "quantile", "auto", "psac")
+    assert sorted(per_layer_refusals()) == ["adaclip", "adambc", "geoclip", "macadam"]
+
+
+@pytest.mark.parametrize("method", sorted(per_layer_refusals()))
 def test_the_other_methods_refuse_per_layer_clipping_with_the_reason(method):
     message = refusal(method)
     assert message.startswith(f"clipping='per_layer' is not offered for method {method!r}: ")
-    assert PER_LAYER_REFUSED[method] in message and "clipping='flat'" in message
+    assert per_layer_refusals()[method] in message and "clipping='flat'" in message
 
 
 def test_bad_per_layer_bounds_are_named():

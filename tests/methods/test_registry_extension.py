@@ -15,7 +15,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private
 from adaclip.audit import audit_config, audit_method
-from adaclip.methods import METHODS, Method, build_rule, method_parameters
+from adaclip.methods import (
+    METHODS,
+    Method,
+    build_rule,
+    clip_bound,
+    method_parameters,
+    register_method,
+    registered_method,
+)
 from adaclip.methods.base import ClipRule, clip_factors
 from adaclip.methods.canary import DTYPE, CoordinatewiseAdapter
 from adaclip.research import analysis
@@ -46,12 +54,47 @@ class HalfClipAdapter(CoordinatewiseAdapter[HalfClip]):
         return torch.full((dim,), rule.clip_norm / 2, dtype=DTYPE)
 
 
+HALF = Method(
+    rule=HalfClip,
+    label="half-clip DP-SGD",
+    paper="test",
+    canary=HalfClipAdapter,
+    clip_bound="clip_norm",
+    scale_parameter="clip_norm",
+    step_per_scale=True,
+)
+
+
 @pytest.fixture
-def registered(monkeypatch):
-    monkeypatch.setitem(
-        METHODS, "half", Method(HalfClip, "half-clip DP-SGD", "clip_norm", HalfClipAdapter, "test", True)
-    )
-    return "half"
+def registered():
+    with registered_method("half", HALF) as name:
+        yield name
+    assert "half" not in METHODS
+
+
+def test_registration_is_checked_and_undone():
+    with pytest.raises(ValueError, match="clip_bound must be None or a parameter of HalfClip"):
+        register_method("half", dataclasses.replace(HALF, clip_bound="initial_clip"))
+    for taken in ("fixed", "nonprivate"):
+        with pytest.raises(ValueError, match="new method name"):
+            register_method(taken, HALF)
+    assert "half" not in METHODS and METHODS["fixed"].rule is not HalfClip
+
+
+def test_the_clip_bound_and_the_per_layer_refusal_come_from_the_entry(registered):
+    rule = build_rule(registered, noise_multiplier=1.0, expected_batch_size=10, clip_norm=0.25)
+    assert clip_bound(rule) == 0.25
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="not offered for method 'half': its rule has no per-layer form"):
+        make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(TensorDataset(torch.randn(20, 3), torch.zeros(20, dtype=torch.long)), batch_size=5),
+            method=registered,
+            noise_multiplier=1.0,
+            delta=1e-5,
+            clipping="per_layer",
+        )
 
 
 def test_the_engine_and_validation_take_a_registered_method(registered):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from adaclip.research import data
-from adaclip.research.data import IDX_PARTS, CorruptDataError, DataNotFoundError, load_dataset, read_idx
+from adaclip.research.data import IDX_PARTS, CorruptDataError, DataNotFoundError, read_idx
+from adaclip.research.datasets import dataset_spec, load_dataset
 
 SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -181,7 +182,7 @@ def test_sklearn_datasets_split_80_10_10_with_data_independent_preprocessing(nam
     splits = load_dataset(name, seed=0)
     assert splits.task == task
     assert (len(splits.train), len(splits.validation), len(splits.test)) == sizes
-    assert data.TRAIN_SIZES[name] == sizes[0]
+    assert dataset_spec(name).train_size == sizes[0]
     raw_x, raw_y = (load_breast_cancer if name == "breast-cancer" else load_diabetes)(return_X_y=True)
     rows = torch.cat([splits.train.tensors[0], splits.validation.tensors[0], splits.test.tensors[0]])
     targets = torch.cat([splits.train.tensors[1], splits.validation.tensors[1], splits.test.tensors[1]])

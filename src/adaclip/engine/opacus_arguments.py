@@ -4,7 +4,8 @@ Opacus's ``PrivacyEngine.make_private`` takes engine arguments that :func:`adacl
 otherwise read as parameters of the clipping rule.  :func:`translate` takes them out of the keyword
 arguments first:
 
-* ``max_grad_norm``: the clip bound ``C`` of the first step, under the rule's own name: ``clip_norm``
+* ``max_grad_norm``: the clip bound ``C`` of the first step, under the rule's own name (the registry's
+  :attr:`~adaclip.methods.registry.Method.clip_bound`): ``clip_norm``
   for the rules with a fixed one (DP-SGD, DP-PSAC: every clipped gradient has norm at most ``C``),
   ``initial_clip`` for the adaptive ones (quantile clipping, AdaCliP, GeoClip: their first step is
   DP-SGD with clip ``C``, as Opacus's ``clipping="adaptive"`` starts from ``max_grad_norm``).  A method
@@ -12,7 +13,7 @@ arguments first:
 * ``target_delta``: ``delta``.
 * ``clipping``: ``"flat"`` (one norm over all parameters, the default) or ``"per_layer"`` (a bound per
   trainable parameter, :mod:`adaclip.methods.per_layer`, for the methods in
-  :data:`~adaclip.methods.per_layer.PER_LAYER_METHODS`): ``max_grad_norm`` is then a list of per-layer
+  :func:`~adaclip.methods.registry.per_layer_methods`): ``max_grad_norm`` is then a list of per-layer
   bounds, one per trainable parameter in the optimizer's order, or one bound split equally
   (``C / sqrt(K)`` each).  ``"adaptive"`` is refused with ``method="quantile"``.
 * ``poisson_sampling=True``, ``secure_mode=False``, ``wrap_model=True``, ``rand_on_empty=False``: what
@@ -35,11 +36,9 @@ from dataclasses import dataclass
 
 from adaclip._validate import require_bool, require_open_unit, require_positive
 from adaclip.engine.optimizer import PerExample
-from adaclip.methods import method_parameters
+from adaclip.methods import clip_bound_names, method_parameters
+from adaclip.methods import method as method_entry
 from adaclip.methods.per_layer import check_per_layer
-
-CLIP_BOUND_NAMES = ("clip_norm", "initial_clip")
-"""The rules' names for the clip bound of the first step, in order of preference (see :func:`clip_bound_name`)."""
 
 GRAD_SAMPLE_MODES: dict[str, PerExample] = {"hooks": "materialise", "ghost": "fast"}
 """Opacus's ``grad_sample_mode`` values that adaclip has, and the ``per_example`` path each is."""
@@ -107,8 +106,7 @@ def require_opacus_default(name: str, value: object) -> None:
 
 def clip_bound_name(method: str) -> str | None:
     """The parameter of ``method``'s rule that sets its first step's clip bound (``None`` if it has none)."""
-    accepted = method_parameters(method)
-    return next((name for name in CLIP_BOUND_NAMES if name in accepted), None)
+    return method_entry(method).clip_bound
 
 
 def translate(
@@ -159,7 +157,7 @@ def translate(
 def _check_clip_bound_names(method: str, params: Mapping[str, object]) -> None:
     """Refuse another rule's name for the clip bound, naming this rule's."""
     own = clip_bound_name(method)
-    for name in CLIP_BOUND_NAMES:
+    for name in clip_bound_names():
         if name in params and name != own:
             use = f"its clip bound is {own}= (or Opacus's max_grad_norm=)" if own else "it has no clip bound"
             raise ValueError(f"{name} means nothing for method {method!r}: {use}")

@@ -67,7 +67,7 @@ from adaclip.engine.per_example import (
     weighted_sum,
     zero_examples,
 )
-from adaclip.methods import METHODS, PerLayerClip, method_parameters
+from adaclip.methods import METHODS, PerLayerClip, clip_bound, method_parameters
 from adaclip.methods.base import (
     ClippedSum,
     ClipRule,
@@ -158,11 +158,10 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             )
         if check_replicas and not distributed:
             raise ValueError("check_replicas=True compares ranks and needs distributed=True")
-        bound = getattr(rule, "clip_norm", getattr(rule, "initial_clip", 1.0))
         super().__init__(
             optimizer,
             noise_multiplier=rule.noise_multiplier,
-            max_grad_norm=bound,
+            max_grad_norm=clip_bound(rule),
             expected_batch_size=rule.expected_batch_size,
             loss_reduction=loss_reduction,
             generator=generator,
@@ -415,7 +414,7 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         state_bound = getattr(self.rule_state, "clip_norm", None)
         if state_bound is not None:
             return float(state_bound)
-        return float(getattr(self.rule, "clip_norm", getattr(self.rule, "initial_clip", 1.0)))
+        return clip_bound(self.rule)
 
     @max_grad_norm.setter
     def max_grad_norm(self, value: float) -> None:

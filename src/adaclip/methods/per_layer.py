@@ -35,7 +35,8 @@ counts compose to one Gaussian mechanism with ``sigma`` under Andrew et al.'s sp
 flat rule's.
 
 AdaCliP, GeoClip and DP-MacAdam clip a transformed vector as a whole and DP-AdamBC is written for one
-flat bound: :data:`PER_LAYER_REFUSED` says why each is refused.
+flat bound: the registry says why each is refused (:func:`~adaclip.methods.registry.per_layer_refusals`); the
+methods it wraps are those registered with ``per_layer=True`` (:func:`~adaclip.methods.registry.per_layer_methods`).
 """
 
 from __future__ import annotations
@@ -53,33 +54,16 @@ from adaclip.methods.base import ClippedSum, ClipRule, Stats, check_dim, zero_ro
 from adaclip.methods.fixed import FixedClip
 from adaclip.methods.psac import PerSampleAdaptiveClip, psac_weights
 from adaclip.methods.quantile import QuantileClip
-
-PER_LAYER_METHODS = ("fixed", "quantile", "auto", "psac")
-"""The methods with per-layer clipping (``clipping="per_layer"``)."""
-
-PER_LAYER_REFUSED = {
-    "adaclip": (
-        "AdaCliP clips the whole transformed vector (g - a) / b to norm 1, its per-coordinate scale b already "
-        "weighs every layer"
-    ),
-    "geoclip": "GeoClip clips the whole vector after a transform that mixes the coordinates of every layer",
-    "macadam": (
-        "DP-MacAdam clips the whole transformed vector (g - a) / b to norm 1, its per-coordinate scale b already "
-        "weighs every layer"
-    ),
-    "adambc": "DP-AdamBC's rule and its noise-variance correction take one flat clip_norm (not implemented per layer)",
-}
-"""Why each other method has no per-layer clipping (the one-line reason of the refusal)."""
-
-_BASES = (FixedClip, QuantileClip, AutoClip, PerSampleAdaptiveClip)
+from adaclip.methods.registry import METHODS, clip_bound, per_layer_methods, per_layer_refusals
 
 
 def check_per_layer(method: str) -> None:
     """Refuse ``clipping="per_layer"`` for a method without it, in one line with the reason."""
-    if method in PER_LAYER_REFUSED:
+    refusals = per_layer_refusals()
+    if method in refusals:
         raise ValueError(
-            f"clipping='per_layer' is not offered for method {method!r}: {PER_LAYER_REFUSED[method]}; use "
-            f"clipping='flat', or one of {list(PER_LAYER_METHODS)} per layer"
+            f"clipping='per_layer' is not offered for method {method!r}: {refusals[method]}; use "
+            f"clipping='flat', or one of {list(per_layer_methods())} per layer"
         )
 
 
@@ -115,10 +99,10 @@ class PerLayerClip(ClipRule):
     def __init__(
         self, *, base: ClipRule, layer_sizes: Sequence[int], layer_bounds: Sequence[float] | None = None
     ) -> None:
-        if not isinstance(base, _BASES):
+        bases = tuple(METHODS[name].rule for name in per_layer_methods())
+        if not isinstance(base, bases):
             raise ValueError(
-                f"per-layer clipping wraps FixedClip, QuantileClip, AutoClip or PerSampleAdaptiveClip, got "
-                f"{type(base).__name__}"
+                f"per-layer clipping wraps {', '.join(rule.__name__ for rule in bases)}, got {type(base).__name__}"
             )
         self.base = base
         self.layer_sizes = tuple(require_int(f"layer_sizes[{k}]", size) for k, size in enumerate(layer_sizes))
@@ -126,7 +110,7 @@ class PerLayerClip(ClipRule):
             raise ValueError("layer_sizes must name at least one layer")
         layers = len(self.layer_sizes)
         if layer_bounds is None:
-            layer_bounds = [_flat_bound(base) / math.sqrt(layers)] * layers
+            layer_bounds = [clip_bound(base) / math.sqrt(layers)] * layers
         if len(layer_bounds) != layers:
             raise ValueError(f"layer_bounds has {len(layer_bounds)} bounds for {layers} layers: give one per layer")
         self.layer_bounds = tuple(require_positive(f"layer_bounds[{k}]", c) for k, c in enumerate(layer_bounds))
@@ -284,10 +268,3 @@ class PerLayerClip(ClipRule):
                 f"(noise_size({dim})); got {getattr(noise, 'shape', type(noise))}"
             )
         return dim
-
-
-def _flat_bound(base: ClipRule) -> float:
-    """The base rule's one bound: ``clip_norm``, quantile clipping's ``initial_clip``, 1 for AUTO-S."""
-    if isinstance(base, QuantileClip):
-        return base.initial_clip
-    return float(getattr(base, "clip_norm", 1.0))

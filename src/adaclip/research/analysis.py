@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import t as student_t
 
-from adaclip.methods import METHODS
+from adaclip.methods import METHODS, NONPRIVATE
 
-METHOD_ORDER = ("nonprivate", *METHODS)
+METHOD_ORDER = (NONPRIVATE, *METHODS)
 """The report's order of methods: the non-private baseline, then the registry's order."""
 BASELINE = "fixed"
 """Every private method is compared with tuned DP-SGD."""
@@ -40,7 +40,7 @@ class Hyperparameters:
 
 def label(method: str) -> str:
     """The display name of a method."""
-    return "non-private" if method == "nonprivate" else METHODS[method].label if method in METHODS else method
+    return "non-private" if method == NONPRIVATE else METHODS[method].label if method in METHODS else method
 
 
 def method_sort_key(methods: pd.Series) -> pd.Series:
@@ -200,7 +200,7 @@ def _paired(runs: pd.DataFrame, reference: pd.Series) -> pd.Series:
 
 def paired_differences(frame: pd.DataFrame, baseline: str = BASELINE) -> pd.DataFrame:
     """Per task, epsilon and private method: the seed-paired difference to ``baseline``, its interval and verdict."""
-    private = frame[frame["method"] != "nonprivate"]
+    private = frame[frame["method"] != NONPRIVATE]
     rows = []
     for (task, eps), block in private.groupby(["task", "target_epsilon"]):
         reference = block[block["method"] == baseline].set_index("seed")["metric"]

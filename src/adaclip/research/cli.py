@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from adaclip.engine import distributed as dist_utils
-from adaclip.methods import METHODS
+from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.privacy.accounting import ACCOUNTANTS
-from adaclip.research.data import DATASETS
+from adaclip.research.datasets import dataset_names
 from adaclip.research.io import write_text_atomic
 from adaclip.research.models import MODELS
 from adaclip.research.params import SWEEPS, load_params
@@ -68,8 +68,8 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     train.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (dataset, method, epsilon, ...)")
-    train.add_argument("--dataset", choices=DATASETS)
-    train.add_argument("--method", choices=[*METHODS, "nonprivate"], help="clipping method (default adaclip)")
+    train.add_argument("--dataset", choices=dataset_names())
+    train.add_argument("--method", choices=[*METHODS, NONPRIVATE], help="clipping method (default adaclip)")
     train.add_argument("--model", choices=MODELS, help="default: the dataset's (cnn for images)")
     train.add_argument("--epsilon", type=float, help="target epsilon (default 3); sigma is calibrated for it")
     train.add_argument("--noise-multiplier", type=float, help="use this sigma instead of a target epsilon")
@@ -184,7 +184,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from adaclip.research.data import prepare
+    from adaclip.research.datasets import prepare
 
     params = load_params(args.params)
     manifest = prepare(list(params.data.datasets), args.out)
@@ -244,7 +244,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "device",
     )
     values.update({name: getattr(args, name) for name in options if getattr(args, name) is not None})
-    if values.get("method") == "nonprivate":
+    if values.get("method") == NONPRIVATE:
         given = [f"--{name.replace('_', '-')}" for name in PRIVACY_OPTIONS if getattr(args, name) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} has no effect with --method nonprivate (it trains without privacy)")

@@ -1,4 +1,7 @@
-"""Datasets as tensors with seeded train / validation / test splits, all offline by default.
+"""The datasets' loaders: tensors with seeded train / validation / test splits, all offline by default.
+
+Each dataset's facts (task, size, input, defaults) and the choice of its loader are its
+:class:`~adaclip.research.datasets.DatasetSpec`; :func:`adaclip.research.datasets.load_dataset` loads one by name.
 
 * ``fashion-mnist`` and ``mnist``: IDX ``.gz`` files.  A ``data_dir`` argument is the only place looked
   at: it must hold the four files, or loading fails naming what is missing (a folder the user names
@@ -34,7 +37,6 @@ import dataclasses
 import functools
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -50,21 +52,11 @@ from torch.utils.data import TensorDataset
 
 Task = Literal["classification", "regression"]
 IDX_PARTS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-DATASETS = ("fashion-mnist", "mnist", "fashion-mnist-scatternet", "breast-cancer", "diabetes", "synthetic")
 SPLIT_SEED = 0
 """Fixes the train / validation / test split of every dataset (independent of the run seed)."""
 VALIDATION_SIZE = 5000
 """Validation examples carved from the 60 000 training images of Fashion-MNIST and MNIST."""
 SYNTHETIC_SIZE = 10000
-TRAIN_SIZES = {
-    "fashion-mnist": 60000 - VALIDATION_SIZE,
-    "mnist": 60000 - VALIDATION_SIZE,
-    "fashion-mnist-scatternet": 60000 - VALIDATION_SIZE,
-    "breast-cancer": 569 - 2 * round(0.1 * 569),
-    "diabetes": 442 - 2 * round(0.1 * 442),
-    "synthetic": SYNTHETIC_SIZE - 2 * round(0.1 * SYNTHETIC_SIZE),
-}
-"""Training examples of each dataset (before any ``train_size`` subsample): validation needs no loading."""
 DIABETES_TARGET_SCALE = 100.0
 SCATTERNET_DIR = Path("data/features/fashion-mnist-scatternet")
 
@@ -103,10 +95,6 @@ IDX_SOURCES = {
         },
     ),
 }
-
-
-FILE_DATASETS = (*IDX_SOURCES, "fashion-mnist-scatternet")
-"""The datasets read from files, the only ones a ``data_dir`` applies to."""
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -352,7 +340,7 @@ def load_scatternet(
     )
 
 
-def _tabular_splits(name: str, task: Task, x: np.ndarray, y: np.ndarray, seed: int, train_size: int | None) -> Splits:
+def tabular_splits(name: str, task: Task, x: np.ndarray, y: np.ndarray, seed: int, train_size: int | None) -> Splits:
     """80/10/10 split (fixed by ``SPLIT_SEED``); the run seed draws the ``train_size`` subsample."""
     features = torch.as_tensor(x, dtype=torch.float32)
     targets = torch.as_tensor(y, dtype=torch.int64 if task == "classification" else torch.float32)
@@ -380,86 +368,15 @@ def synthetic_logistic(n: int, dim: int, feature_spread: float, seed: int) -> tu
     return x, labels
 
 
-def load_dataset(
-    name: str,
-    *,
-    seed: int = 0,
-    train_size: int | None = None,
-    data_dir: str | os.PathLike[str] | None = None,
-    download: bool = True,
-    verify: bool = True,
-    synthetic_size: int = SYNTHETIC_SIZE,
-    synthetic_dim: int = 50,
-    feature_spread: float = 100.0,
-) -> Splits:
-    """Load dataset ``name`` (one of :data:`DATASETS`); ``seed`` draws the ``train_size`` subsample
-    (the synthetic data itself is fixed, like every split).
+def copy_idx(name: str, destination: Path, *, download: bool = True) -> dict[str, object]:
+    """Copy the four IDX files of ``name`` into ``destination``, each checked against its SHA-256 first.
 
-    ``data_dir`` is for the datasets read from files (:data:`FILE_DATASETS`); for any other it is
-    refused rather than ignored.
+    They are located as :func:`locate_idx` says (downloaded only as the last resort); returns the manifest
+    entry of the prepare stage: the folder they came from and their checksums.
     """
-    if data_dir is not None and name not in FILE_DATASETS:
-        raise ValueError(f"data_dir is for the datasets read from files {list(FILE_DATASETS)}; {name!r} needs no files")
-    if name == "fashion-mnist-scatternet":
-        return load_scatternet(seed=seed, train_size=train_size, data_dir=data_dir)
-    if name in IDX_SOURCES:
-        return load_idx_dataset(
-            name, seed=seed, train_size=train_size, data_dir=data_dir, download=download, verify=verify
-        )
-    if name == "breast-cancer":
-        from sklearn.datasets import load_breast_cancer
-
-        x, y = load_breast_cancer(return_X_y=True)
-        return _tabular_splits(name, "classification", x, y, seed, train_size)
-    if name == "diabetes":
-        from sklearn.datasets import load_diabetes
-
-        x, y = load_diabetes(return_X_y=True)
-        return _tabular_splits(name, "regression", x, y / DIABETES_TARGET_SCALE, seed, train_size)
-    if name == "synthetic":
-        x, y = synthetic_logistic(
-            synthetic_size, synthetic_dim, feature_spread, SPLIT_SEED
-        )  # the same data for every seed
-        return _tabular_splits(name, "classification", x, y, seed, train_size)
-    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
-
-
-def prepare(
-    datasets: list[str], out_dir: str | os.PathLike[str], *, download: bool = True
-) -> dict[str, dict[str, object]]:
-    """The report's data stage: a verified copy of each image dataset in ``out_dir/<name>/``.
-
-    Image datasets are located as :func:`locate_idx` says (downloaded only as the last resort),
-    every file is checked against its SHA-256 and copied; scikit-learn and synthetic datasets need
-    no files and are only listed.  ``out_dir/manifest.json`` records the source and the checksums.
-    The folder is built next to ``out_dir`` and renamed into place, so a failure leaves no partial copy.
-    """
-    unknown = sorted(set(datasets) - set(DATASETS))
-    if unknown:
-        raise ValueError(f"unknown dataset(s) {unknown}; known: {list(DATASETS)}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
-        manifest: dict[str, dict[str, object]] = {}
-        for name in datasets:
-            if name in IDX_SOURCES:
-                source = locate_idx(name, download=download)
-                (staging / name).mkdir()
-                for part in IDX_PARTS:
-                    read_idx(source / f"{part}.gz", IDX_SOURCES[name].sha256[part])
-                    shutil.copyfile(source / f"{part}.gz", staging / name / f"{part}.gz")
-                manifest[name] = {"source": str(source), "sha256": IDX_SOURCES[name].sha256}
-            elif name == "synthetic":
-                manifest[name] = {"source": "adaclip.research.data.synthetic_logistic (generated from the run's seed)"}
-            else:
-                import sklearn
-
-                manifest[name] = {"source": f"scikit-learn {sklearn.__version__} (bundled)"}
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return manifest
+    source = locate_idx(name, download=download)
+    destination.mkdir()
+    for part in IDX_PARTS:
+        read_idx(source / f"{part}.gz", IDX_SOURCES[name].sha256[part])
+        shutil.copyfile(source / f"{part}.gz", destination / f"{part}.gz")
+    return {"source": str(source), "sha256": IDX_SOURCES[name].sha256}

@@ -26,9 +26,9 @@ import torch
 
 from adaclip._validate import as_int, as_real, is_finite
 from adaclip.audit import AuditConfig, audit_config
-from adaclip.methods import METHODS, check_method
+from adaclip.methods import METHODS, NONPRIVATE, check_method
 from adaclip.privacy.accounting import ACCOUNTANTS
-from adaclip.research.data import DATASETS, TRAIN_SIZES
+from adaclip.research.datasets import dataset_names, dataset_spec, datasets_taking, datasets_with, prepared_datasets
 from adaclip.research.models import MODELS
 from adaclip.research.records import load_yaml
 
@@ -77,7 +77,18 @@ def _optional(check: Checker) -> Checker:
     return lambda value: value is None or check(value)
 
 
-def _checked(check: Checker, description: str) -> dict[str, Any]:
+class _Described:
+    """A description naming a registry's entries as they are when the message is written (``template`` has one
+    ``{}``, the list of names)."""
+
+    def __init__(self, template: str, names: Callable[[], tuple[str, ...]]) -> None:
+        self.template, self.names = template, names
+
+    def __str__(self) -> str:
+        return self.template.format(list(self.names()))
+
+
+def _checked(check: Checker, description: object) -> dict[str, Any]:
     """Field metadata: the key of the field's name, validated by ``check`` (``description`` says what it accepts)."""
     return {"check": check, "description": description}
 
@@ -146,8 +157,8 @@ class Runtime:
 class Data:
     datasets: tuple[str, ...] = field(
         metadata=_checked(
-            _list_of(_one_of(("fashion-mnist", "mnist", "breast-cancer", "diabetes"))),
-            "a non-empty list of the datasets the prepare stage copies (fashion-mnist, mnist, breast-cancer, diabetes)",
+            _list_of(lambda v: isinstance(v, str) and v in prepared_datasets()),
+            _Described("a non-empty list of the datasets the prepare stage copies {}", prepared_datasets),
         )
     )
 
@@ -176,7 +187,9 @@ class Task:
     heterogeneous the per-example gradients' coordinates are.
     """
 
-    dataset: str = field(metadata=_checked(_one_of(DATASETS), f"one of {list(DATASETS)}"))
+    dataset: str = field(
+        metadata=_checked(lambda v: isinstance(v, str) and v in dataset_names(), _Described("one of {}", dataset_names))
+    )
     model: str = field(metadata=_checked(_one_of(MODELS), f"one of {list(MODELS)}"))
     epochs: int = field(metadata=_checked(_positive_int, "an int >= 1"))
     batch_size: int = field(metadata=_checked(_positive_int, "an int >= 1 (the expected Poisson batch size B)"))
@@ -318,10 +331,6 @@ class Params:
         return self.setting.tasks[name]
 
 
-REGRESSION_DATASETS = ("diabetes",)
-"""Datasets whose target is a number (MSE, the ``linear`` model); every other dataset is a classification."""
-
-
 def scattering_channels(scales: int, orientations: int) -> int:
     """Channels of a 2-D scattering transform of order 2: ``1 + J L + L^2 J (J - 1) / 2`` (81 for J = 2, L = 8)."""
     return 1 + scales * orientations + orientations**2 * scales * (scales - 1) // 2
@@ -336,12 +345,19 @@ def size_batch(batch_size: int, full: int, n: int) -> int:
     return max(1, round(batch_size * n / full))
 
 
+def _or(names: tuple[str, ...]) -> str:
+    """``a``, ``a or b``, ``a, b or c``."""
+    return " or ".join(filter(None, (", ".join(names[:-1]), names[-1] if names else "")))
+
+
 def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ...]) -> None:
     where = f"setting.tasks.{name}"
-    source = {"fashion-mnist-scatternet": "fashion-mnist"}.get(task.dataset, task.dataset)
-    if source in ("fashion-mnist", "mnist", "breast-cancer", "diabetes") and source not in prepared:
-        raise ValueError(f"{where}.dataset={task.dataset!r} needs {source!r} in data.datasets (the prepare stage)")
-    available = TRAIN_SIZES[task.dataset]
+    spec = dataset_spec(task.dataset)
+    if spec.prepared_as is not None and spec.prepared_as not in prepared:
+        raise ValueError(
+            f"{where}.dataset={task.dataset!r} needs {spec.prepared_as!r} in data.datasets (the prepare stage)"
+        )
+    available = spec.train_size
     size = task.train_size if task.train_size is not None else available
     if size > available:
         raise ValueError(f"{where}.train_size={size} exceeds the {available} training examples of {task.dataset}")
@@ -349,25 +365,32 @@ def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ..
         raise ValueError(f"{where}.batch_size={task.batch_size} exceeds the {size} training examples; lower it")
     if setting.delta >= 1 / size:
         raise ValueError(f"setting.delta={setting.delta} must be below 1/N = {1 / size:.3g} for {where} (N = {size})")
-    if (task.feature_spread is not None) != (task.dataset == "synthetic"):
-        raise ValueError(f"{where}.feature_spread is for (and needed by) the synthetic dataset only")
-    if task.model == "cnn" and task.dataset not in ("fashion-mnist", "mnist"):
-        raise ValueError(f"{where}.model='cnn' needs 28x28 images (fashion-mnist or mnist), not {task.dataset}")
-    if task.model == "scatter_cnn" and task.dataset != "fashion-mnist-scatternet":
-        raise ValueError(f"{where}.model='scatter_cnn' needs dataset fashion-mnist-scatternet, not {task.dataset}")
-    if (task.model == "linear") != (task.dataset in REGRESSION_DATASETS):
-        kind = "regression" if task.dataset in REGRESSION_DATASETS else "classification"
-        fix = "use model 'linear'" if kind == "regression" else "'linear' is for regression (diabetes)"
-        raise ValueError(f"{where}.model={task.model!r} does not fit {task.dataset} ({kind}): {fix}")
+    spread = datasets_taking("feature_spread")
+    if (task.feature_spread is not None) != (task.dataset in spread):
+        raise ValueError(f"{where}.feature_spread is for (and needed by) the {_or(spread)} dataset only")
+    images = datasets_with(input="image")
+    if task.model == "cnn" and task.dataset not in images:
+        raise ValueError(f"{where}.model='cnn' needs 28x28 images ({_or(images)}), not {task.dataset}")
+    if task.model == "scatter_cnn" and spec.input != "scattering":
+        raise ValueError(
+            f"{where}.model='scatter_cnn' needs dataset {_or(datasets_with(input='scattering'))}, not {task.dataset}"
+        )
+    if (task.model == "linear") != (spec.task == "regression"):
+        fix = (
+            "use model 'linear'"
+            if spec.task == "regression"
+            else f"'linear' is for regression ({_or(datasets_with(task='regression'))})"
+        )
+        raise ValueError(f"{where}.model={task.model!r} does not fit {task.dataset} ({spec.task}): {fix}")
     unknown = sorted(set(task.methods) - set(setting.methods))
     if unknown:
         raise ValueError(f"{where}.methods {unknown} must also be listed in setting.methods")
     scaled = [m for m in METHODS if METHODS[m].scale_parameter is not None]
-    for key, known in (("lr", [*METHODS, "nonprivate"]), ("scale", scaled), ("method_params", list(METHODS))):
+    for key, known in (("lr", [*METHODS, NONPRIVATE]), ("scale", scaled), ("method_params", list(METHODS))):
         unknown = sorted(set(getattr(task, key)) - set(known))
         if unknown:
             raise ValueError(f"{where}.{key} has unknown method(s) {unknown}; it accepts {known}")
-    for method in (*task.methods, "nonprivate"):
+    for method in (*task.methods, NONPRIVATE):
         if method not in task.lr:
             raise ValueError(f"{where}.lr needs a learning-rate centre for {method!r}")
     for method in task.methods:
@@ -409,7 +432,7 @@ def validate(params: Params) -> Params:
     if params.size.task not in setting.tasks:
         raise ValueError(f"size.task={params.size.task!r} must be one of setting.tasks {list(setting.tasks)}")
     size_task = setting.tasks[params.size.task]
-    full = size_task.train_size if size_task.train_size is not None else TRAIN_SIZES[size_task.dataset]
+    full = size_task.train_size if size_task.train_size is not None else dataset_spec(size_task.dataset).train_size
     steps_per_epoch = int(1 / (size_task.batch_size / full))
     for index, n in enumerate(params.size.train_sizes):
         where = f"size.train_sizes[{index}]={n}"

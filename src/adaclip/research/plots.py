@@ -22,7 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from adaclip.methods import METHODS
+from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.research.analysis import METHOD_ORDER, label, method_sort_key
 
 # one colour, marker and line style per method, in the report's order (cycling if the registry grows)
@@ -132,13 +132,13 @@ def accuracy_against_epsilon(
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks) + 1.8, 4.0), squeeze=False, layout="constrained")
     for ax, task in zip(axes[0], tasks, strict=True):
         block = summary[summary["task"] == task]
-        private = block[block["method"] != "nonprivate"]
+        private = block[block["method"] != NONPRIVATE]
         interval_lines(ax, private, "target_epsilon", log_x=True)
-        baseline = block[block["method"] == "nonprivate"]
+        baseline = block[block["method"] == NONPRIVATE]
         if not baseline.empty:
             row = baseline.iloc[0]
-            ax.axhline(row["mean"], color=color("nonprivate"), linestyle="--", label=label("nonprivate"))
-            ax.axhspan(row["low"], row["high"], color=color("nonprivate"), alpha=0.15)
+            ax.axhline(row["mean"], color=color(NONPRIVATE), linestyle="--", label=label(NONPRIVATE))
+            ax.axhspan(row["low"], row["high"], color=color(NONPRIVATE), alpha=0.15)
         if references and task in references:
             ax.axhline(references[task], color="black", linestyle=":", linewidth=1, label="predict the training mean")
         _log_ticks(ax, private["target_epsilon"].tolist())
@@ -170,7 +170,7 @@ def paired_differences(differences: pd.DataFrame, *, caption: str) -> Figure:
 def tuning_heatmaps(grid: pd.DataFrame, *, task: str, caption: str) -> Figure:
     """Validation metric over the learning-rate x scale grid, one heatmap per method (one row for AUTO-S)."""
     block = grid[grid["task"] == task]
-    methods = [m for m in _methods(block) if m != "nonprivate"]
+    methods = [m for m in _methods(block) if m != NONPRIVATE]
     fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.6), squeeze=False, layout="constrained")
     values = block["val_metric"].dropna()
     low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)

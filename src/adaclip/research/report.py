@@ -20,10 +20,10 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from adaclip._validate import require_in_range, require_one_of
-from adaclip.methods import METHODS
+from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.privacy.accounting import epsilon as epsilon_of
 from adaclip.research import analysis
-from adaclip.research.data import load_dataset
+from adaclip.research.datasets import dataset_spec, load_dataset
 from adaclip.research.params import Params
 from adaclip.research.records import load_yaml
 from adaclip.research.theory import dpsgd_noise_power, log_spaced_std, optimal_noise_power
@@ -117,12 +117,12 @@ def _accuracy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "metric": block["metric_name"].iloc[0],
             "higher_is_better": bool(block["higher_is_better"].iloc[0]),
             "by_epsilon": {},
-            "nonprivate": None,
+            NONPRIVATE: None,
         }
         for row in block.itertuples():
             cell = {"mean": row.mean, "low": row.low, "high": row.high, "seeds": row.seeds}
-            if row.method == "nonprivate":
-                entry["nonprivate"] = cell
+            if row.method == NONPRIVATE:
+                entry[NONPRIVATE] = cell
             else:
                 entry["by_epsilon"].setdefault(f"{row.target_epsilon:g}", {})[row.method] = cell
         for row in differences[differences["task"] == task].itertuples():
@@ -138,10 +138,6 @@ def _accuracy(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return result
 
 
-ANCHOR_DATASETS = ("fashion-mnist", "fashion-mnist-scatternet")
-"""The datasets the published anchors are on: our main task is set beside them only if it is one of these."""
-
-
 def _anchors(records: Sequence[dict[str, Any]], params: Params) -> dict[str, Any]:
     """The published anchors, and our tuned DP-SGD on the main task at the main epsilon with its PRV and RDP epsilon."""
     frame = analysis.runs_frame(records)
@@ -150,7 +146,7 @@ def _anchors(records: Sequence[dict[str, Any]], params: Params) -> dict[str, Any
         & (frame["method"] == "fixed")
         & (frame["target_epsilon"] == params.setting.epsilon)
     ]
-    if ours.empty or params.task(params.setting.main_task).dataset not in ANCHOR_DATASETS:
+    if ours.empty or not dataset_spec(params.task(params.setting.main_task).dataset).anchored:
         return {"published": [a.__dict__ for a in ANCHORS]}
     first = ours.iloc[0]
     value = analysis.interval(ours["metric"].tolist())
@@ -229,7 +225,7 @@ def _heterogeneity(
     for row in gains.to_dict("records"):
         entry = result.setdefault(row["task"], {"heterogeneity": row["heterogeneity"], "methods": {}})
         entry["methods"][row["method"]] = {key: row[key] for key in ("difference", "low", "high", "snr_ratio")} | {
-            "higher_is_better": params.task(row["task"]).dataset != "diabetes"
+            "higher_is_better": dataset_spec(params.task(row["task"]).dataset).higher_is_better
         }
         if _releases_step(row["method"]):
             entry["methods"][row["method"]]["snr_ratio"] = None
@@ -322,8 +318,8 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     metrics: dict[str, dict[str, float]] = {}
     for task, entry in summary["accuracy"].items():
         values = {m: v["mean"] for m, v in entry["by_epsilon"].get(main, {}).items()}
-        if entry["nonprivate"] is not None:
-            values["nonprivate"] = entry["nonprivate"]["mean"]
+        if entry[NONPRIVATE] is not None:
+            values[NONPRIVATE] = entry[NONPRIVATE]["mean"]
         metrics[f"q3_{task}_eps{main}"] = values
     for task, methods in summary["tuning"].items():
         metrics[f"q2_{task}_share_near_best"] = {m: v["share_near_best"] for m, v in methods.items()}
@@ -450,7 +446,7 @@ def tuning_finding(summary: dict[str, Any]) -> str | None:
         f"{analysis.label(m)} {100 * v['share_near_best']:.0f} % of {v['cells']} cells "
         f"(best {v['best']:.{digits}f}, one random cell {one_cell(v['expected_best_of_1'])})"
         for m, v in tuning.items()
-        if m != "nonprivate"
+        if m != NONPRIVATE
     ]
     near = "1 point of each method's best validation accuracy" if higher else "5 % of each method's best validation MSE"
     return (
@@ -474,7 +470,7 @@ def accuracy_finding(summary: dict[str, Any]) -> str | None:
             for m in _ordered(at_main)
             if m != "fixed" and "vs_dpsgd" in at_main[m]
         )
-        baseline = f"; non-private {_fmt(entry['nonprivate'], higher)}" if entry["nonprivate"] else ""
+        baseline = f"; non-private {_fmt(entry[NONPRIVATE], higher)}" if entry[NONPRIVATE] else ""
         sentences.append(f"{task}: DP-SGD {_fmt(at_main['fixed'], higher)}; {others}{baseline}")
     if not sentences:
         return None

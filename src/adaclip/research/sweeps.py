@@ -4,7 +4,7 @@ A sweep is a list of :class:`adaclip.research.train.TrainConfig` dictionaries, e
 :func:`adaclip.research.train.run`:
 
 * ``tuning`` – for every task and private method, the joint grid learning rate x scale (the method's
-  ``scale_parameter``, e.g. DP-SGD's ``C``, AdaCliP's ``h2``) at ``setting.epsilon``, plus the
+  ``scale_parameter``, e.g. DP-SGD's ``C``, AdaCliP's ``initial_clip``) at ``setting.epsilon``, plus the
   non-private baseline's learning-rate grid (as many cells).  For a method whose release scales with
   its scale parameter (``step_per_scale``: DP-SGD, DP-PSAC) the learning-rate axis is the step per unit
   of scale, so that the grid does not confound the clip norm with the step size.  :func:`select`
@@ -37,13 +37,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from adaclip.methods import METHODS
+from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.research.analysis import Hyperparameters
+from adaclip.research.datasets import dataset_spec
 from adaclip.research.params import SWEEPS, Params, Task, size_batch
 from adaclip.research.records import write_records
 from adaclip.research.train import TrainConfig, resolve, run
 
-IMAGE_DATASETS = ("fashion-mnist", "mnist")
 TIMINGS = ("wall_time_s", "examples_per_s")
 """Record fields that change from run to run of the same config: kept apart (:func:`timings_path`), so that a
 sweep's records are byte-identical whenever its numbers are and regeneration can be checked with a diff."""
@@ -65,7 +65,7 @@ def _base(params: Params, name: str, method: str, seed: int) -> dict[str, Any]:
         "seed": seed,
         "accountant": params.setting.accountant,
         "delta": params.setting.delta,
-        "epsilon": None if method == "nonprivate" else params.setting.epsilon,
+        "epsilon": None if method == NONPRIVATE else params.setting.epsilon,
         "device": params.runtime.device,
         "epochs": task.epochs,
         "batch_size": task.batch_size,
@@ -76,7 +76,7 @@ def _base(params: Params, name: str, method: str, seed: int) -> dict[str, Any]:
         "on_divergence": "record",  # a diverged grid cell is a result (never selected), not a failed sweep
         "method_params": dict(task.method_params.get(method, {})),
     }
-    if task.dataset in IMAGE_DATASETS or task.dataset == "fashion-mnist-scatternet":
+    if dataset_spec(task.dataset).files is not None:
         config["data_dir"] = None  # filled by run_sweep from the prepared data or features folder
     return config
 
@@ -112,8 +112,8 @@ def tuning_configs(params: Params) -> list[dict[str, Any]]:
                         point = grid_point(task, method, lr_factor, scale_factor)
                         configs.append(_with(_base(params, name, method, seed), method, point))
             for lr_factor in grid.nonprivate_lr_factors:
-                point = Hyperparameters(lr=task.lr["nonprivate"] * lr_factor, scale=None)
-                configs.append(_with(_base(params, name, "nonprivate", seed), "nonprivate", point))
+                point = Hyperparameters(lr=task.lr[NONPRIVATE] * lr_factor, scale=None)
+                configs.append(_with(_base(params, name, NONPRIVATE, seed), NONPRIVATE, point))
     return configs
 
 
@@ -145,16 +145,16 @@ def sweep_configs(
                     point = _chosen(selected, task_name, method)
                     for eps in params.accuracy.epsilons:
                         configs.append({**_with(_base(params, task_name, method, seed), method, point), "epsilon": eps})
-                point = _chosen(selected, task_name, "nonprivate")
-                configs.append(_with(_base(params, task_name, "nonprivate", seed), "nonprivate", point))
+                point = _chosen(selected, task_name, NONPRIVATE)
+                configs.append(_with(_base(params, task_name, NONPRIVATE, seed), NONPRIVATE, point))
     elif name == "size":
         task_name = params.size.task
         task = params.task(task_name)
-        full = task.train_size if task.train_size is not None else _train_size(task)
+        full = task.train_size if task.train_size is not None else dataset_spec(task.dataset).train_size
         for seed in params.size.seeds:
             for n in params.size.train_sizes:
                 batch = size_batch(task.batch_size, full, n)
-                for method in (*task.methods, "nonprivate"):
+                for method in (*task.methods, NONPRIVATE):
                     config = _with(_base(params, task_name, method, seed), method, _chosen(selected, task_name, method))
                     configs.append({**config, "train_size": n, "batch_size": batch})
     else:  # diagnostics
@@ -163,12 +163,6 @@ def sweep_configs(
                 config = _base(params, task_name, method, params.diagnostics.seed)
                 configs.append({**_with(config, method, _chosen(selected, task_name, method)), "diagnostics": True})
     return configs
-
-
-def _train_size(task: Task) -> int:
-    from adaclip.research.data import TRAIN_SIZES
-
-    return TRAIN_SIZES[task.dataset]
 
 
 PARENT_POLL_S = 0.5
@@ -202,9 +196,11 @@ def _key(config: dict[str, Any]) -> str:
 
 
 def _data_dir(config: dict[str, Any], prepared_dir: Path | None, features_dir: Path | None) -> str | None:
-    if config["dataset"] == "fashion-mnist-scatternet":
+    """The folder of the dataset's files: the features folder, or its folder of the prepare stage."""
+    spec = dataset_spec(config["dataset"])
+    if spec.files == "features":
         return None if features_dir is None else str(features_dir)
-    return None if prepared_dir is None else str(prepared_dir / config["dataset"])
+    return None if prepared_dir is None or spec.prepared_as is None else str(prepared_dir / spec.prepared_as)
 
 
 def run_sweep(

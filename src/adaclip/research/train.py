@@ -61,68 +61,20 @@ from adaclip.engine.sampling import (
     load_loader_state_dict,
     loader_state_dict,
 )
-from adaclip.methods import METHODS, build_rule
+from adaclip.methods import METHODS, NONPRIVATE, build_rule
 from adaclip.privacy.accounting import ACCOUNTANTS, MAX_NOISE_MULTIPLIER, Spent, account
-from adaclip.research.data import DATASETS, FILE_DATASETS, Splits, load_dataset
+from adaclip.research.data import Splits
+from adaclip.research.datasets import dataset_names, dataset_spec, datasets_taking, file_datasets, load_dataset
 from adaclip.research.diagnostics import ReleaseProbe
 from adaclip.research.io import write_bytes_atomic, write_text_atomic
 from adaclip.research.models import MODELS, build_model
 from adaclip.research.params import is_device_name
 from adaclip.research.records import check_destination, to_json
 
-# Per dataset: default model, expected batch size, epochs, the learning rate of every private method
-# and of the non-private baseline, and per-method learning rates where one was measured to differ.
-# The image rates are the best of a three-point search with the tanh CNN on Fashion-MNIST at epsilon = 3,
-# 5 epochs (reports/probes/fmnist_eps3_cnn*.md; GeoClip's with rank=64, which the CNN needs).  The
-# tabular and synthetic rates are the best on validation of a three-point search at epsilon = 3 over
-# seeds 0 and 1 (reports/probes/new_methods.md).  A method without an entry in ``method_lr`` uses ``lr``.
-IMAGE_DEFAULTS: dict[str, Any] = {
-    "model": "cnn",
-    "batch_size": 256,
-    "epochs": 10,
-    "lr": 1.0,
-    "nonprivate_lr": 0.25,
-    "method_lr": {"adaclip": 0.03, "quantile": 4.0, "geoclip": 0.3},
-}
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fashion-mnist": IMAGE_DEFAULTS,
-    "mnist": IMAGE_DEFAULTS,
-    # ScatterNet + linear (Tramèr & Boneh 2021's setting has B = 8192, momentum 0.9 and lr 16 with C = 0.1)
-    "fashion-mnist-scatternet": {
-        "model": "logistic",
-        "batch_size": 8192,
-        "epochs": 30,
-        "lr": 1.6,
-        "nonprivate_lr": 1.0,
-        "method_lr": {"adaclip": 0.1, "quantile": 0.05, "geoclip": 0.1},
-    },
-    "breast-cancer": {
-        "model": "logistic",
-        "batch_size": 32,
-        "epochs": 20,
-        "lr": 0.5,
-        "nonprivate_lr": 0.1,
-        "method_lr": {},
-    },
-    "diabetes": {"model": "linear", "batch_size": 32, "epochs": 20, "lr": 0.1, "nonprivate_lr": 0.05, "method_lr": {}},
-    "synthetic": {
-        "model": "logistic",
-        "batch_size": 100,
-        "epochs": 5,
-        "lr": 0.5,
-        "nonprivate_lr": 0.1,
-        # placeholders until a search: the Adam rules release Adam steps; these learn in the tiny run of the tests
-        "method_lr": {"macadam": 0.005, "adambc": 0.003},
-    },
-}
-
 
 def default_lr(dataset: str, method: str) -> float:
-    """The default learning rate of ``method`` on ``dataset`` (see ``DATASET_DEFAULTS``)."""
-    defaults = DATASET_DEFAULTS[dataset]
-    if method == "nonprivate":
-        return float(defaults["nonprivate_lr"])
-    return float(defaults["method_lr"].get(method, defaults["lr"]))
+    """The default learning rate of ``method`` on ``dataset`` (its spec's ``defaults``)."""
+    return dataset_spec(dataset).defaults.lr_for(method)
 
 
 DIVERGENCE_POLICIES = ("raise", "record")
@@ -134,7 +86,7 @@ class TrainingDiverged(ValueError):
 
 @dataclass
 class TrainConfig:
-    """Everything one run needs; ``None`` means the dataset's default (see ``DATASET_DEFAULTS``).
+    """Everything one run needs; ``None`` means the dataset's default (its spec's ``defaults``).
 
     ``task`` is a label only (the pipeline's name for the dataset, model and setting, e.g. ``scatternet``).
     ``diagnostics`` records :mod:`adaclip.research.diagnostics` every step (not private: a research tool).
@@ -176,7 +128,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
         if "dataset" not in values:
-            raise ValueError(f"config needs 'dataset', one of {DATASETS}")
+            raise ValueError(f"config needs 'dataset', one of {dataset_names()}")
         return cls(**values)
 
 
@@ -252,9 +204,9 @@ def resolve(config: TrainConfig) -> TrainConfig:
     Numbers are returned as plain Python ``int`` / ``float`` (NumPy scalars are accepted), so a record
     is always JSON.
     """
-    _one_of("dataset", config.dataset, DATASETS)
-    _one_of("method", config.method, (*METHODS, "nonprivate"))  # the registry as it is now
-    defaults = DATASET_DEFAULTS[config.dataset]
+    _one_of("dataset", config.dataset, dataset_names())
+    _one_of("method", config.method, (*METHODS, NONPRIVATE))  # the registry as it is now
+    defaults = dataset_spec(config.dataset).defaults
     _check(
         isinstance(config.method_params, dict) and all(isinstance(k, str) for k in config.method_params),
         "method_params must be a mapping of the method's parameters, e.g. {initial_clip: 0.5}, "
@@ -265,10 +217,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
     )
     resolved = dataclasses.replace(
         config,
-        model=config.model or defaults["model"],
-        epochs=_integer("epochs", config.epochs if config.epochs is not None else defaults["epochs"], 1),
+        model=config.model or defaults.model,
+        epochs=_integer("epochs", config.epochs if config.epochs is not None else defaults.epochs, 1),
         batch_size=_integer(
-            "batch_size", config.batch_size if config.batch_size is not None else defaults["batch_size"], 1
+            "batch_size", config.batch_size if config.batch_size is not None else defaults.batch_size, 1
         ),
         lr=_number("lr", config.lr if config.lr is not None else default_lr(config.dataset, config.method)),
         momentum=_number("momentum", config.momentum, low_open=False),
@@ -280,7 +232,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     )
     _one_of("model", resolved.model, MODELS)
     _check(
-        resolved.feature_spread is None or (resolved.dataset == "synthetic" and resolved.feature_spread >= 1),
+        resolved.feature_spread is None
+        or (resolved.dataset in datasets_taking("feature_spread") and resolved.feature_spread >= 1),
         "feature_spread is the synthetic dataset's spread of feature scales, a number >= 1; "
         f"got {config.feature_spread!r} for dataset {resolved.dataset!r}",
     )
@@ -292,13 +245,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
         f"data_dir must be a folder path, got {resolved.data_dir!r}",
     )
     _check(
-        resolved.data_dir is None or resolved.dataset in FILE_DATASETS,
-        f"data_dir is for the datasets read from files {list(FILE_DATASETS)}; {resolved.dataset!r} needs no files",
+        resolved.data_dir is None or resolved.dataset in file_datasets(),
+        f"data_dir is for the datasets read from files {list(file_datasets())}; {resolved.dataset!r} needs no files",
     )
     _check(is_device_name(resolved.device), f"device must be 'cpu', 'cuda' or 'cuda:i', got {resolved.device!r}")
     for name in ("diagnostics", "check_replicas", "progress"):
         _flag(name, getattr(resolved, name))
-    if resolved.method == "nonprivate":
+    if resolved.method == NONPRIVATE:
         _check(
             not resolved.method_params,
             f"method 'nonprivate' takes no method_params, got {resolved.method_params!r}",
@@ -331,7 +284,7 @@ def _check_parallel(config: TrainConfig, world_size: int) -> None:
         "diagnostics read the clean per-rank gradient and run in one process only; drop --diagnostics or torchrun",
     )
     _check(
-        config.method != "nonprivate" or config.batch_size % world_size == 0,
+        config.method != NONPRIVATE or config.batch_size % world_size == 0,
         f"the non-private baseline splits batch_size={config.batch_size} evenly over {world_size} ranks: "
         "use a batch size divisible by --nproc_per_node",
     )
@@ -523,7 +476,7 @@ def run(
         f"batch_size={config.batch_size} exceeds the {n_train} training examples; lower it",
     )
     delta = None
-    if config.method != "nonprivate":
+    if config.method != NONPRIVATE:
         delta = config.delta if config.delta is not None else default_delta(n_train)
         _check(
             delta < 1 / n_train,
@@ -545,12 +498,12 @@ def run(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     loss_fn = nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
     loader: Any
-    if config.method == "nonprivate" and world_size > 1:
+    if config.method == NONPRIVATE and world_size > 1:
         sampler = DistributedSampler(splits.train, shuffle=True, seed=config.seed)
         loader = DataLoader(splits.train, batch_size=config.batch_size // world_size, sampler=sampler)
         model = DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
         noise_multiplier, sample_rate, method_params = None, None, {}
-    elif config.method == "nonprivate":
+    elif config.method == NONPRIVATE:
         loader = DataLoader(
             BatchedTensorDataset(*splits.train.tensors),  # one gather per batch, not a __getitem__ per example
             batch_size=config.batch_size,
@@ -583,7 +536,7 @@ def run(
     if resume and checkpoint is not None:
         progress = _load_checkpoint(checkpoint, config, model, optimizer, loader, device)
     metric = "accuracy" if task == "classification" else "mse"
-    probe = ReleaseProbe(optimizer, config.lr) if config.diagnostics and config.method != "nonprivate" else None
+    probe = ReleaseProbe(optimizer, config.lr) if config.diagnostics and config.method != NONPRIVATE else None
     start = time.perf_counter()
     show = config.progress and not os.environ.get("TQDM_DISABLE") and dist_utils.rank() == 0
     with warnings.catch_warnings():
@@ -683,7 +636,7 @@ def _record(
         "epsilon": None if accounting is None else accounting.epsilon,
         "target_epsilon": config.epsilon,
         "delta": delta,
-        "accountant": config.accountant if config.method != "nonprivate" else None,
+        "accountant": config.accountant if config.method != NONPRIVATE else None,
         "epsilon_accountant": None if accounting is None else accounting.accountant,
         "accounting_fallback": None if accounting is None else accounting.fallback,
         "noise_multiplier": noise_multiplier,
