@@ -34,6 +34,8 @@ CONFIDENCE = 0.95
 LEVEL = 0.05
 """The family-wise error rate of one claim's comparisons (each family of tests, after Holm's adjustment)."""
 RESAMPLES = 10_000
+Scores = Sequence[float] | NDArray[np.float64]
+"""Scores, differences or p-values: a sequence or a one-dimensional array."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def wilson_interval(correct: int, n: int, confidence: float = CONFIDENCE) -> Bou
     return BoundedInterval(share, max(0.0, centre - half), min(1.0, centre + half), trials)
 
 
-def _scores(name: str, values: Sequence[float], metric_range: tuple[float, float]) -> NDArray[np.float64]:
+def _scores(name: str, values: Scores, metric_range: tuple[float, float]) -> NDArray[np.float64]:
     low, high = _checked_range(metric_range)
     data = np.asarray(values, dtype=np.float64)
     if data.ndim != 1 or len(data) < 2:
@@ -91,7 +93,7 @@ def _percentile_bootstrap(
 
 
 def bootstrap_mean_interval(
-    values: Sequence[float],
+    values: Scores,
     *,
     metric_range: tuple[float, float],
     confidence: float = CONFIDENCE,
@@ -105,8 +107,8 @@ def bootstrap_mean_interval(
 
 
 def paired_bootstrap_interval(
-    method: Sequence[float],
-    baseline: Sequence[float],
+    method: Scores,
+    baseline: Scores,
     *,
     metric_range: tuple[float, float],
     confidence: float = CONFIDENCE,
@@ -122,9 +124,7 @@ def paired_bootstrap_interval(
     return BoundedInterval(float(differences.mean()), max(low, -width), min(high, width), len(differences))
 
 
-def _differences(
-    method: Sequence[float], baseline: Sequence[float], metric_range: tuple[float, float]
-) -> NDArray[np.float64]:
+def _differences(method: Scores, baseline: Scores, metric_range: tuple[float, float]) -> NDArray[np.float64]:
     ours, theirs = _scores("method", method, metric_range), _scores("baseline", baseline, metric_range)
     if len(ours) != len(theirs):
         raise ValueError(
@@ -133,7 +133,7 @@ def _differences(
     return ours - theirs
 
 
-def holm_adjust(p_values: Sequence[float]) -> list[float]:
+def holm_adjust(p_values: Scores) -> list[float]:
     """Holm's (1979) step-down adjusted p-values: the ``i``-th smallest of ``m`` becomes
     ``max_{j <= i} min(1, (m − j + 1) p_(j))``; rejecting where the adjusted value is ``<= α`` controls the
     family-wise error rate at ``α``."""
@@ -157,13 +157,13 @@ def _t_statistic(differences: NDArray[np.float64], null: float) -> float:
     return deviation / (spread / math.sqrt(len(differences)))
 
 
-def difference_p_value(differences: Sequence[float]) -> float:
+def difference_p_value(differences: Scores) -> float:
     """Two-sided paired t-test of a zero mean difference (Student 1908): ``2 P(T_{n−1} >= |t|)``."""
     data = _finite_differences(differences)
     return float(2 * student_t.sf(abs(_t_statistic(data, 0.0)), len(data) - 1))
 
 
-def equivalence_p_value(differences: Sequence[float], margin: float) -> float:
+def equivalence_p_value(differences: Scores, margin: float) -> float:
     """TOST (Schuirmann 1987): the larger of the one-sided paired t-test p-values of ``mean <= −margin`` and
     ``mean >= margin``; small when the mean difference lies within ``(−margin, margin)``."""
     data = _finite_differences(differences)
@@ -173,7 +173,7 @@ def equivalence_p_value(differences: Sequence[float], margin: float) -> float:
     return float(max(above_lower, below_upper))
 
 
-def _finite_differences(differences: Sequence[float]) -> NDArray[np.float64]:
+def _finite_differences(differences: Scores) -> NDArray[np.float64]:
     data = np.asarray(differences, dtype=np.float64)
     if data.ndim != 1 or len(data) < 2 or not np.isfinite(data).all():
         raise ValueError(f"differences must be a sequence of at least 2 finite numbers, got {differences!r}")
@@ -194,8 +194,8 @@ class PairedComparison:
 
 
 def paired_comparison(
-    method: Sequence[float],
-    baseline: Sequence[float],
+    method: Scores,
+    baseline: Scores,
     *,
     margin: float,
     metric_range: tuple[float, float],
