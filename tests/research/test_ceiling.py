@@ -12,7 +12,6 @@ from adaclip.research.ceiling import (
     evaluate,
     fit_regularised,
     log_grid,
-    objective,
     trained_ceiling,
 )
 
@@ -68,17 +67,22 @@ def test_least_squares_matches_ridge_and_its_closed_form():
 
 def test_the_certificate_is_the_gradient_norm_at_the_solution():
     x, y = _regression(noise=0.5, n=100)
+    x = x * np.array([1e-3, 1.0, 10.0, 300.0, 1.0]) + np.array([0.0, 50.0, 0.0, -700.0, 0.0])  # unscaled features
     split = as_split("train", x, y, "regression")
-    fit = fit_regularised(split, task="regression", regularisation=0.05, outputs=1)
-    weight, bias = fit.weight.clone().requires_grad_(True), fit.bias.clone().requires_grad_(True)
-    objective(split, weight, bias, "regression", 0.05).backward()
-    recomputed = torch.cat([weight.grad.flatten(), bias.grad]).norm().item()
-    assert fit.gradient_norm == pytest.approx(recomputed, rel=1e-6, abs=1e-12)
-    # the gradient of F by hand: (1/n) X^T r + lambda w and mean(r), with r the residuals
-    residuals = x @ fit.weight.numpy()[0] + float(fit.bias[0]) - y
-    by_hand = np.append(x.T @ residuals / len(x) + 0.05 * fit.weight.numpy()[0], residuals.mean())
-    assert fit.gradient_norm == pytest.approx(np.linalg.norm(by_hand), rel=1e-6, abs=1e-12)
+    strength = 0.05
+    fit = fit_regularised(split, task="regression", regularisation=strength, outputs=1)
     assert fit.gradient_norm <= 1e-7
+    # the gradient of F by hand, in (W, b): (1/n) X^T r + lambda w and mean(r), with r the residuals
+    w = fit.weight.numpy()[0]
+    residuals = x @ w + float(fit.bias[0]) - y
+    grad_w, grad_b = x.T @ residuals / len(x) + strength * w, residuals.mean()
+    # in the standardised variables V = W s, c = b + W mu (so b = c - V mu / s): dF/dV = (dF/dW - dF/db mu) / s
+    mu, s = x.mean(axis=0), np.sqrt(x.var(axis=0) + strength)
+    by_hand = np.append((grad_w - grad_b * mu) / s, grad_b)
+    assert fit.gradient_norm == pytest.approx(np.linalg.norm(by_hand), rel=1e-5, abs=1e-12)
+    centred_x, centred_y = x - mu, y - y.mean()
+    exact = np.linalg.solve(centred_x.T @ centred_x / len(x) + strength * np.eye(5), centred_x.T @ centred_y / len(x))
+    np.testing.assert_allclose(w, exact, rtol=1e-6)
 
 
 def test_a_ceiling_is_picked_on_validation_and_evaluated_on_test():
@@ -90,6 +94,8 @@ def test_a_ceiling_is_picked_on_validation_and_evaluated_on_test():
     assert ceiling.test == evaluate(ceiling.fit, test, "classification")
     assert ceiling.test.correct == round(ceiling.test.accuracy * 100) and ceiling.test.n == 100
     assert ceiling.fit.regularisation in ceiling.grid and ceiling.fit.gradient_norm <= 1e-7
+    assert len(ceiling.gradient_norm_by_strength) == len(ceiling.grid)
+    assert max(ceiling.gradient_norm_by_strength) <= 1e-7
 
 
 def test_an_edge_pick_widens_the_grid_until_it_is_inside():

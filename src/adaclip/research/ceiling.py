@@ -12,18 +12,21 @@ penalised.  In scikit-learn's terms, ``LogisticRegression(C)`` minimises ``C Σ_
 ``n C · F`` for ``C = 1 / (n λ)``, and ``Ridge(alpha)`` minimises ``Σ_i (y_i − ŷ_i)² + alpha ||w||²``, which is
 ``2 n · F`` for ``alpha = n λ``.
 
-``λ`` is picked on the validation split from a log grid (classification: highest accuracy, ties to the lower
-cross-entropy; regression: lowest mean squared error).  A pick on an edge of the grid widens the grid on that
-side and fits again, up to ``max_widenings`` times; a pick still on an edge after that is reported in
-:attr:`Ceiling.edge`.  Each fit carries its certificate, the Euclidean norm of ``∇F`` at the solution; a picked fit
-whose norm is above ``gradient_tolerance`` raises :class:`CeilingNotConverged` (a ceiling that was not trained is
-no ceiling).
+``λ`` is picked on the validation split from a log grid (classification: highest accuracy, then the lowest
+cross-entropy; regression: lowest mean squared error; losses within a relative :data:`TIE` of the lowest are ties,
+which go to the stronger regularisation).  A pick on an edge of the grid widens the grid on that side and fits
+again, up to ``max_widenings`` times; a pick still on an edge after that is reported in :attr:`Ceiling.edge`.
+
+L-BFGS runs in standardised variables (each feature centred and scaled by the training split's statistics, a
+change of variables that leaves ``F`` and its minimiser unchanged), so unscaled features do not stall it.  Each
+fit carries its certificate, the Euclidean norm of ``∇F`` at the solution in those variables; a picked fit whose
+norm is above ``gradient_tolerance`` raises :class:`CeilingNotConverged` (a ceiling that was not trained is no
+ceiling).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +39,11 @@ from adaclip._validate import require_int, require_one_of, require_positive
 Task = Literal["classification", "regression"]
 TASKS = ("classification", "regression")
 Edge = Literal["low", "high"]
+TIE = 1e-6
+"""Validation losses within this relative distance of the best are ties (they go to the stronger regularisation)."""
+HISTORY = 100
+"""L-BFGS's memory (curvature pairs): with 20, unscaled, collinear features (Breast Cancer) need thousands of
+iterations at weak regularisation; with 100, a few hundred."""
 
 
 class CeilingNotConverged(RuntimeError):
@@ -53,7 +61,8 @@ class Split:
 @dataclass(frozen=True)
 class Fit:
     """The minimiser of ``F`` at ``regularisation`` (``weight [outputs, d]``, ``bias [outputs]``) and its
-    certificate: ``objective`` ``F`` and ``gradient_norm`` ``||∇F||₂`` there, after ``iterations`` L-BFGS steps."""
+    certificate: ``objective`` ``F`` and ``gradient_norm`` ``||∇F||₂`` there (in the standardised variables of
+    :func:`standardisation`), after ``iterations`` L-BFGS steps."""
 
     regularisation: float
     weight: torch.Tensor
@@ -77,13 +86,15 @@ class Metrics:
 @dataclass(frozen=True)
 class Ceiling:
     """The picked fit, its validation and test metrics, the final ``grid`` with each strength's validation
-    metrics, how often the grid was widened, and ``edge``: where the pick still sits on the grid's edge, else None."""
+    metrics and certificate (``||∇F||₂``), how often the grid was widened, and ``edge``: where the pick still sits
+    on the grid's edge, else None."""
 
     fit: Fit
     validation: Metrics
     test: Metrics
     grid: tuple[float, ...]
     validation_by_strength: tuple[Metrics, ...]
+    gradient_norm_by_strength: tuple[float, ...]
     widenings: int
     edge: Edge | None
 
@@ -130,46 +141,58 @@ def objective(
     return _data_loss(split, weight, bias, task) + 0.5 * regularisation * torch.sum(weight**2)
 
 
+def standardisation(train: Split, regularisation: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training features' mean ``μ`` and ``s = sqrt(variance + λ)``, per feature: L-BFGS works on
+    ``V = W ∘ s`` (each column scaled) and ``c = b + W μ``, where ``F``'s diagonal curvature is about 1 for every
+    feature, whatever its scale (Nocedal & Wright 2006, §7.2: a change of variables, the same minimiser)."""
+    mean = train.features.mean(dim=0)
+    return mean, torch.sqrt(train.features.var(dim=0, unbiased=False) + regularisation)
+
+
 def fit_regularised(
     train: Split,
     *,
     task: Task,
     regularisation: float,
     outputs: int,
-    start: Fit | None = None,
     max_iterations: int = 2000,
     gradient_tolerance: float = 1e-7,
 ) -> Fit:
-    """Minimise ``F`` at ``λ = regularisation`` with full-batch L-BFGS (strong-Wolfe line search), from ``start``
-    (a warm start) or zero; stops once ``max|∂F| <= gradient_tolerance / sqrt(parameters)``, which implies
-    ``||∇F||₂ <= gradient_tolerance``, or after ``max_iterations`` steps.  The certificate is computed afresh."""
+    """Minimise ``F`` at ``λ = regularisation`` with full-batch L-BFGS (strong-Wolfe line search) in the
+    standardised variables ``(V, c)`` of :func:`standardisation`, from zero, keeping :data:`HISTORY` pairs; stops once
+    ``max|∂F/∂(V, c)| <= gradient_tolerance / sqrt(parameters)`` (so ``||∇_{V,c} F||₂ <= gradient_tolerance``) or
+    after ``max_iterations`` steps.  The certificate, ``||∇_{V,c} F||₂``, is computed afresh at the solution."""
     strength = require_positive("regularisation", regularisation)
+    mean, scale = standardisation(train, strength)
     dtype, width = train.features.dtype, train.features.shape[1]
-    weight = (start.weight.clone() if start else torch.zeros(outputs, width, dtype=dtype)).requires_grad_(True)
-    bias = (start.bias.clone() if start else torch.zeros(outputs, dtype=dtype)).requires_grad_(True)
-    parameters = weight.numel() + bias.numel()
+    scaled = torch.zeros(outputs, width, dtype=dtype, requires_grad=True)
+    shifted = torch.zeros(outputs, dtype=dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS(
-        [weight, bias],
+        [scaled, shifted],
         lr=1.0,
         max_iter=require_int("max_iterations", max_iterations),
         max_eval=2 * max_iterations,
-        tolerance_grad=require_positive("gradient_tolerance", gradient_tolerance) / math.sqrt(parameters),
+        tolerance_grad=require_positive("gradient_tolerance", gradient_tolerance)
+        / math.sqrt(scaled.numel() + shifted.numel()),
         tolerance_change=1e-15,
-        history_size=20,
+        history_size=HISTORY,
         line_search_fn="strong_wolfe",
     )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        value = objective(train, weight, bias, task, strength)
+        weight = scaled / scale
+        value = objective(train, weight, shifted - weight @ mean, task, strength)
         value.backward()  # type: ignore[no-untyped-call]
         return value
 
     optimizer.step(closure)  # type: ignore[no-untyped-call]
     value = closure()
-    norm = math.sqrt(float(weight.grad.pow(2).sum() + bias.grad.pow(2).sum()))  # type: ignore[union-attr]
-    iterations = int(optimizer.state[weight].get("n_iter", 0))
-    return Fit(strength, weight.detach(), bias.detach(), float(value.detach()), norm, iterations)
+    norm = math.sqrt(float(scaled.grad.pow(2).sum() + shifted.grad.pow(2).sum()))  # type: ignore[union-attr]
+    iterations = int(optimizer.state[scaled].get("n_iter", 0))
+    with torch.no_grad():
+        weight = scaled / scale
+        return Fit(strength, weight, shifted - weight @ mean, float(value), norm, iterations)
 
 
 def evaluate(fit: Fit, split: Split, task: Task) -> Metrics:
@@ -183,11 +206,15 @@ def evaluate(fit: Fit, split: Split, task: Task) -> Metrics:
         return Metrics(loss=loss, n=len(split.targets), correct=correct, accuracy=correct / len(split.targets))
 
 
-def _rank(metrics: Metrics, task: Task) -> tuple[float, float]:
-    """Smaller is better: ``(−accuracy, cross-entropy)`` or ``(MSE, MSE)``."""
+def _pick(scores: dict[float, Metrics], task: Task) -> float:
+    """The strength with the best validation metrics: the highest accuracy (classification), then the lowest loss;
+    losses within a relative :data:`TIE` of the lowest are ties, and ties go to the strongest regularisation."""
+    pool = list(scores)
     if task == "classification":
-        return (-(metrics.accuracy or 0.0), metrics.loss)
-    return (metrics.loss, metrics.loss)
+        best_accuracy = max(scores[s].accuracy or 0.0 for s in pool)
+        pool = [s for s in pool if scores[s].accuracy == best_accuracy]
+    lowest = min(scores[s].loss for s in pool)
+    return max(s for s in pool if scores[s].loss <= lowest * (1 + TIE))
 
 
 def log_grid(low: float, high: float, points_per_decade: int) -> tuple[float, ...]:
@@ -205,18 +232,8 @@ def _tidy(strength: float) -> float:
     return float(f"{strength:.12g}")
 
 
-def _fit_path(
-    strengths: tuple[float, ...], fitter: Callable[[float, Fit | None], Fit], start: Fit | None
-) -> dict[float, Fit]:
-    """Fits along ``strengths`` in the given order, each warm-started from the previous one."""
-    fits: dict[float, Fit] = {}
-    for strength in strengths:
-        start = fits[strength] = fitter(strength, start)
-    return fits
-
-
 def _widened(grid: tuple[float, ...], side: Edge, decades: float, per_decade: int) -> tuple[float, ...]:
-    """The strengths that extend ``grid`` by ``decades`` on ``side``, nearest to the grid first."""
+    """The strengths that extend ``grid`` by ``decades`` on ``side``."""
     count = max(1, round(decades * per_decade))
     edge, sign = (grid[0], -1) if side == "low" else (grid[-1], 1)
     return tuple(_tidy(10 ** (math.log10(edge) + sign * i / per_decade)) for i in range(1, count + 1))
@@ -235,39 +252,41 @@ def trained_ceiling(
     max_iterations: int = 2000,
     gradient_tolerance: float = 1e-7,
 ) -> Ceiling:
-    """The L2-regularised ERM ceiling: fit every strength of ``log_grid(*grid, points_per_decade)`` (strongest
-    first, warm-started), pick on ``validation``, widen an edge pick (module docstring), evaluate on ``test``."""
+    """The L2-regularised ERM ceiling: fit every strength of ``log_grid(*grid, points_per_decade)``, pick on
+    ``validation``, widen an edge pick (module docstring), evaluate on ``test``."""
     require_one_of("task", task, TASKS)
     outputs = _outputs(train, validation, test, task)
     require_positive("widen_decades", widen_decades)
     widenings_allowed = require_int("max_widenings", max_widenings, minimum=0)
 
-    def fitter(strength: float, start: Fit | None) -> Fit:
-        return fit_regularised(
-            train,
-            task=task,
-            regularisation=strength,
-            outputs=outputs,
-            start=start,
-            max_iterations=max_iterations,
-            gradient_tolerance=gradient_tolerance,
-        )
+    def fitted(strengths: tuple[float, ...]) -> dict[float, Fit]:
+        return {
+            strength: fit_regularised(
+                train,
+                task=task,
+                regularisation=strength,
+                outputs=outputs,
+                max_iterations=max_iterations,
+                gradient_tolerance=gradient_tolerance,
+            )
+            for strength in strengths
+        }
 
-    fits = _fit_path(tuple(reversed(log_grid(*grid, points_per_decade))), fitter, None)
+    fits = fitted(log_grid(*grid, points_per_decade))
     scores = {strength: evaluate(fit, validation, task) for strength, fit in fits.items()}
     widenings = 0
     while True:
         strengths = sorted(fits)
-        picked = min(strengths, key=lambda s: _rank(scores[s], task))
+        picked = _pick(scores, task)
         edge: Edge | None = "low" if picked == strengths[0] else "high" if picked == strengths[-1] else None
         if edge is None or widenings == widenings_allowed:
             break
         extension = _widened(tuple(strengths), edge, widen_decades, points_per_decade)
-        new = _fit_path(extension, fitter, fits[picked])
+        new = fitted(extension)
         scores.update({strength: evaluate(fit, validation, task) for strength, fit in new.items()})
         fits.update(new)
         widenings += 1
-    return _ceiling(fits, scores, picked, edge, widenings, test, task, gradient_tolerance)
+    return _ceiling(fits, scores, picked, edge, widenings, test, task, gradient_tolerance, max_iterations)
 
 
 def _ceiling(
@@ -279,12 +298,14 @@ def _ceiling(
     test: Split,
     task: Task,
     gradient_tolerance: float,
+    max_iterations: int,
 ) -> Ceiling:
     fit = fits[picked]
     if not fit.gradient_norm <= gradient_tolerance:
         raise CeilingNotConverged(
             f"L-BFGS stopped at ||grad F|| = {fit.gradient_norm:.3g} > gradient_tolerance={gradient_tolerance:g} "
-            f"after {fit.iterations} iterations at regularisation={picked:.3g}: raise max_iterations"
+            f"after {fit.iterations} of max_iterations={max_iterations} at regularisation={picked:.3g}: raise "
+            "max_iterations, or gradient_tolerance if it stopped early (float64 precision)"
         )
     strengths = tuple(sorted(fits))
     return Ceiling(
@@ -293,6 +314,7 @@ def _ceiling(
         test=evaluate(fit, test, task),
         grid=strengths,
         validation_by_strength=tuple(scores[s] for s in strengths),
+        gradient_norm_by_strength=tuple(fits[s].gradient_norm for s in strengths),
         widenings=widenings,
         edge=edge,
     )
