@@ -192,6 +192,7 @@ def test_composition_is_the_accountant_over_all_steps():
         (lambda: TruncatedNegativeBinomial(1.0, 0.0), "halting must lie in"),
         (lambda: PoissonRuns(0.0), "mean must be"),
         (lambda: PoissonRuns(math.inf), "mean must be"),
+        (lambda: PoissonRuns(0.5), "mean must be a finite number >= 1"),
         (lambda: truncated_negative_binomial_with_mean(1.0, 1.0), "mean must be a finite number > 1"),
         (lambda: truncated_negative_binomial_with_mean(-2.0, 5.0), "shape must be"),
         (lambda: draw_number_of_runs(TruncatedNegativeBinomial(1.0, 0.5), -1), "rng must be"),

@@ -79,15 +79,19 @@ class TruncatedNegativeBinomial:
 
 @dataclass(frozen=True)
 class PoissonRuns:
-    """The number of runs ``K ~ Poisson(μ)``, ``mean`` = ``μ > 0`` (Papernot & Steinke 2022, Section 3.2).
+    """The number of runs ``K ~ Poisson(μ)``, ``mean`` = ``μ >= 1`` (Papernot & Steinke 2022, Theorem 6).
 
-    ``K = 0`` happens (with probability ``e^{−μ}``): the selection then releases nothing.
+    ``K = 0`` happens (with probability ``e^{−μ}``): the selection then releases nothing.  Means below 1 are
+    refused, as dp-accounting does: there the bound's ``log(μ)/(λ − 1)`` falls below 0 near ``λ = 1``, which no
+    Rényi divergence does.
     """
 
     mean: float
 
     def __post_init__(self) -> None:
-        require_positive("mean", self.mean)
+        mean = require_positive("mean", self.mean)
+        if mean < 1:
+            raise ValueError(f"mean must be a finite number >= 1 (the expected number of runs), got {self.mean!r}")
 
 
 RunsDistribution = TruncatedNegativeBinomial | PoissonRuns
