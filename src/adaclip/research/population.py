@@ -219,35 +219,39 @@ class Population:
     # --- one step ------------------------------------------------------------------------------------
 
     def outputs(self, x: Tensor) -> Tensor:
-        """Every member's outputs on ``x`` ``[n, in]``: ``[K, n, out]`` (one product)."""
+        """Every member's outputs on ``x`` ``[n, in]``: ``[n, K, out]`` (one product, the biases added in it)."""
         k, out, width = self.weight.shape
-        stacked = torch.mm(x, self.weight.reshape(k * out, width).t())  # [n, K out]
-        return stacked.view(x.shape[0], k, out).permute(1, 0, 2).add(self.bias.unsqueeze(1))
+        stacked = torch.addmm(self.bias.reshape(1, k * out), x, self.weight.reshape(k * out, width).t())
+        return stacked.view(x.shape[0], k, out)
 
     def losses_and_output_grads(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-example losses ``[K, n]`` and output gradients ``delta`` ``[K, n, out]`` (of each example's own loss)."""
-        if self.model == "logistic":
-            log_probs = torch.log_softmax(outputs, dim=2)
-            losses = -log_probs.gather(2, targets.view(1, -1, 1).expand(outputs.shape[0], -1, 1)).squeeze(2)
-            deltas = log_probs.exp_()
-            deltas[:, torch.arange(targets.shape[0], device=targets.device), targets] -= 1
-            return losses, deltas
-        residuals = outputs.squeeze(2) - targets
+        """Per-example losses ``[n, K]`` and output gradients ``delta`` ``[n, K, out]`` (of each example's own loss)."""
+        if self.model == "logistic":  # softmax over the few classes by hand: log_softmax is slow on a short last dim
+            shifted = outputs - outputs.amax(2, keepdim=True)
+            deltas = shifted.exp()
+            totals = deltas.sum(2, keepdim=True)
+            losses = totals.log().sub_(shifted.gather(2, targets.view(-1, 1, 1).expand(-1, outputs.shape[1], 1)))
+            deltas.div_(totals).sub_(nn.functional.one_hot(targets, self.num_outputs).unsqueeze(1).to(deltas.dtype))
+            return losses.squeeze(2), deltas
+        residuals = outputs.squeeze(2) - targets.unsqueeze(1)
         return residuals.square(), (2 * residuals).unsqueeze(2)
 
-    def step(self, x: Tensor, targets: Tensor) -> Tensor:
+    def step(self, x: Tensor, targets: Tensor, input_squared_norms: Tensor | None = None) -> Tensor:
         """One step of every running member on the batch ``x`` ``[n, in]`` with ``targets``; the members'
         mean training losses ``[K]`` (NaN for an empty batch).
 
-        A member whose mean loss is not finite takes this step and then stops (``diverged``), as the research
-        trainer stops a run.
+        ``input_squared_norms``: ``||x_i||^2`` if the caller has them (e.g. computed once for the whole dataset);
+        computed here otherwise.  A member whose mean loss is not finite takes this step and then stops
+        (``diverged``), as the research trainer stops a run.
         """
+        if input_squared_norms is None:
+            input_squared_norms = torch.linalg.vector_norm(x, dim=1).square_()
         outputs = self.outputs(x)
         losses, deltas = self.losses_and_output_grads(outputs, targets)
-        weights, dropped = self._example_weights(x, deltas)
+        weights, dropped = self._example_weights(x, input_squared_norms, deltas)
         sums = self._weighted_sums(x, deltas, weights)
         self._update(self._releases(sums, weights, dropped, x.shape[0]))
-        mean_losses = losses.mean(1)
+        mean_losses = losses.mean(0)
         for state, loss in zip(self.states, mean_losses.tolist(), strict=True):
             if not state.diverged and x.shape[0] and not math.isfinite(loss):
                 state.diverged = True
@@ -257,29 +261,26 @@ class Population:
         """Indices of the members that have not stopped."""
         return [k for k, state in enumerate(self.states) if not state.diverged]
 
-    def _example_weights(self, x: Tensor, deltas: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
-        """The weights ``c_ki`` ``[K, n]`` (1 for non-private members, 0 for stopped ones) and, per member, the
+    def _example_weights(self, x: Tensor, input_squared: Tensor, deltas: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """The weights ``c_ki`` ``[n, K]`` (1 for non-private members, 0 for stopped ones) and, per member, the
         examples its rule dropped as non-finite (:func:`~adaclip.methods.base.drop_nonfinite`), whose rows of
         ``deltas`` are zeroed here (the features are finite: checked when the data is given)."""
-        input_squared = torch.linalg.vector_norm(x, dim=1).square_()  # once for all members
-        delta_squared = torch.linalg.vector_norm(deltas, dim=2).square_()  # [K, n]
+        delta_squared = torch.linalg.vector_norm(deltas, dim=2).square_()  # [n, K]
+        plain = delta_squared.mul(input_squared.unsqueeze(1)).add_(delta_squared).sqrt_()  # ||g_ki||
         transformed = self._transformed_squared_norms(x, deltas)
         weights = torch.ones(deltas.shape[:2], dtype=self.dtype, device=self.device)
         dropped_examples: dict[int, Tensor] = {}
         for k, state in enumerate(self.states):
             if state.diverged:
-                weights[k] = 0
+                weights[:, k] = 0
                 continue
             if state.rule is None:
                 continue
-            if k in transformed:
-                norms = transformed[k].sqrt()
-            else:
-                norms = (delta_squared[k] * input_squared + delta_squared[k]).sqrt_()
+            norms = transformed[k].sqrt_() if k in transformed else plain[:, k]
             member_weights, dropped = drop_nonfinite(norms, state.rule.example_weights(norms, state.rule_state))
-            weights[k] = member_weights
+            weights[:, k] = member_weights
             if dropped is not None:
-                deltas[k] = deltas[k].masked_fill(dropped.unsqueeze(1), 0.0)
+                deltas[:, k] = deltas[:, k].masked_fill(dropped.unsqueeze(1), 0.0)
                 dropped_examples[k] = dropped
         return weights, dropped_examples
 
@@ -298,20 +299,20 @@ class Population:
         if not transforms:
             return {}
         members = list(transforms)
-        out, width = self.num_outputs, self.num_features
+        n, out, width = x.shape[0], self.num_outputs, self.num_features
         span = out * width
         quadratic = torch.cat([transforms[k].inv_scale_sq[:span].view(out, width) for k in members])
         linear = torch.cat([transforms[k].shift_inv_scale_sq[:span].view(out, width) for k in members])
-        stacked_deltas = deltas[members].permute(1, 0, 2).reshape(x.shape[0], len(members) * out)
-        products = _stacked_products(x, quadratic, linear)  # [2, m out, n]
-        products = products.view(2, len(members), out, -1).mul_(stacked_deltas.t().view(1, len(members), out, -1))
-        products[0].mul_(stacked_deltas.t().view(len(members), out, -1))
+        stacked_deltas = deltas[:, members].reshape(n, len(members) * out).t().reshape(len(members), out, n)
+        products = _stacked_products(x, quadratic, linear).view(2, len(members), out, n)  # [2, m, out, n]
+        products.mul_(stacked_deltas)
+        products[0].mul_(stacked_deltas)
         quadratic_term, cross_term = products.sum(2)  # [m, n]
         constants = torch.stack(
             [torch.dot(transforms[k].shift[:span], transforms[k].shift_inv_scale_sq[:span]) for k in members]
-        )
-        values = quadratic_term - 2 * cross_term + constants.unsqueeze(1)
-        magnitudes = quadratic_term + constants.unsqueeze(1)
+        ).unsqueeze(1)
+        values = quadratic_term - 2 * cross_term + constants
+        magnitudes = quadratic_term + constants
         needed = [False] * len(members)
         flags = [_float64_flag(values[i], magnitudes[i], span, floor=1.0) for i in range(len(members))]
         checked = [flag for flag in flags if flag is not None]
@@ -324,21 +325,21 @@ class Population:
                 double = Transform.of(transforms[k].shift[:span].double(), transforms[k].scale[:span].double())
                 weight_part = _transformed_linear_norms(
                     x.double(),
-                    deltas[k].double(),
+                    deltas[:, k].double(),
                     double.inv_scale_sq.view(out, width),
                     double.shift_inv_scale_sq.view(out, width),
                     torch.dot(double.shift, double.shift_inv_scale_sq),
                 )[0].to(self.dtype)
-            bias_part = ((deltas[k] - transforms[k].shift[span:]) / transforms[k].scale[span:]).square_().sum(1)
+            bias_part = ((deltas[:, k] - transforms[k].shift[span:]) / transforms[k].scale[span:]).square_().sum(1)
             result[k] = weight_part.clamp_min_(0).add_(bias_part)
         return result
 
     def _weighted_sums(self, x: Tensor, deltas: Tensor, weights: Tensor) -> Tensor:
         """``sum_i c_ki g_ki`` of every member as flat ``[K, d]`` vectors (weight then bias): one product."""
-        k, n, out = deltas.shape
-        scaled = deltas * weights.unsqueeze(2)  # [K, n, out]
-        weight_sums = torch.mm(scaled.permute(0, 2, 1).reshape(k * out, n), x)  # [K out, in]
-        return torch.cat([weight_sums.view(k, -1), scaled.sum(1)], dim=1)
+        n, k, out = deltas.shape
+        scaled = deltas * weights.unsqueeze(2)  # [n, K, out]
+        weight_sums = torch.mm(scaled.view(n, k * out).t(), x)  # [K out, in]
+        return torch.cat([weight_sums.view(k, -1), scaled.sum(0)], dim=1)
 
     def _releases(self, sums: Tensor, weights: Tensor, dropped: dict[int, Tensor], batch_size: int) -> Tensor:
         """Every running member's released gradient ``[K, d]`` (0 for stopped members): its rule's release of its
@@ -352,7 +353,9 @@ class Population:
                 if batch_size:
                     released[k] = sums[k] / batch_size
                 continue
-            clipped = state.rule.clipped_sum_from_weights(sums[k], weights[k], state.rule_state, dropped.get(k))
+            clipped = state.rule.clipped_sum_from_weights(
+                sums[k], weights[:, k].contiguous(), state.rule_state, dropped.get(k)
+            )
             noise = torch.randn(
                 state.rule.noise_size(self.dim), generator=state.generator, dtype=self.dtype, device=self.device
             )

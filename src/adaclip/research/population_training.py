@@ -62,12 +62,12 @@ def evaluate(population: Population, features: Tensor, targets: Tensor) -> list[
     """Every member's accuracy (``logistic``) or mean squared error (``linear``) on ``features`` and ``targets``."""
     total = torch.zeros(len(population.members), dtype=torch.float64)
     for start in range(0, len(targets), EVALUATION_BATCH):
-        outputs = population.outputs(features[start : start + EVALUATION_BATCH])  # [K, n, out]
-        chunk = targets[start : start + EVALUATION_BATCH]
+        outputs = population.outputs(features[start : start + EVALUATION_BATCH])  # [n, K, out]
+        chunk = targets[start : start + EVALUATION_BATCH].unsqueeze(1)
         if population.model == "logistic":
-            total += (outputs.argmax(2) == chunk).sum(1).double().cpu()
+            total += (outputs.argmax(2) == chunk).sum(0).double().cpu()
         else:
-            total += (outputs.squeeze(2) - chunk).square().sum(1).double().cpu()
+            total += (outputs.squeeze(2) - chunk).square().sum(0).double().cpu()
     values: list[float] = (total / len(targets)).tolist()
     return values
 
@@ -120,6 +120,7 @@ def train_population(
         for name, split in (("val", splits.validation), ("test", splits.test))
     }
     metric = "accuracy" if model == "logistic" else "mse"
+    input_squared = torch.linalg.vector_norm(features, dim=1).square_()  # ||x_i||^2, once for every step
     history: list[list[dict[str, Any]]] = [[] for _ in members]
     for epoch, batches in enumerate(
         population_batches(num_examples, batch_size, epochs, sampling_seed, poisson=private), 1
@@ -130,7 +131,9 @@ def train_population(
         loss_sums = torch.zeros(len(members), dtype=torch.float64)
         count = 0
         for indices in batches:
-            losses = population.step(gather_rows(features, indices), gather_rows(labels, indices))
+            losses = population.step(
+                gather_rows(features, indices), gather_rows(labels, indices), gather_rows(input_squared, indices)
+            )
             if len(indices):
                 loss_sums += losses.double().cpu() * len(indices)
                 count += len(indices)
