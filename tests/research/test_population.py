@@ -205,3 +205,31 @@ def test_bad_members_are_refused(member, message):
             expected_batch_size=BATCH,
             privacy=Privacy(BATCH / N, 8, DELTA, "rdp"),
         )
+
+
+def test_float32_transformed_norms_are_recomputed_in_float64_where_they_cancel():
+    # AdaCliP's shift at example 0's own gradient and a tiny scale: the three-term expansion cancels catastrophically
+    # for that example in float32, so the population must recompute it in float64 (as the engine does)
+    x, y = dataset()
+    x32 = x.float()
+    member = Member("adaclip", lr=0.1, noise_multiplier=SIGMA, method_params={"initial_clip": 1e-5}, seed=6)
+    population = Population(
+        [member],
+        model="logistic",
+        num_features=FEATURES,
+        num_outputs=CLASSES,
+        expected_batch_size=BATCH,
+        privacy=Privacy(BATCH / N, 8, DELTA, "rdp"),
+    )
+    _, deltas = population.losses_and_output_grads(population.outputs(x32), y)
+    delta = deltas[:, 0].double()
+    grads = torch.cat([torch.einsum("no,ni->noi", delta, x32.double()).reshape(N, -1), delta], dim=1)
+    state = population.states[0].rule_state
+    population.states[0].rule_state = dataclasses.replace(state, mean=grads[0].float())
+    scale = state.scale.double()
+    expected = ((grads - grads[0].float().double()) / scale).square().sum(1)
+    weights, _ = population._example_weights(x32, x32.square().sum(1), deltas)
+    norms = population._transformed_squared_norms(x32, deltas)[0].double()
+    assert expected[0] < 1e-3 < expected[1:].min()
+    torch.testing.assert_close(norms, expected, rtol=1e-3, atol=1e-3)
+    assert weights[0, 0] == 1.0  # example 0 sits on the shift: not clipped
