@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from adaclip._validate import require_int
 from adaclip.engine.private import _seeds
 from adaclip.engine.sampling import PoissonBatchSampler, gather_rows
+from adaclip.privacy.accounting import Accountant
 from adaclip.research.data import Splits
 from adaclip.research.population import NONPRIVATE, Member, Population, Privacy
 
@@ -81,7 +82,7 @@ def train_population(
     epochs: int,
     sampling_seed: int = 0,
     delta: float | None = None,
-    accountant: str = "prv",
+    accountant: Accountant = "prv",
     on_step: Callable[[Population], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``members`` together on ``splits`` and return one record per member (see the module docstring).
@@ -100,11 +101,7 @@ def train_population(
     sample_rate = batch_size / num_examples
     if delta is None:
         delta = 1e-5 if 1 / num_examples > 1e-5 else num_examples**-1.1
-    privacy = (
-        Privacy(sample_rate, epochs * int(1 / sample_rate), delta, accountant)  # type: ignore[arg-type]
-        if private
-        else None
-    )
+    privacy = Privacy(sample_rate, epochs * int(1 / sample_rate), delta, accountant) if private else None
     population = Population(
         members,
         model=model,
