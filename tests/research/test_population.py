@@ -233,3 +233,15 @@ def test_float32_transformed_norms_are_recomputed_in_float64_where_they_cancel()
     assert expected[0] < 1e-3 < expected[1:].min()
     torch.testing.assert_close(norms, expected, rtol=1e-3, atol=1e-3)
     assert weights[0, 0] == 1.0  # example 0 sits on the shift: not clipped
+
+
+def test_a_diverging_member_stops_alone():
+    x, y = dataset()
+    exploding = Member("fixed", lr=1e308, noise_multiplier=SIGMA, method_params={"clip_norm": 3.0}, seed=9)
+    train = {"model": "logistic", "batch_size": BATCH, "epochs": EPOCHS, "sampling_seed": SAMPLING_SEED}
+    together = train_population([MEMBERS[0], exploding], splits(x, y), delta=DELTA, accountant="rdp", **train)
+    alone = train_population([MEMBERS[0]], splits(x, y), delta=DELTA, accountant="rdp", **train)
+    assert together[1]["diverged"] and together[1]["test_accuracy"] is None
+    assert together[1]["per_epoch"][-1]["train_loss"] is None
+    assert 0 < together[1]["steps"] < together[0]["steps"]
+    assert together[0] == alone[0]
