@@ -162,6 +162,9 @@ def test_records_hold_each_members_final_metrics_and_epsilon():
         assert record["steps"] == EPOCHS * (N // BATCH)
         assert record["noise_multiplier"] == member.noise_multiplier
         assert [e["epoch"] for e in record["per_epoch"]] == list(range(1, EPOCHS + 1))
+        assert 0 <= record["step_stats_mean"]["clipped_fraction"] <= 1
+        if "clip_norm" in member.method_params:
+            assert record["step_stats_mean"]["clip_norm"] == member.method_params["clip_norm"]
 
 
 def test_a_target_epsilon_is_calibrated_per_member():

@@ -21,8 +21,8 @@ Everything else is the library's, per member: the rule of :mod:`adaclip.methods`
 ``norm_transform``, ``clipped_sum_from_weights``, ``release``, the non-finite policy
 :func:`~adaclip.methods.base.drop_nonfinite`), the noise (one ``torch.randn(noise_size)`` per step from a
 generator seeded as :func:`adaclip.make_private` seeds its own), the noise calibration
-(:func:`~adaclip.engine.private.calibrate_noise`) and the accounting
-(:func:`~adaclip.privacy.accounting.account`).  The update is ``torch.optim.SGD``'s (momentum without
+(:func:`~adaclip.privacy.accounting.noise_multiplier_for` over the planned steps, as ``make_private`` calibrates)
+and the accounting (:func:`~adaclip.privacy.accounting.account`).  The update is ``torch.optim.SGD``'s (momentum without
 dampening).  So each member's trajectory is its solo ``make_private`` run's, given the same batches and
 noise (tested in float64).  A ``"nonprivate"`` member steps along the mean gradient of the realised batch
 (what the research trainer's plain SGD on the mean loss does).
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adaclip._validate import require_in_range, require_int, require_one_of, require_positive
+from adaclip._validate import require_in_range, require_int, require_one_of, require_open_unit, require_positive
 from adaclip.engine.per_example import CHUNK_ENTRIES, Transform, _float64_flag, _transformed_linear_norms
 from adaclip.engine.private import _seeds, calibrate_noise
 from adaclip.methods import METHODS, build_rule, supports_norm_path
@@ -110,16 +110,19 @@ class Privacy:
     accountant: Accountant = "prv"
 
     def check(self) -> None:
-        require_in_range("sample_rate", self.sample_rate, 0.0, 1.0, closed_high=True)
+        """Refuse a bad field with a one-line ``ValueError`` naming it."""
+        if require_in_range("sample_rate", self.sample_rate, 0.0, 1.0, closed_high=True) == 0:
+            raise ValueError(f"sample_rate must lie in (0, 1], got {self.sample_rate!r}")
         require_int("planned_steps", self.planned_steps)
-        require_in_range("delta", self.delta, 0.0, 1.0)
+        require_open_unit("delta", self.delta)
         require_one_of("accountant", self.accountant, ACCOUNTANTS)
 
 
 @dataclass
 class MemberState:
     """One member's private machinery and progress: its rule (``None`` if non-private), rule state, noise
-    generator, momentum buffer, steps taken and whether it stopped on a non-finite training loss."""
+    generator, momentum buffer, steps taken, whether it stopped on a non-finite training loss, and the statistics
+    of its last release (the rule's, as ``AdaptiveClipDPOptimizer.last_stats``)."""
 
     rule: ClipRule | None
     rule_state: Any
@@ -347,6 +350,7 @@ class Population:
         released = torch.zeros_like(sums)
         for k, state in enumerate(self.states):
             if state.diverged:
+                state.last_stats = {}
                 continue
             state.steps_taken += 1
             if state.rule is None:

@@ -30,6 +30,7 @@ from adaclip.engine.sampling import PoissonBatchSampler, gather_rows
 from adaclip.privacy.accounting import Accountant
 from adaclip.research.data import Splits
 from adaclip.research.population import NONPRIVATE, Member, Population, Privacy
+from adaclip.research.train import default_delta
 
 EVALUATION_BATCH = 1024
 """Examples per product when the members are evaluated."""
@@ -100,7 +101,7 @@ def train_population(
     private = any(m.method != NONPRIVATE for m in members)
     sample_rate = batch_size / num_examples
     if delta is None:
-        delta = 1e-5 if 1 / num_examples > 1e-5 else num_examples**-1.1
+        delta = default_delta(num_examples)
     privacy = Privacy(sample_rate, epochs * int(1 / sample_rate), delta, accountant) if private else None
     population = Population(
         members,
@@ -119,6 +120,7 @@ def train_population(
     metric = "accuracy" if model == "logistic" else "mse"
     input_squared = torch.linalg.vector_norm(features, dim=1).square_()  # ||x_i||^2, once for every step
     history: list[list[dict[str, Any]]] = [[] for _ in members]
+    stat_sums: list[dict[str, list[float]]] = [{} for _ in members]  # key -> [sum, count] of each release statistic
     for epoch, batches in enumerate(
         population_batches(num_examples, batch_size, epochs, sampling_seed, poisson=private), 1
     ):
@@ -134,6 +136,12 @@ def train_population(
             if len(indices):
                 loss_sums += losses.double().cpu() * len(indices)
                 count += len(indices)
+            for k, state in enumerate(population.states):
+                for key, value in state.last_stats.items():
+                    if math.isfinite(value):
+                        total = stat_sums[k].setdefault(key, [0.0, 0.0])
+                        total[0] += value
+                        total[1] += 1
             if on_step is not None:
                 on_step(population)
         scores = {name: evaluate(population, *tensors) for name, tensors in evaluation.items()}
@@ -148,11 +156,17 @@ def train_population(
                 population.states[k].diverged = True
                 summary = {key: (epoch if key == "epoch" else None) for key in summary}
             history[k].append(summary)
-    return [_record(population, k, history[k], metric) for k in range(len(members))]
+    return [
+        _record(population, k, history[k], metric, {key: total / steps for key, (total, steps) in stat_sums[k].items()})
+        for k in range(len(members))
+    ]
 
 
-def _record(population: Population, k: int, history: list[dict[str, Any]], metric: str) -> dict[str, Any]:
-    """Member ``k``'s JSON-ready record."""
+def _record(
+    population: Population, k: int, history: list[dict[str, Any]], metric: str, stats_mean: dict[str, float]
+) -> dict[str, Any]:
+    """Member ``k``'s JSON-ready record; ``stats_mean`` holds the means over its steps of its releases' statistics
+    (diagnostics computed from the raw batches, not private releases; see :mod:`adaclip.research.train`)."""
     member, state = population.members[k], population.states[k]
     spent = population.spent(k)
     last = history[-1] if history and not state.diverged else {}
@@ -174,4 +188,5 @@ def _record(population: Population, k: int, history: list[dict[str, Any]], metri
         f"val_{metric}": last.get(f"val_{metric}"),
         f"test_{metric}": last.get(f"test_{metric}"),
         "per_epoch": history,
+        "step_stats_mean": stats_mean,
     }
