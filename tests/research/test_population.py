@@ -33,6 +33,8 @@ MEMBERS = [
     Member("quantile", lr=0.6, noise_multiplier=SIGMA, method_params={"initial_clip": 0.2}, seed=5),
     Member("adaclip", lr=0.1, noise_multiplier=SIGMA, method_params={"initial_clip": 0.5}, seed=6),
     Member("adaclip", lr=0.05, noise_multiplier=SIGMA, method_params={"estimator": "paper", "h2": 1.0}, seed=7),
+    Member("macadam", lr=0.01, noise_multiplier=SIGMA, seed=8),
+    Member("adambc", lr=0.02, noise_multiplier=SIGMA, method_params={"clip_norm": 0.5}, seed=10),
 ]
 
 

@@ -27,7 +27,9 @@ dampening).  So each member's trajectory is its solo ``make_private`` run's, giv
 noise (tested in float64).  A ``"nonprivate"`` member steps along the mean gradient of the realised batch
 (what the research trainer's plain SGD on the mean loss does).
 
-GeoClip (a subspace norm), per-layer clipping and models other than one linear layer are not offered.
+Every method but GeoClip (a subspace norm) is offered: DP-SGD, AUTO-S, DP-PSAC, quantile clipping, AdaCliP's
+estimators, and DP-MacAdam and DP-AdamBC (which release an Adam step: their members take no momentum).  Per-layer
+clipping and models other than one linear layer are not.
 """
 
 from __future__ import annotations
