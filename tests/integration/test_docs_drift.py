@@ -13,8 +13,9 @@ Every page (``README.md`` and ``docs/**/*.md``; not the changelog, which is hist
   ending in ``.py``, ``.ipynb``, ``.yaml``, ...) must exist; a page's relative links are resolved from the page;
 * modules: a backticked ``adaclip.x.y`` must be a module or a name in one;
 * results: a quoted result (``89.6 ± 0.1``, ``−2.3 [−2.5, −2.0]``) must be in the generated report
-  (``reports/README.md``, ``reports/tables/``, ``reports/probes/``), and every number of the README's
-  results block must be in ``reports/README.md``.
+  (``reports/README.md``, ``reports/tables/``, ``reports/probes/``), and so must a ratio (``2.8×``) or a
+  percentage with decimals (``87.3 %``); every number of the README's results block must be in
+  ``reports/README.md``.
 
 Each check is a function of a page's text, so the tests below also feed it a deliberately stale page and
 require each kind of stale reference to be reported.
@@ -159,6 +160,11 @@ def quoted_results(text: str) -> set[str]:
     return found
 
 
+def quoted_numbers(text: str) -> set[str]:
+    """Ratios (``2.8×``) and percentages with decimals (``89.6 %``): the report's kind of number."""
+    return set(re.findall(r"(?<![\d.])(\d+(?:\.\d+)?)×", text)) | set(re.findall(r"(?<![\d.])(\d+\.\d+) ?%", text))
+
+
 def params_has(path: str) -> bool:
     node = params()
     for part in path.split("."):
@@ -209,6 +215,10 @@ def stale_references(text: str, page: Path) -> list[str]:
     problems += [f"module {m!r} does not exist" for m in sorted(module_references(text)) if not module_exists(m)]
     report = report_text()
     problems += [f"result {r!r} is not in the report" for r in sorted(quoted_results(text)) if r not in report]
+    reported = {n.lstrip("+-") for n in numbers(report)}
+    problems += [
+        f"number {n!r} (a ratio or a percentage) is not in the report" for n in sorted(quoted_numbers(text) - reported)
+    ]
     return problems
 
 
@@ -231,7 +241,7 @@ make_private(..., method="adaclip_v2")
 `adaclip train --method dpsgd`, `dvc exp run -S 'accuracy.seedz=[0,1]'`; `tuning.lrs` sets the grid.
 `make_private(clip_bound=1.0)`; `adaclip train --epoch 3`. See `src/adaclip/privacy/auditing.py`,
 [the table](reports/tables/old.md) and `adaclip.methods.nonexistent`.
-DP-SGD reached 91.2 ± 0.1 % and AdaCliP −9.9 [−9.8, −9.7] points.
+DP-SGD reached 91.2 ± 0.1 % and AdaCliP −9.9 [−9.8, −9.7] points; GeoClip 93.21 % at 31.7× the cost.
 """
 
 
@@ -253,6 +263,8 @@ def test_a_deliberately_stale_page_is_caught():
         "module 'adaclip.methods.nonexistent'",
         "result '91.2 ± 0.1'",
         "result '-9.9 [-9.8, -9.7]'",
+        "number '93.21'",
+        "number '31.7'",
     ]:
         assert expected in problems, f"{expected!r} not reported in:\n{problems}"
     assert "sweep@accuracy" not in problems and "'prepare'" not in problems
