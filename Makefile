@@ -1,15 +1,16 @@
-# One entry point for people and CI. Each target creates .venv with the pinned requirements on first use.
+# One entry point for people and CI. Each target creates .venv from the lock (requirements.txt) on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test docs reproduce reproduce-paper fashion-mnist clean-venv
+.PHONY: setup test docs reproduce reproduce-paper fashion-mnist lock clean-venv
 
+# the README's install lines: every package from the hashed lock, then this package, editable
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements.txt
-	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/pip install --quiet --require-hashes -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -45,6 +46,10 @@ reproduce: $(STAMP) fashion-mnist
 reproduce-paper: $(STAMP) fashion-mnist
 	cp profiles/paper.yaml params.yaml
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# rewrite the lock from pyproject.toml's ranges (the newest versions they allow), then review its diff
+lock:
+	$(PYTHON) .ci/lock.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -23,9 +23,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
+from adaclip.methods import METHODS
 from adaclip.research import CLI_EXTRA
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +80,9 @@ def test_the_wheel_requires_only_the_core_dependencies(wheel: Path):
     assert set(core) == CORE
     opacus = core["opacus"].specifier
     assert "1.6.0" in opacus and "1.6.9" in opacus and "1.7.0" not in opacus, f"opacus needs <1.7, got {opacus}"
-    assert set(fields["Provides-Extra"]) == {"cli", "research", "docs"}
+    assert set(fields["Provides-Extra"]) == {"cli", "research", "docs", "dev"}
+    torch = core["torch"].specifier
+    assert "2.6.0" in torch and "2.5.1" not in torch, f"Opacus 1.6 needs torch>=2.6, got {torch}"
     for requirement in requirements:
         if requirement.marker is not None:
             assert "extra ==" in str(requirement.marker), f"{requirement} is not behind an extra"
@@ -119,6 +124,8 @@ def test_the_extras_bring_what_the_research_modules_import():
     )
     research = {canonicalize_name(Requirement(text).name) for text in extras["research"]}
     assert {canonicalize_name(name) for name in RESEARCH_EXTRA.values()} <= research
+    # the report stage converts the notebooks to HTML; the README tells readers to open them in JupyterLab
+    assert {"nbconvert", "jupyterlab"} <= research
     loaded = third_party_imports(research_files, top_level_only=True)
     assert not loaded & set(RESEARCH_EXTRA), "the pipeline-only packages are imported inside the stage functions"
     library_files = [
@@ -256,3 +263,132 @@ def test_the_library_works_with_only_the_core_dependencies(wheel: Path, tmp_path
     assert message is not None, "adaclip.research imported without its extra"
     assert "\n" not in message and "pip install 'adaclip[cli]'" in message
     assert all(distribution in message for distribution in CLI_EXTRA.values()), message
+
+
+LOCK = ROOT / "requirements.txt"
+
+
+def locked() -> dict[str, tuple[str, list[str]]]:
+    """The lock's pins: canonical name -> (version, hashes)."""
+    pins: dict[str, tuple[str, list[str]]] = {}
+    name = ""
+    for line in LOCK.read_text().splitlines():
+        for token in line.split("#")[0].replace("\\", " ").split():
+            if token.startswith("--hash=sha256:"):
+                pins[name][1].append(token.removeprefix("--hash="))
+            else:
+                assert "==" in token, f"requirements.txt: {token!r} is neither a pin nor a hash"
+                name, _, version = token.partition("==")
+                name = canonicalize_name(name)
+                pins[name] = (version, [])
+    return pins
+
+
+def test_the_lock_pins_every_requirement_of_every_extra_exactly_and_hashed():
+    pins = locked()
+    assert all(hashes for _, hashes in pins.values()), "every package of the lock has a hash"
+    project = PYPROJECT["project"]
+    requirements = [Requirement(text) for text in project["dependencies"]]
+    requirements += [Requirement(t) for extra in project["optional-dependencies"].values() for t in extra]
+    for requirement in requirements:
+        name = canonicalize_name(requirement.name)
+        if name == "adaclip":
+            continue
+        assert name in pins, f"{requirement} is not in requirements.txt"
+        assert requirement.specifier.contains(pins[name][0], prereleases=True), f"{requirement}: lock has {pins[name]}"
+    assert pins["torch"][0] in ("2.13.0", "2.13.0+cpu"), "torch is pinned to 2.13.0"
+
+
+def test_the_lock_is_complete_every_locked_package_finds_its_requirements_in_it():
+    pins = locked()
+    checked = 0
+    for name, (version, _) in pins.items():
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if installed != version:
+            continue  # this environment is not the locked one for this package: nothing to read
+        checked += 1
+        for text in metadata.requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                assert canonicalize_name(requirement.name) in pins, f"{name} needs {requirement}, not in the lock"
+    assert checked >= len(pins) // 2, "the test environment is not the locked one"
+
+
+def test_make_environment_and_ci_install_from_the_hashed_lock():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "pip install --quiet --require-hashes -r requirements.txt" in makefile
+    assert "--require-hashes" in (ROOT / "environment.yml").read_text()
+    assert "-r requirements.txt" in (ROOT / "environment.yml").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, re.M), "CI runs the README's test command"
+    for block in ("install", "wheel", "quickstart"):
+        assert f".ci/readme.py {block}" in ci
+
+
+def readme_block(name: str) -> str:
+    match = re.search(rf"<!-- ci: {name} -->\n```[a-z]*\n(.*?)\n```", README, re.S)
+    assert match, f"README.md has no block marked <!-- ci: {name} -->"
+    return match.group(1)
+
+
+README = (ROOT / "README.md").read_text()
+
+
+def test_the_readme_is_a_door():
+    assert len(README) <= 8000, f"README.md has {len(README)} characters"
+    install = readme_block("install")
+    assert "pip install --require-hashes -r requirements.txt" in install and "-e ." in install
+    assert "pip install adaclip" not in README, "adaclip is on no package index"
+    wheel = readme_block("wheel")
+    assert "pip wheel" in wheel and "[research]" in wheel
+    # each of the two commands with its measured time and hardware on its own line
+    for command in ("make test", "make reproduce"):
+        (line,) = [line for line in README.splitlines() if line.startswith(command + " ")]
+        assert re.search(r"\d+(\.\d+)? (s|min) on \d+ CPU cores", line), line
+    assert readme_block("quickstart").count("PrivacyEngine") >= 2
+
+
+def test_the_readme_quickstart_runs_as_written(capsys: pytest.CaptureFixture[str]):
+    # in this process (CI runs it again, against the installed wheel, in a fresh interpreter)
+    exec(compile(readme_block("quickstart"), "README.md (quickstart)", "exec"), {"__name__": "__main__"})
+    epsilon = float(re.fullmatch(r"epsilon = (\S+)", capsys.readouterr().out.strip()).group(1))
+    assert 0 < epsilon <= 3.0
+
+
+def test_the_version_the_changelog_and_the_citation_agree():
+    version = version_in_source()
+    headings = re.findall(r"^## \[([^\]]+)\]", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    released = [Version(h) for h in headings if h != "Unreleased"]
+    if Version(version).is_devrelease:
+        assert headings[0] == "Unreleased", "a development version has its changes under [Unreleased]"
+        assert Version(version).release > max(released).release, f"{version} comes after {max(released)}"
+    else:
+        assert headings[0] == version, f"the newest CHANGELOG section is [{headings[0]}], the version {version}"
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["version"] == version
+    assert citation["authors"] and citation["date-released"]
+    assert [a["name"] for a in PYPROJECT["project"]["authors"]] == [a["name"] for a in citation["authors"]]
+
+
+def test_the_citation_and_the_metadata_name_every_method():
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    abstract = " ".join(citation["abstract"].split())
+    description = PYPROJECT["project"]["description"]
+    for method in METHODS.values():
+        label = method.label.split(" (")[0]
+        assert label.lower() in abstract.lower(), f"CITATION.cff's abstract omits {label}"
+    references = " ".join(r["title"] for r in citation["references"])
+    for title_word in (
+        "AdaCliP",
+        "adaptive clipping",
+        "Automatic clipping",
+        "GeoClip",
+        "per-sample",
+        "MacAdam",
+        "AdamBC",
+    ):
+        assert title_word.lower() in references.lower(), f"CITATION.cff cites no paper for {title_word}"
+    assert "AdaCliP" in description and "DP-AdamBC" in description
