@@ -225,3 +225,10 @@ def is_mapping_of(check: Callable[[object], bool]) -> Callable[[object], bool]:
 def is_mapping(value: object) -> bool:
     """A mapping."""
     return isinstance(value, Mapping)
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition``: for the settings that only make sense together (the
+    message names them, what they accept and what they are)."""
+    if not condition:
+        raise ValueError(message)

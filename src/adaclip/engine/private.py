@@ -201,14 +201,7 @@ def make_private(
         module, rule, per_example=per_example, loss_reduction=loss_reduction, batch_first=opacus.batch_first
     )
 
-    device = next(module.parameters()).device
-    rank, world_size = (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
-    if distributed:
-        dist_utils.broadcast_module(module)
-        seed = dist_utils.shared_seed(seed, device)
-    sampling_seed, noise_seed = _seeds(seed, rank, world_size)
-    sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
-    noise_generator = None if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
+    rank, world_size, sampling_generator, noise_generator = _generators(module, seed, distributed)
     private_loader = prepare_loader(
         data_loader, sample_rate, sampling_generator, rank=rank, world_size=world_size, batch_first=opacus.batch_first
     )
@@ -233,6 +226,22 @@ def make_private(
     return module, private_optimizer, private_loader
 
 
+def _generators(
+    module: nn.Module, seed: int | None, distributed: bool
+) -> tuple[int, int, torch.Generator | None, torch.Generator | None]:
+    """This rank, the number of ranks, and the sampling and noise generators seeded from ``seed`` (``None``: torch's
+    global generator).  Under ``distributed`` rank 0's module and seed are copied to every rank first."""
+    device = next(module.parameters()).device
+    rank, world_size = (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
+    if distributed:
+        dist_utils.broadcast_module(module)
+        seed = dist_utils.shared_seed(seed, device)
+    sampling_seed, noise_seed = _seeds(seed, rank, world_size)
+    sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
+    noise_generator = None if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
+    return rank, world_size, sampling_generator, noise_generator
+
+
 def _check_arguments(
     *,
     module: object,
@@ -242,7 +251,7 @@ def _check_arguments(
     method_params: dict[str, object],
     delta: float | None,
     accountant: object,
-    per_example: object,
+    per_example: PerExample,
     loss_reduction: object,
     nonfinite: object,
     distributed: bool,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from adaclip._validate import require_one_of
 from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter, AdaClipState, QuantileScaleState
 from adaclip.methods.adambc import AdamBC, AdamBCAdapter, AdamState
 from adaclip.methods.auto import AutoClip, AutoClipAdapter
@@ -80,9 +81,7 @@ _SET_BY_ENGINE = frozenset({"noise_multiplier", "expected_batch_size"})
 
 def method(name: str) -> Method:
     """The registry entry of ``name``, or a ``ValueError`` listing the methods."""
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {name!r}")
-    return METHODS[name]
+    return METHODS[require_one_of("method", name, METHODS)]
 
 
 def method_parameters(name: str) -> list[str]:

@@ -48,6 +48,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from adaclip._validate import require_one_of, require_path
+
 Task = Literal["classification", "regression"]
 IDX_PARTS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 DATASETS = ("fashion-mnist", "mnist", "fashion-mnist-scatternet", "breast-cancer", "diabetes", "synthetic")
@@ -176,8 +178,7 @@ def _candidate_dirs(name: str) -> list[Path]:
 
 def _check_data_dir(name: str, data_dir: str | os.PathLike[str]) -> Path:
     """The folder the user named, if it holds all four files of ``name``; otherwise a one-line error."""
-    if not isinstance(data_dir, (str, os.PathLike)) or str(data_dir) == "":
-        raise ValueError(f"data_dir must be a folder path (a string), got {data_dir!r}")
+    require_path("data_dir", data_dir)
     directory = Path(data_dir)
     if not directory.is_dir():
         raise DataNotFoundError(
@@ -380,6 +381,13 @@ def synthetic_logistic(n: int, dim: int, feature_spread: float, seed: int) -> tu
     return x, labels
 
 
+def check_data_dir_applies(name: str, data_dir: object) -> None:
+    """A ``data_dir`` is a path, and only for the datasets read from files (:data:`FILE_DATASETS`)."""
+    require_path("data_dir", data_dir)
+    if name not in FILE_DATASETS:
+        raise ValueError(f"data_dir is for the datasets read from files {list(FILE_DATASETS)}; {name!r} needs no files")
+
+
 def load_dataset(
     name: str,
     *,
@@ -398,8 +406,8 @@ def load_dataset(
     ``data_dir`` is for the datasets read from files (:data:`FILE_DATASETS`); for any other it is
     refused rather than ignored.
     """
-    if data_dir is not None and name not in FILE_DATASETS:
-        raise ValueError(f"data_dir is for the datasets read from files {list(FILE_DATASETS)}; {name!r} needs no files")
+    if data_dir is not None:
+        check_data_dir_applies(name, data_dir)
     if name == "fashion-mnist-scatternet":
         return load_scatternet(seed=seed, train_size=train_size, data_dir=data_dir)
     if name in IDX_SOURCES:
@@ -421,7 +429,8 @@ def load_dataset(
             synthetic_size, synthetic_dim, feature_spread, SPLIT_SEED
         )  # the same data for every seed
         return _tabular_splits(name, "classification", x, y, seed, train_size)
-    raise ValueError(f"dataset must be one of {DATASETS}, got {name!r}")
+    require_one_of("dataset", name, DATASETS)
+    raise AssertionError(f"DATASETS lists {name!r} but load_dataset has no branch for it")
 
 
 def prepare(
