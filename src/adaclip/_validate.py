@@ -3,7 +3,10 @@
 Each ``require_*`` function returns the checked value (converted to a plain Python type) or raises
 ``ValueError`` with a one-line message that names the parameter, what it accepts and what it got.
 Booleans are never accepted as numbers (``True`` is an ``int`` in Python); NumPy scalars are (they
-register as ``numbers.Real`` / ``numbers.Integral``).
+register as ``numbers.Real`` / ``numbers.Integral``).  The ``is_*`` predicates state the same rules as
+yes-or-no answers, for the files whose errors name dotted keys (``params.yaml``, ``defaults.yaml``);
+:func:`require` raises a message for settings that only make sense together.  A test keeps hand-written
+argument checks out of every other module.
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ computed from the raw training batches without noise: diagnostics for the resear
 releases (the quantile rule's noisy ``unclipped_estimate`` and AdaCliP's scales are derived from
 released values and are the exceptions).
 
-Nothing silent: every config value is checked (types included) before data is loaded, and the
-output destinations before any training; with a given sigma, epsilon for the planned steps is
-computed before training (a sigma the accountants cannot handle fails first; see
-:mod:`adaclip.privacy.accounting` for the bounded accountants and their RDP fallback, which the record
+Nothing silent: every config value is checked (types included) when the :class:`TrainConfig` is built
+(:mod:`adaclip.research.config`), so before data is loaded, and the output destinations before any
+training; with a given sigma, epsilon for the planned steps is computed before training (a sigma the
+accountants cannot handle fails first; see :mod:`adaclip.privacy.accounting` for the bounded accountants
+and their RDP fallback, which the record
 names in ``epsilon_accountant`` and ``accounting_fallback``).  A non-finite training loss or metric
 means the run diverged: by default a :class:`TrainingDiverged` error; with ``on_divergence="record"``
 (for sweeps, whose learning-rate search must go on) the run stops there and its record says
