@@ -90,6 +90,7 @@ def test_the_wheel_has_one_version_the_license_the_types_and_the_console_script(
     assert wheel.name.startswith(f"adaclip-{version_in_source()}-")
     assert fields["License-Expression"] == ["Apache-2.0"]
     assert "adaclip/py.typed" in names
+    assert "adaclip/research/defaults.yaml" in names  # the trainer reads its defaults from it
     (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
     with zipfile.ZipFile(wheel) as archive:
         assert "Apache License" in archive.read(license_file).decode()

@@ -119,6 +119,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """A config from a mapping of its keys (a YAML file, a sweep's cell); an unknown key is named."""
         if not isinstance(values, dict):
             raise ValueError(f"a config must be a mapping of TrainConfig keys, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -131,6 +132,7 @@ class TrainConfig:
 
 
 def _optional(check: Any, name: str, value: Any, *args: Any, **kwargs: Any) -> Any:
+    """``None`` (the dataset's default, or not set) or what ``check`` accepts."""
     return None if value is None else check(name, value, *args, **kwargs)
 
 
