@@ -37,7 +37,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from adaclip import make_private
 from adaclip.engine.sampling import gather_rows
-from adaclip.research.data import Splits, load_dataset
+from adaclip.research.data import Splits
+from adaclip.research.datasets import load_dataset
 from adaclip.research.models import build_model
 from adaclip.research.population import Member, Population, Privacy
 from adaclip.research.population_training import evaluate, population_batches

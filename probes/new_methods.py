@@ -161,7 +161,7 @@ def main() -> None:
         any_point = best["fixed"]
         setting = (
             ", ".join(f"{k} = {v}" for k, v in SETTINGS[dataset]["config"].items())
-            or "the dataset's defaults (train.DATASET_DEFAULTS)"
+            or "the dataset's defaults (adaclip/research/defaults.yaml)"
         )
         sections.append(
             f"## {dataset} (test {metric}, {'higher' if metric == 'accuracy' else 'lower'} is better)\n\n"

@@ -39,7 +39,7 @@ CLI_ROWS = [
     ("zero noise multiplier", ["--noise-multiplier", "0"], "noise_multiplier must be"),
     ("epsilon and sigma", ["--epsilon", "3", "--noise-multiplier", "1"], "exactly one of epsilon"),
     ("delta of one", ["--delta", "1"], "delta must lie in (0, 1)"),
-    ("negative delta", ["--delta=-1e-5"], "delta must be"),
+    ("negative delta", ["--delta=-1e-5"], "delta must lie in (0, 1), got -1e-05"),
     ("delta above 1/N", ["--delta", "0.01"], "delta=0.01 must be below 1/N"),
     ("nonprivate with epsilon", ["--method", "nonprivate", "--epsilon", "-5"], "--epsilon has no effect"),
     ("nonprivate with delta", ["--method", "nonprivate", "--delta", "1e-5"], "--delta has no effect"),

@@ -1,12 +1,19 @@
 """In-memory Poisson sampling: the distribution of batches, determinism, and the loader make_private picks."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from adaclip.engine import make_private
-from adaclip.engine.sampling import PoissonDataLoader, TensorPoissonLoader, gather_rows, poisson_epoch
+from adaclip.engine.sampling import (
+    PoissonBatchSampler,
+    PoissonDataLoader,
+    TensorPoissonLoader,
+    gather_rows,
+    poisson_epoch,
+)
 
 N, Q, STEPS = 200, 0.1, 3000
 
@@ -68,11 +75,24 @@ def test_seeded_and_rate_one_edge_case():
         (dict(num_examples=10, sample_rate=0.0, steps=1), "sample_rate"),
         (dict(num_examples=10, sample_rate=1.5, steps=1), "sample_rate"),
         (dict(num_examples=10, sample_rate=0.1, steps=0), "steps"),
+        (dict(num_examples=10, sample_rate=True, steps=1), "sample_rate"),
+        (dict(num_examples=True, sample_rate=0.1, steps=1), "num_examples"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         poisson_epoch(**kwargs)
+
+
+def test_numpy_scalars_are_numbers_like_everywhere_else():
+    """``_validate``'s rule: NumPy scalars are numbers (a rate of ``B / N`` computed in NumPy is a ``float32``)."""
+    expected = poisson_epoch(50, 0.25, 4, torch.Generator().manual_seed(3))
+    got = poisson_epoch(np.int64(50), np.float32(0.25), np.int32(4), torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+    sampler = PoissonBatchSampler(np.int64(50), np.float32(0.25), rank=np.int64(1), world_size=2)
+    assert sampler.sample_rate == 0.25 and type(sampler.num_examples) is int and len(sampler) == 4
+    with pytest.raises(ValueError, match="rank must be below world_size=2"):
+        PoissonBatchSampler(50, 0.25, rank=2, world_size=2)
 
 
 class NoItemAccess(TensorDataset):

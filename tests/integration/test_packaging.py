@@ -96,6 +96,7 @@ def test_the_wheel_has_one_version_the_license_the_types_and_the_console_script(
     assert fields["License-Expression"] == ["Apache-2.0"]
     assert "adaclip/py.typed" in names
     assert "adaclip/research/anchors.yaml" in names  # package data: the published anchors the report reads
+    assert "adaclip/research/defaults.yaml" in names  # the trainer reads its defaults from it
     (license_file,) = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
     with zipfile.ZipFile(wheel) as archive:
         assert "Apache License" in archive.read(license_file).decode()

@@ -1,6 +1,7 @@
 """Accounting against closed forms, published test vectors and an independent accountant."""
 
 import math
+import typing
 
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 from adaclip.privacy.accounting import (
+    ACCOUNTANTS,
+    BACKENDS,
+    Accountant,
     AccountingFallbackWarning,
     account,
     epsilon,
@@ -183,3 +187,9 @@ def test_numpy_scalars_are_numbers():
     assert value == pytest.approx(
         epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=float(np.float32(1e-5)))
     )
+
+
+def test_the_accountants_are_named_once_in_the_table_of_backends():
+    assert typing.get_args(Accountant) == tuple(BACKENDS) == ACCOUNTANTS == ("prv", "pld", "rdp")
+    assert all(backend.grid is not None or name == "rdp" for name, backend in BACKENDS.items())
+    assert all(BACKENDS[name].calibrate_from in (None, *BACKENDS) for name in BACKENDS)

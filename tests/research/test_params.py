@@ -98,7 +98,7 @@ BAD_EDITS = [
     (
         "delta = 1/N",
         lambda p: p["setting"].update(delta=1 / 455),
-        r"^setting.delta=.* below 1/N .*breast-cancer \(N = 455",
+        r"^setting.delta=.* below 1/N .*N=455 .*breast-cancer",
     ),
     ("task method not in setting", lambda p: p["setting"].update(methods=["fixed"]), r"breast-cancer.methods \["),
     ("missing lr centre", lambda p: _task(p)["lr"].pop("auto"), r"setting.tasks.breast-cancer.lr needs .* 'auto'"),

@@ -1,5 +1,6 @@
-"""Models, the one-run trainer and the command line."""
+"""Models, the one-run trainer, its config and defaults, and the command line."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -8,13 +9,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from opacus.validators import ModuleValidator
 
 from adaclip.methods import METHODS
 from adaclip.privacy.accounting import epsilon
 from adaclip.research.cli import main, parser
+from adaclip.research.config import resolve
+from adaclip.research.defaults import load_defaults
 from adaclip.research.models import MODELS, build_model
 from adaclip.research.train import TrainConfig, TrainingDiverged, run
 
@@ -428,3 +433,75 @@ def test_records_follow_the_umask_and_stale_temporaries_are_cleaned(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o640
     assert not stale.exists() and live.exists()
+
+
+def test_a_config_is_frozen_keyword_only_and_checks_itself_when_built():
+    config = TrainConfig(dataset="synthetic", epsilon=np.float32(2.0), seed=np.int64(3), momentum=0)
+    assert (config.epsilon, config.seed, config.momentum) == (2.0, 3, 0.0)
+    assert type(config.epsilon) is float and type(config.seed) is int and type(config.momentum) is float
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 3
+    with pytest.raises(TypeError):
+        TrainConfig("synthetic")
+    for bad, match in (
+        ({"seed": True}, "seed must be an int >= 0, got True"),
+        ({"momentum": 1.0}, r"momentum must lie in \[0.0, 1.0\)"),
+        ({"device": "tpu"}, "device must be 'cpu', 'cuda' or 'cuda:i'"),
+        ({"progress": 1}, "progress must be true or false"),
+        ({"data_dir": "x"}, "data_dir is for the datasets read from files"),
+        ({"feature_spread": 0.5}, r"feature_spread is the spread of feature scales of \['synthetic'\], a number >= 1"),
+        ({"epsilon": None}, "exactly one"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(dataset="synthetic", **bad)
+
+
+def test_resolve_fills_the_shipped_defaults_into_a_new_config():
+    shipped = yaml.safe_load((Path(SRC) / "adaclip" / "research" / "defaults.yaml").read_text())
+    config = TrainConfig(dataset="fashion-mnist", method="quantile")
+    resolved = resolve(config)
+    image = shipped["fashion-mnist"]
+    assert (resolved.model, resolved.epochs, resolved.batch_size) == (image["model"], image["epochs"], 256)
+    assert resolved.lr == image["method_lr"]["quantile"] and config.lr is None  # the given config is unchanged
+    assert resolve(TrainConfig(dataset="diabetes", method="psac")).lr == shipped["diabetes"]["lr"]
+    baseline = resolve(TrainConfig(dataset="diabetes", method="nonprivate", delta=1e-6))
+    assert baseline.lr == shipped["diabetes"]["nonprivate_lr"] and baseline.delta is None and baseline.epsilon is None
+    with pytest.raises(ValueError, match="kappa"):  # the rule's hyperparameters, once the batch size is known
+        resolve(TrainConfig(dataset="diabetes", method="adaclip", method_params={"kappa": -1}))
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: d.clear(), "must map dataset names to their defaults"),
+        (lambda d: d["diabetes"].update(lr=0), r"defaults.yaml: diabetes.lr must be a number > 0 .*, got 0$"),
+        (lambda d: d["synthetic"].update(model="resnet"), r"synthetic.model must be one of"),
+        (lambda d: d["synthetic"]["method_lr"].update(dpsgd=0.1), r"unknown method\(s\) \['dpsgd'\]"),
+        (lambda d: d["synthetic"].pop("epochs"), r"synthetic must have exactly the keys \['batch_size', 'epochs'"),
+    ],
+)
+def test_a_bad_defaults_file_is_refused_naming_the_key(edit, match):
+    path = Path(SRC) / "adaclip" / "research" / "defaults.yaml"
+    values = yaml.safe_load(path.read_text())
+    assert load_defaults(yaml.safe_dump(values), "defaults.yaml")["mnist"].lr == values["mnist"]["lr"]
+    values = {name: {**entry, "method_lr": dict(entry["method_lr"])} for name, entry in values.items()}
+    edit(values)
+    with pytest.raises(ValueError, match=match):
+        load_defaults(yaml.safe_dump(values), "defaults.yaml")
+
+
+def test_the_train_options_are_the_config_fields_with_their_defaults():
+    train = parser()._subparsers._group_actions[0].choices["train"]
+    options = {action.dest: action for action in train._actions}
+    for item in dataclasses.fields(TrainConfig):
+        action = options["param" if item.name == "method_params" else item.name]
+        assert action.default is None  # left out: the --config file's value, else the field's default
+        if item.default not in (None, dataclasses.MISSING) and not isinstance(item.default, bool):
+            assert f"(default {item.default})" in action.help
+    args = train.parse_args(["--no-progress", "--diagnostics", "--noise-multiplier", "2", "--param", "clip_norm=3"])
+    assert (args.progress, args.diagnostics, args.noise_multiplier, args.param) == (
+        False,
+        True,
+        2.0,
+        [("clip_norm", 3)],
+    )

@@ -31,6 +31,8 @@ from numpy.typing import ArrayLike
 from scipy.optimize import brentq
 from scipy.stats import beta, norm
 
+from adaclip._validate import require_open_unit
+
 
 def clopper_pearson_upper(successes: int | np.ndarray, trials: int, confidence: float) -> np.ndarray:
     """One-sided Clopper–Pearson upper bound on a binomial rate (Clopper & Pearson 1934).
@@ -105,8 +107,8 @@ def epsilon_lower_bound(
     null, canary = np.asarray(null_scores, dtype=float), np.asarray(canary_scores, dtype=float)
     if min(len(null), len(canary)) < 4:
         raise ValueError(f"need at least 4 trials per world to split them, got {len(null)} and {len(canary)}")
-    if not 0 < delta < 1 or not 0 < confidence < 1:
-        raise ValueError(f"delta and confidence must lie in (0, 1), got delta={delta}, confidence={confidence}")
+    require_open_unit("delta", delta)
+    require_open_unit("confidence", confidence)
     null_pick, null_eval = np.sort(null[: len(null) // 2]), np.sort(null[len(null) // 2 :])
     canary_pick, canary_eval = np.sort(canary[: len(canary) // 2]), np.sort(canary[len(canary) // 2 :])
     thresholds = np.unique(np.concatenate([null_pick, canary_pick]))
@@ -203,8 +205,8 @@ def gaussian_epsilon_lower_bound(
     ``mu_low = d - z_confidence * se(d)`` for Cohen's ``d`` and its large-sample standard error
     (:func:`standardised_mean_shift`), a one-sided limit: ``P(mu_low <= mu) >= confidence``.
     """
-    if not 0 < delta < 1 or not 0 < confidence < 1:
-        raise ValueError(f"delta and confidence must lie in (0, 1), got delta={delta}, confidence={confidence}")
+    require_open_unit("delta", delta)
+    require_open_unit("confidence", confidence)
     null, canary = np.asarray(null_scores, dtype=float), np.asarray(canary_scores, dtype=float)
     shift = standardised_mean_shift(null, canary, confidence=confidence)
     d, n0, n1 = shift.estimate, len(null), len(canary)

@@ -34,7 +34,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from adaclip._validate import require_bool, require_open_unit, require_positive
+from adaclip._validate import require_bool, require_one_of, require_open_unit, require_positive
 from adaclip.engine.optimizer import PerExample
 from adaclip.methods import clip_bound_names, method_parameters
 from adaclip.methods import method as method_entry
@@ -126,8 +126,7 @@ def translate(
         require_opacus_default(name, opacus[name])
     _check_clip_bound_names(method, params)
     clipping = opacus.get("clipping", "flat")
-    if clipping not in _CLIPPING:
-        raise ValueError(f"clipping must be one of {list(_CLIPPING)}, got {clipping!r}")
+    require_one_of("clipping", clipping, _CLIPPING)
     if _CLIPPING[str(clipping)]:
         raise ValueError(f"clipping={clipping!r}: {_CLIPPING[str(clipping)]}")
     if clipping == "per_layer":

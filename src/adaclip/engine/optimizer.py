@@ -46,7 +46,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from adaclip._validate import require_positive
+from adaclip._validate import require_one_of, require_positive
 from adaclip.engine.bookkeeping import layer_capture
 from adaclip.engine.distributed import (
     all_reduce_clipped_sum,
@@ -83,6 +83,19 @@ PerExample = Literal["fast", "materialise"]
 PER_EXAMPLE_PATHS: tuple[PerExample, ...] = ("fast", "materialise")
 NonFinite = Literal["drop", "raise"]
 NONFINITE_POLICIES: tuple[NonFinite, ...] = ("drop", "raise")
+
+
+def check_step_options(*, per_example: object, nonfinite: object, distributed: object, check_replicas: object) -> None:
+    """The options :class:`AdaptiveClipDPOptimizer` and :func:`~adaclip.engine.private.make_private` share."""
+    require_one_of("per_example", per_example, PER_EXAMPLE_PATHS)
+    require_one_of("nonfinite", nonfinite, NONFINITE_POLICIES)
+    if distributed and not is_initialized():
+        raise ValueError(
+            "distributed=True needs an initialised torch.distributed process group: launch with torchrun and call "
+            "torch.distributed.init_process_group (or adaclip.engine.distributed.init_from_environment) first"
+        )
+    if check_replicas and not distributed:
+        raise ValueError("check_replicas=True compares ranks and needs distributed=True")
 
 
 class AdaptiveClipDPOptimizer(DPOptimizer):
@@ -143,21 +156,14 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         nonfinite: NonFinite = "drop",
         draw_noise_ahead: bool = True,
     ) -> None:
-        if per_example not in PER_EXAMPLE_PATHS:
-            raise ValueError(f"per_example must be one of {PER_EXAMPLE_PATHS}, got {per_example!r}")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        check_step_options(
+            per_example=per_example, nonfinite=nonfinite, distributed=distributed, check_replicas=check_replicas
+        )
         if distributed and generator is None:
             raise ValueError(
                 "distributed=True needs a noise generator seeded identically on every rank (generator=...), so that "
                 "the noise enters the global sum once; make_private(..., distributed=True) sets one up"
             )
-        if distributed and not is_initialized():
-            raise ValueError(
-                "distributed=True needs an initialised torch.distributed process group (torchrun + init_process_group)"
-            )
-        if check_replicas and not distributed:
-            raise ValueError("check_replicas=True compares ranks and needs distributed=True")
         super().__init__(
             optimizer,
             noise_multiplier=rule.noise_multiplier,

@@ -35,6 +35,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from adaclip._validate import require_one_of
 from adaclip.engine.checkpoint import build_checkpoint, restore_checkpoint
 from adaclip.engine.opacus_arguments import require_opacus_default
 from adaclip.engine.optimizer import AdaptiveClipDPOptimizer
@@ -174,9 +175,7 @@ class PrivacyEngine:
                 "accountant='gdp' is not offered: Opacus's GDP accountant (a central-limit approximation) "
                 "underestimates epsilon under Poisson subsampling; use 'prv' (default), 'rdp' or 'pld'"
             )
-        mechanism = _MECHANISMS.get(accountant)
-        if mechanism is None:
-            raise ValueError(f"accountant must be one of {list(_MECHANISMS)}, got {accountant!r}")
+        mechanism = _MECHANISMS[require_one_of("accountant", accountant, _MECHANISMS)]
         require_opacus_default("secure_mode", secure_mode)
         for name in ("method", "accountant", "module", "optimizer", "data_loader"):
             if name in options:

@@ -14,17 +14,22 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
-from adaclip._validate import require_int, require_one_of, require_open_unit, require_positive
+from adaclip._validate import (
+    require_at_most,
+    require_delta_below_inverse_n,
+    require_int,
+    require_one_of,
+    require_open_unit,
+)
 from adaclip.engine import distributed as dist_utils
 from adaclip.engine.bookkeeping import BookkeepingGradSampleModule, LayoutGradSampleModule, name_parameters
 from adaclip.engine.ddp import resolve_data_parallel
-from adaclip.engine.opacus_arguments import translate
+from adaclip.engine.opacus_arguments import Translated, translate
 from adaclip.engine.optimizer import (
-    NONFINITE_POLICIES,
-    PER_EXAMPLE_PATHS,
     AdaptiveClipDPOptimizer,
     NonFinite,
     PerExample,
+    check_step_options,
 )
 from adaclip.engine.sampling import PoissonDataLoader, TensorPoissonLoader
 from adaclip.methods import METHODS, ClipRule, PerLayerClip, build_rule, check_method, supports_norm_path
@@ -164,56 +169,21 @@ def make_private(
     the default; the sensitivity and the accounting are unchanged, see :mod:`adaclip.methods.base`), or
     stops training with :class:`~adaclip.methods.base.NonFiniteGradientError` (``"raise"``).
     """
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(
-            f"optimizer must be a torch.optim.Optimizer over module.parameters() (e.g. torch.optim.SGD), "
-            f"got {type(optimizer).__name__}"
-        )
-    if not isinstance(data_loader, DataLoader) or data_loader.batch_size is None:
-        raise ValueError(
-            "data_loader must be a torch DataLoader with an integer batch_size (the expected batch size B)"
-        )
-    module, distributed = resolve_data_parallel(module, data_loader, distributed)
-    opacus = translate(method, method_params, delta=delta, per_example=per_example)
+    opacus, expected_batch_size, dataset_size, module, distributed = _check_arguments(
+        module=module,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        method=method,
+        method_params=method_params,
+        delta=delta,
+        accountant=accountant,
+        per_example=per_example,
+        loss_reduction=loss_reduction,
+        nonfinite=nonfinite,
+        distributed=distributed,
+        check_replicas=check_replicas,
+    )
     method_params, delta, per_example = opacus.method_params, opacus.delta, opacus.per_example
-    check_method(method, method_params)
-    module_params = {id(p) for p in module.parameters()}
-    if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
-        raise ValueError(
-            "optimizer holds parameters that are not the module's: build the optimizer over module.parameters()"
-        )
-    _check_step_optimizer(method, optimizer)
-    require_one_of("accountant", accountant, ACCOUNTANTS)
-    require_one_of("per_example", per_example, PER_EXAMPLE_PATHS)
-    require_one_of("loss_reduction", loss_reduction, ("mean", "sum"))
-    require_one_of("nonfinite", nonfinite, NONFINITE_POLICIES)
-    if distributed and not dist_utils.is_initialized():
-        raise ValueError(
-            "distributed=True needs an initialised torch.distributed process group: launch with torchrun and call "
-            "torch.distributed.init_process_group (or adaclip.engine.distributed.init_from_environment) first"
-        )
-    if check_replicas and not distributed:
-        raise ValueError("check_replicas=True compares ranks and needs distributed=True")
-    if not isinstance(data_loader.dataset, Sized):
-        raise ValueError(
-            "data_loader.dataset must have a length (a map-style Dataset): Poisson sampling draws from all N examples"
-        )
-    dataset_size = len(data_loader.dataset)
-    expected_batch_size = data_loader.batch_size
-    if expected_batch_size > dataset_size:
-        raise ValueError(
-            f"data_loader.batch_size={expected_batch_size} exceeds the dataset size {dataset_size}; "
-            "lower the batch size"
-        )
-    if delta is not None:
-        require_open_unit("delta", delta, " (use < 1/N for N examples)")
-    if delta is not None and delta >= 1 / dataset_size:
-        raise ValueError(
-            f"delta={delta} must be below 1/N = {1 / dataset_size:.3g} for N={dataset_size} examples "
-            "(1e-5 or N^-1.1 are usual)"
-        )
     sample_rate = expected_batch_size / dataset_size
     noise_multiplier = calibrate_noise(
         noise_multiplier=noise_multiplier,
@@ -232,14 +202,7 @@ def make_private(
         module, rule, per_example=per_example, loss_reduction=loss_reduction, batch_first=opacus.batch_first
     )
 
-    device = next(module.parameters()).device
-    rank, world_size = (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
-    if distributed:
-        dist_utils.broadcast_module(module)
-        seed = dist_utils.shared_seed(seed, device)
-    sampling_seed, noise_seed = _seeds(seed, rank, world_size)
-    sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
-    noise_generator = None if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
+    rank, world_size, sampling_generator, noise_generator = _generators(module, seed, distributed)
     private_loader = prepare_loader(
         data_loader, sample_rate, sampling_generator, rank=rank, world_size=world_size, batch_first=opacus.batch_first
     )
@@ -262,6 +225,82 @@ def make_private(
     if private_loader.num_workers == 0:
         private_loader.poisson_sampler.before_batch = private_optimizer.begin_logical_batch
     return module, private_optimizer, private_loader
+
+
+def _generators(
+    module: nn.Module, seed: int | None, distributed: bool
+) -> tuple[int, int, torch.Generator | None, torch.Generator | None]:
+    """This rank, the number of ranks, and the sampling and noise generators seeded from ``seed`` (``None``: torch's
+    global generator).  Under ``distributed`` rank 0's module and seed are copied to every rank first."""
+    device = next(module.parameters()).device
+    rank, world_size = (dist_utils.rank(), dist_utils.world_size()) if distributed else (0, 1)
+    if distributed:
+        dist_utils.broadcast_module(module)
+        seed = dist_utils.shared_seed(seed, device)
+    sampling_seed, noise_seed = _seeds(seed, rank, world_size)
+    sampling_generator = None if sampling_seed is None else torch.Generator().manual_seed(sampling_seed)
+    noise_generator = None if noise_seed is None else torch.Generator(device=device).manual_seed(noise_seed)
+    return rank, world_size, sampling_generator, noise_generator
+
+
+def _check_arguments(
+    *,
+    module: object,
+    optimizer: object,
+    data_loader: object,
+    method: str,
+    method_params: dict[str, object],
+    delta: float | None,
+    accountant: object,
+    per_example: PerExample,
+    loss_reduction: object,
+    nonfinite: object,
+    distributed: bool,
+    check_replicas: bool,
+) -> tuple[Translated, int, int, nn.Module, bool]:
+    """Every argument of :func:`make_private`, checked before anything is built: Opacus's names translated, the
+    expected batch size ``B``, the dataset size ``N``, and the module to make private with whether to run in
+    data-parallel mode (a DDP- or DPDDP-wrapped model is unwrapped and runs distributed,
+    :func:`~adaclip.engine.ddp.resolve_data_parallel`)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer over module.parameters() (e.g. torch.optim.SGD), "
+            f"got {type(optimizer).__name__}"
+        )
+    if not isinstance(data_loader, DataLoader) or data_loader.batch_size is None:
+        raise ValueError(
+            "data_loader must be a torch DataLoader with an integer batch_size (the expected batch size B)"
+        )
+    module, distributed = resolve_data_parallel(module, data_loader, distributed)
+    opacus = translate(method, method_params, delta=delta, per_example=per_example)
+    check_method(method, opacus.method_params)
+    module_params = {id(p) for p in module.parameters()}
+    if any(id(p) not in module_params for group in optimizer.param_groups for p in group["params"]):
+        raise ValueError(
+            "optimizer holds parameters that are not the module's: build the optimizer over module.parameters()"
+        )
+    _check_step_optimizer(method, optimizer)
+    require_one_of("accountant", accountant, ACCOUNTANTS)
+    require_one_of("loss_reduction", loss_reduction, ("mean", "sum"))
+    check_step_options(
+        per_example=opacus.per_example, nonfinite=nonfinite, distributed=distributed, check_replicas=check_replicas
+    )
+    if not isinstance(data_loader.dataset, Sized):
+        raise ValueError(
+            "data_loader.dataset must have a length (a map-style Dataset): Poisson sampling draws from all N examples"
+        )
+    dataset_size = len(data_loader.dataset)
+    if data_loader.batch_size > dataset_size:
+        raise ValueError(
+            f"data_loader.batch_size={data_loader.batch_size} exceeds the dataset size {dataset_size}; "
+            "lower the batch size"
+        )
+    if opacus.delta is not None:
+        require_open_unit("delta", opacus.delta, " (use < 1/N for N examples)")
+        require_delta_below_inverse_n(opacus.delta, dataset_size)
+    return opacus, data_loader.batch_size, dataset_size, module, distributed
 
 
 def _check_step_optimizer(method: str, optimizer: Optimizer) -> None:
@@ -316,13 +355,7 @@ def calibrate_noise(
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier and target_epsilon")
     if target_epsilon is None:
-        sigma = require_positive("noise_multiplier", noise_multiplier)
-        if sigma > MAX_NOISE_MULTIPLIER:
-            raise ValueError(
-                f"noise_multiplier must be at most {MAX_NOISE_MULTIPLIER:g} (epsilon is already negligible there), "
-                f"got {noise_multiplier!r}"
-            )
-        return sigma
+        return require_at_most("noise_multiplier", noise_multiplier, MAX_NOISE_MULTIPLIER)
     epochs = require_int("epochs (needed with target_epsilon)", epochs)
     if delta is None:
         raise ValueError("target_epsilon needs delta (Opacus's target_delta): epsilon is spent at a given delta")

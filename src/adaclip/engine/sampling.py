@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from adaclip._validate import require_int, require_rate
+
 
 def poisson_epoch(
     num_examples: int, sample_rate: float, steps: int, generator: torch.Generator | None = None
@@ -44,12 +46,9 @@ def poisson_epoch(
     Every example is in every batch independently with probability ``sample_rate``; indices within
     a batch are increasing.  Deterministic for a seeded (CPU) ``generator``.
     """
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-        raise ValueError(f"num_examples must be an int >= 1, got {num_examples!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
-        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
+    num_examples = require_int("num_examples", num_examples)
+    steps = require_int("steps", steps)
+    sample_rate = require_rate("sample_rate", sample_rate)
     if sample_rate == 1:
         return [torch.arange(num_examples) for _ in range(steps)]
     cells = steps * num_examples
@@ -92,18 +91,16 @@ class PoissonBatchSampler(Sampler[list[int]]):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < world_size:
-            raise ValueError(
-                f"num_examples must be an int >= world_size={world_size} (every rank needs an example), "
-                f"got {num_examples!r}"
-            )
-        if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
-            raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate!r}")
-        self.num_examples, self.sample_rate, self.generator = num_examples, float(sample_rate), generator
+        world_size = require_int("world_size", world_size)
+        rank = require_int("rank", rank, minimum=0)
+        if rank >= world_size:
+            raise ValueError(f"rank must be below world_size={world_size}, got {rank!r}")
+        num_examples = require_int("num_examples (every rank needs an example)", num_examples, minimum=world_size)
+        self.num_examples, self.sample_rate, self.generator = (
+            num_examples,
+            require_rate("sample_rate", sample_rate),
+            generator,
+        )
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = int(1 / self.sample_rate)
         self.before_batch: Callable[[], None] | None = None

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from adaclip._validate import require_one_of
 from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter
 from adaclip.methods.adambc import AdamBC, AdamBCAdapter
 from adaclip.methods.auto import AutoClip, AutoClipAdapter
@@ -118,9 +119,7 @@ def registered_method(name: str, entry: Method) -> Iterator[str]:
 
 def method(name: str) -> Method:
     """The registry entry of ``name``, or a ``ValueError`` listing the methods."""
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {name!r}")
-    return METHODS[name]
+    return METHODS[require_one_of("method", name, METHODS)]
 
 
 def method_parameters(name: str) -> list[str]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -50,8 +49,17 @@ from dp_accounting.pld import pld_privacy_accountant, privacy_loss_mechanism
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
 
+from adaclip._validate import (
+    require_at_most,
+    require_int,
+    require_one_of,
+    require_open_unit,
+    require_positive,
+    require_rate,
+)
+
 Accountant = Literal["prv", "pld", "rdp"]
-ACCOUNTANTS: tuple[str, ...] = ("prv", "pld", "rdp")
+"""The accountants' names, for type checkers; a test checks that they are :data:`BACKENDS`' keys."""
 
 MAX_NOISE_MULTIPLIER = 1e6
 """Largest noise multiplier accepted; calibration never goes beyond it either."""
@@ -81,28 +89,16 @@ class Spent:
     fallback: str | None = None
 
 
-def _validate(noise_multiplier: float | None, sample_rate: float, steps: int, delta: float, accountant: str) -> None:
-    if accountant not in ACCOUNTANTS:
-        raise ValueError(
-            f"accountant must be one of {ACCOUNTANTS}, got {accountant!r} "
-            "(GDP is not offered: it underestimates epsilon)"
-        )
-    if noise_multiplier is not None and not (
-        _is_real(noise_multiplier) and 0 < noise_multiplier <= MAX_NOISE_MULTIPLIER
-    ):
-        raise ValueError(
-            f"noise_multiplier must be a number in (0, {MAX_NOISE_MULTIPLIER:g}], got {noise_multiplier!r}"
-        )
-    if not (_is_real(sample_rate) and 0 < sample_rate <= 1):
-        raise ValueError(f"sample_rate must lie in (0, 1] (expected batch size / dataset size), got {sample_rate!r}")
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not (_is_real(delta) and 0 < delta < 1):
-        raise ValueError(f"delta must lie in (0, 1); use at most 1/N for a dataset of N examples, got {delta!r}")
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def _check_setting(
+    noise_multiplier: object, sample_rate: object, steps: object, delta: object, accountant: object
+) -> None:
+    """The mechanism's setting (``noise_multiplier=None``: calibration, which has none yet)."""
+    require_one_of("accountant (GDP is not offered: it underestimates epsilon)", accountant, ACCOUNTANTS)
+    if noise_multiplier is not None:
+        require_at_most("noise_multiplier", noise_multiplier, MAX_NOISE_MULTIPLIER)
+    require_rate("sample_rate", sample_rate, " (expected batch size / dataset size)")
+    require_int("steps", steps)
+    require_open_unit("delta", delta, "; use at most 1/N for a dataset of N examples")
 
 
 @contextmanager
@@ -130,32 +126,97 @@ def _pld_step_points(noise_multiplier: float, sample_rate: float) -> float:
     return (float(bounds.epsilon_upper) - float(bounds.epsilon_lower)) / PLD_INTERVAL
 
 
+def _prv_grid(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[float, float]:
+    """PRV discretises once, on the composed domain ``[-L, L]`` with Opacus's mesh (Gopi et al. 2021, Remark 5.6)."""
+    loss_range = _safe_loss_range(noise_multiplier, sample_rate, steps, delta)
+    mesh = PRV_EPS_ERROR / math.sqrt(steps * math.log(12 / (delta / 1000)) / 2)
+    return 2 * loss_range / mesh, 2 * loss_range / mesh
+
+
+def _pld_grid(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> tuple[float, float]:
+    """PLD: one step's grid and the composed ``2 L`` over the interval; at ``q = 1`` the composed Gaussian with
+    ``sigma / sqrt(T)`` is built directly (no step grid)."""
+    if sample_rate == 1:
+        return 0.0, _pld_step_points(noise_multiplier / math.sqrt(steps), 1.0)
+    loss_range = _safe_loss_range(noise_multiplier, sample_rate, steps, delta)
+    return _pld_step_points(noise_multiplier, sample_rate), 2 * loss_range / PLD_INTERVAL
+
+
+def _pld_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    gaussian = dp_event.GaussianDpEvent(noise_multiplier)
+    step_event = gaussian if sample_rate == 1 else dp_event.PoissonSampledDpEvent(sample_rate, gaussian)
+    pld = pld_privacy_accountant.PLDAccountant()
+    pld.compose(dp_event.SelfComposedDpEvent(step_event, steps))
+    return float(pld.get_epsilon(delta))
+
+
+def _opacus_epsilon(
+    make: Callable[[], PRVAccountant | RDPAccountant],
+) -> Callable[[float, float, int, float], float]:
+    def epsilon_of(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+        opacus_accountant = make()
+        opacus_accountant.history = [(noise_multiplier, sample_rate, steps)]
+        with _quiet_opacus():
+            return float(opacus_accountant.get_epsilon(delta))
+
+    return epsilon_of
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One accountant: how it computes epsilon, what its grid costs, and where a calibration of sigma starts.
+
+    ``grid`` gives ``(points of one step, points composed)`` (``None``: no grid, as RDP); above
+    ``step_budget`` or ``budget`` RDP answers instead.  ``calibrate_from``: the accountant whose sigma
+    for the target starts the search (an upper bound on epsilon, so its sigma is safe); ``None``
+    starts from doubling.
+    """
+
+    epsilon: Callable[[float, float, int, float], float]
+    grid: Callable[[float, float, int, float], tuple[float, float]] | None = None
+    step_budget: float = math.inf
+    budget: float = math.inf
+    calibrate_from: str | None = None
+
+
+BACKENDS: dict[str, Backend] = {
+    "prv": Backend(
+        epsilon=_opacus_epsilon(PRVAccountant),
+        grid=_prv_grid,
+        step_budget=PRV_MAX_POINTS,
+        budget=PRV_MAX_POINTS,
+        calibrate_from="rdp",
+    ),
+    "pld": Backend(
+        epsilon=_pld_epsilon,
+        grid=_pld_grid,
+        step_budget=PLD_MAX_STEP_POINTS,
+        budget=PLD_MAX_POINTS,
+        calibrate_from="rdp",
+    ),
+    "rdp": Backend(epsilon=_opacus_epsilon(RDPAccountant)),
+}
+"""Every accountant by name (the project default is ``"prv"``); GDP is deliberately absent."""
+ACCOUNTANTS: tuple[str, ...] = tuple(BACKENDS)
+
+
 def grid_points(
     noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str
 ) -> tuple[float, float]:
     """``(points of one step, points composed)`` that ``accountant`` would discretise; ``(0, 0)`` for RDP, which has
     no grid.  PRV discretises once, on the composed domain; PLD at ``q = 1`` builds the composed Gaussian directly
     (no step grid).  Cheap (two RDP evaluations); see the module docstring."""
-    if accountant == "rdp":
-        return 0.0, 0.0
-    if accountant == "pld" and sample_rate == 1:  # one Gaussian PLD, built directly (no step grid)
-        return 0.0, _pld_step_points(noise_multiplier / math.sqrt(steps), 1.0)
-    loss_range = _safe_loss_range(noise_multiplier, sample_rate, steps, delta)
-    if accountant == "prv":
-        mesh = PRV_EPS_ERROR / math.sqrt(steps * math.log(12 / (delta / 1000)) / 2)
-        return 2 * loss_range / mesh, 2 * loss_range / mesh
-    return _pld_step_points(noise_multiplier, sample_rate), 2 * loss_range / PLD_INTERVAL
+    grid = BACKENDS[accountant].grid
+    return (0.0, 0.0) if grid is None else grid(noise_multiplier, sample_rate, steps, delta)
 
 
 def _over_budget(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> str | None:
     """Why ``accountant`` must not run here (its grid is over budget), or ``None``."""
-    if accountant == "rdp":
+    backend = BACKENDS[accountant]
+    if backend.grid is None:
         return None
-    step, composed = grid_points(noise_multiplier, sample_rate, steps, delta, accountant)
-    if accountant == "prv":
-        step_budget, budget = PRV_MAX_POINTS, PRV_MAX_POINTS
-    else:
-        step_budget, budget = PLD_MAX_STEP_POINTS, PLD_MAX_POINTS
+    step, composed = backend.grid(noise_multiplier, sample_rate, steps, delta)
+    step_budget, budget = backend.step_budget, backend.budget
     if math.isfinite(composed) and composed <= budget and step <= step_budget:
         return None
     points, limit = (step, step_budget) if step > step_budget else (composed, budget)
@@ -166,16 +227,7 @@ def _over_budget(noise_multiplier: float, sample_rate: float, steps: int, delta:
 
 
 def _epsilon_unchecked(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
-    if accountant == "pld":
-        gaussian = dp_event.GaussianDpEvent(noise_multiplier)
-        step_event = gaussian if sample_rate == 1 else dp_event.PoissonSampledDpEvent(sample_rate, gaussian)
-        pld = pld_privacy_accountant.PLDAccountant()
-        pld.compose(dp_event.SelfComposedDpEvent(step_event, steps))
-        return float(pld.get_epsilon(delta))
-    opacus_accountant = PRVAccountant() if accountant == "prv" else RDPAccountant()
-    opacus_accountant.history = [(noise_multiplier, sample_rate, steps)]
-    with _quiet_opacus():
-        return float(opacus_accountant.get_epsilon(delta))
+    return BACKENDS[accountant].epsilon(noise_multiplier, sample_rate, steps, delta)
 
 
 def _bounded_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> Spent:
@@ -209,7 +261,7 @@ def account(
     :class:`AccountingFallbackWarning`.  A negative value from a numerical accountant (possible for large
     ``delta``) is clamped to 0 with a warning.
     """
-    _validate(noise_multiplier, sample_rate, steps, delta, accountant)
+    _check_setting(noise_multiplier, sample_rate, steps, delta, accountant)
     spent = _bounded_epsilon(float(noise_multiplier), float(sample_rate), int(steps), float(delta), accountant)
     if spent.fallback is not None:
         _warn_fallback(spent, "epsilon")
@@ -249,11 +301,9 @@ def noise_multiplier_for(
     :class:`AccountingFallbackWarning` says so when that happened at the returned sigma.  Results are
     memoised (sweeps calibrate the same setting for many methods and seeds).
     """
-    _validate(None, sample_rate, steps, delta, accountant)
-    if not (_is_real(target_epsilon) and 0 < target_epsilon < math.inf):
-        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
-    if not (_is_real(epsilon_tolerance) and 0 < epsilon_tolerance < 1):
-        raise ValueError(f"epsilon_tolerance must lie in (0, 1), got {epsilon_tolerance!r}")
+    _check_setting(None, sample_rate, steps, delta, accountant)
+    require_positive("target_epsilon", target_epsilon)
+    require_open_unit("epsilon_tolerance", epsilon_tolerance)
     sigma, spent = _calibrate(
         float(target_epsilon), float(sample_rate), int(steps), float(delta), accountant, float(epsilon_tolerance)
     )
@@ -268,44 +318,63 @@ def _calibrate(
 ) -> tuple[float, Spent]:
     """The calibrated sigma and its :class:`Spent`: a bracket ``eps(low) > target >= eps(high)``, then regula falsi
     (Illinois variant: Dahlquist & Björck, *Numerical Methods*, 1974, §6.2) on ``log eps`` against ``log sigma``,
-    which is nearly linear, so a handful of accountant calls suffice; ``high`` always satisfies the target."""
+    which is nearly linear, so a handful of accountant calls suffice; ``high`` always satisfies the target.
+
+    The search starts at the sigma of the backend's ``calibrate_from`` accountant (RDP bounds epsilon from above
+    and costs milliseconds, so its sigma is safe); where the requested accountant is over budget there, that
+    sigma is the answer."""
 
     def eps_at(sigma: float) -> Spent:
         return _bounded_epsilon(sigma, sample_rate, steps, delta, accountant)
 
-    def doubling(at: Callable[[float], Spent], target: float) -> tuple[float, Spent]:
-        """The first of 1, 2, 4, ... (capped at the maximum) whose epsilon is <= target; an unreachable target is
-        refused after one evaluation at the cap."""
-        if at(MAX_NOISE_MULTIPLIER).epsilon > target:
-            raise ValueError(
-                f"target_epsilon={target} is out of reach for sample_rate={sample_rate}, steps={steps}, "
-                f"delta={delta}: even noise_multiplier={MAX_NOISE_MULTIPLIER:g} exceeds it. Raise "
-                "target_epsilon or delta, or lower steps."
-            )
-        high, at_high = 1.0, at(1.0)
-        while at_high.epsilon > target:
-            high = min(2 * high, MAX_NOISE_MULTIPLIER)
-            at_high = at(high)
-        return high, at_high
-
-    # RDP bounds epsilon from above and costs milliseconds: its sigma for the target is safe, so the search
-    # starts below it; where the requested accountant is over budget there, RDP's sigma is the answer.
-    if accountant == "rdp":
-        high, at_high = doubling(eps_at, target_epsilon)
+    start = BACKENDS[accountant].calibrate_from
+    if start is None:
+        high, at_high = _doubling(eps_at, target_epsilon, sample_rate, steps, delta)
     else:
         try:
-            high, at_high = _calibrate(target_epsilon, sample_rate, steps, delta, "rdp", epsilon_tolerance)
-        except ValueError:  # RDP is too loose to reach the target below the cap; the accountant may be tight enough
-            high, at_high = doubling(eps_at, target_epsilon)
+            high, at_high = _calibrate(target_epsilon, sample_rate, steps, delta, start, epsilon_tolerance)
+        except ValueError:  # the start is too loose to reach the target below the cap; the accountant may be tight
+            high, at_high = _doubling(eps_at, target_epsilon, sample_rate, steps, delta)
         else:
             reason = _over_budget(high, sample_rate, steps, delta, accountant)
             if reason is not None:
-                return high, Spent(epsilon=at_high.epsilon, accountant="rdp", requested=accountant, fallback=reason)
+                return high, Spent(epsilon=at_high.epsilon, accountant=start, requested=accountant, fallback=reason)
             at_high = eps_at(high)
     low, at_low = high / 2, eps_at(high / 2)
     while at_low.epsilon <= target_epsilon:
         high, at_high = low, at_low
         low, at_low = low / 2, eps_at(low / 2)
+    return _regula_falsi(eps_at, target_epsilon, epsilon_tolerance, (low, at_low), (high, at_high))
+
+
+def _doubling(
+    at: Callable[[float], Spent], target: float, sample_rate: float, steps: int, delta: float
+) -> tuple[float, Spent]:
+    """The first of 1, 2, 4, ... (capped at the maximum) whose epsilon is <= target; an unreachable target is
+    refused after one evaluation at the cap."""
+    if at(MAX_NOISE_MULTIPLIER).epsilon > target:
+        raise ValueError(
+            f"target_epsilon={target} is out of reach for sample_rate={sample_rate}, steps={steps}, "
+            f"delta={delta}: even noise_multiplier={MAX_NOISE_MULTIPLIER:g} exceeds it. Raise "
+            "target_epsilon or delta, or lower steps."
+        )
+    high, at_high = 1.0, at(1.0)
+    while at_high.epsilon > target:
+        high = min(2 * high, MAX_NOISE_MULTIPLIER)
+        at_high = at(high)
+    return high, at_high
+
+
+def _regula_falsi(
+    eps_at: Callable[[float], Spent],
+    target_epsilon: float,
+    epsilon_tolerance: float,
+    lower: tuple[float, Spent],
+    upper: tuple[float, Spent],
+) -> tuple[float, Spent]:
+    """Shrink the bracket ``eps(low) > target >= eps(high)`` (Illinois regula falsi on ``log eps`` against
+    ``log sigma``) until ``eps(high)`` is within ``epsilon_tolerance`` of the target; returns ``high``."""
+    (low, at_low), (high, at_high) = lower, upper
 
     def gap(spent: Spent) -> float:  # log(eps / target), finite
         return math.log(max(spent.epsilon, 1e-300) / target_epsilon)

@@ -34,7 +34,14 @@ from numpy.typing import NDArray
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from adaclip._validate import as_real, require_int, require_open_unit, require_positive
+from adaclip._validate import (
+    require_above,
+    require_at_least,
+    require_int,
+    require_non_negative,
+    require_open_unit,
+    require_positive,
+)
 from adaclip.privacy import accounting
 
 ORDERS: tuple[float, ...] = tuple(float(order) for order in RDPAccountant.DEFAULT_ALPHAS)
@@ -54,11 +61,7 @@ class TruncatedNegativeBinomial:
     halting: float
 
     def __post_init__(self) -> None:
-        shape = as_real(self.shape)
-        if shape is None or not (-1 < shape < math.inf):
-            raise ValueError(
-                f"shape must be a finite number > -1 (η of the truncated negative binomial), got {self.shape!r}"
-            )
+        require_above("shape", self.shape, -1.0, " (η of the truncated negative binomial)")
         require_open_unit("halting", self.halting, " (γ of the truncated negative binomial)")
 
     @property
@@ -89,9 +92,7 @@ class PoissonRuns:
     mean: float
 
     def __post_init__(self) -> None:
-        mean = require_positive("mean", self.mean)
-        if mean < 1:
-            raise ValueError(f"mean must be a finite number >= 1 (the expected number of runs), got {self.mean!r}")
+        require_at_least("mean", self.mean, 1.0, " (the expected number of runs)")
 
 
 RunsDistribution = TruncatedNegativeBinomial | PoissonRuns
@@ -107,9 +108,7 @@ def truncated_negative_binomial_with_mean(shape: float, mean: float) -> Truncate
     error in ``mean`` never makes it optimistic.
     """
     TruncatedNegativeBinomial(shape, 0.5)  # validates shape
-    target = require_positive("mean", mean)
-    if target <= 1:
-        raise ValueError(f"mean must be a finite number > 1 (the expected number of runs), got {mean!r}")
+    target = require_above("mean", mean, 1.0, " (the expected number of runs)")
     if shape == 1:
         return TruncatedNegativeBinomial(1.0, 1 / target)
     low, high = 0.0, 1.0
@@ -189,9 +188,7 @@ def rdp_delta(orders: Curve, rdp: Curve, epsilon: float) -> float:
     """The ``δ`` at which an RDP curve gives ``(ε, δ)``-DP: the package's conversion (Balle et al. 2020, Theorem 21)
     solved for ``δ``, ``δ = min_λ exp((λ − 1)(ε(λ) − ε + log(1 − 1/λ)) − log λ)``, at most 1."""
     grid, curve = _checked_curve(orders, rdp)
-    target = as_real(epsilon)
-    if target is None or not 0 <= target < math.inf:
-        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    target = require_non_negative("epsilon", epsilon)
     with np.errstate(over="ignore"):
         log_deltas = (grid - 1) * (curve - target + np.log1p(-1 / grid)) - np.log(grid)
     return float(min(1.0, math.exp(min(0.0, float(np.min(log_deltas))))))

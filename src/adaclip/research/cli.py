@@ -14,18 +14,18 @@ saves the run at the end of every epoch and ``--resume`` continues it (see :mod:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
 from adaclip.engine import distributed as dist_utils
-from adaclip.methods import METHODS, NONPRIVATE
-from adaclip.privacy.accounting import ACCOUNTANTS
-from adaclip.research.datasets import dataset_names
+from adaclip.methods import NONPRIVATE
+from adaclip.research.config import TrainConfig
 from adaclip.research.io import write_text_atomic
-from adaclip.research.models import MODELS
 from adaclip.research.params import SWEEPS, load_params
 from adaclip.research.records import load_yaml, parse_yaml_value, read_records
 
@@ -57,71 +57,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line: ``train`` (its options generated from :class:`TrainConfig`'s fields), ``prepare``,
+    ``sweep`` and ``aggregate``."""
     top = _Parser(prog="python -m adaclip", description="Differentially private training with adaptive clipping.")
     commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = commands.add_parser(
-        "train",
-        help="train one model and write its metrics record",
-        description=(
-            "Train one model and write a JSON metrics record. Options left out take the dataset's defaults; "
-            "--config values are overridden by options given here."
-        ),
-    )
-    train.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (dataset, method, epsilon, ...)")
-    train.add_argument("--dataset", choices=dataset_names())
-    train.add_argument("--method", choices=[*METHODS, NONPRIVATE], help="clipping method (default adaclip)")
-    train.add_argument("--model", choices=MODELS, help="default: the dataset's (cnn for images)")
-    train.add_argument("--epsilon", type=float, help="target epsilon (default 3); sigma is calibrated for it")
-    train.add_argument("--noise-multiplier", type=float, help="use this sigma instead of a target epsilon")
-    train.add_argument("--delta", type=float, help="default: 1e-5, or N^-1.1 if 1e-5 >= 1/N")
-    train.add_argument("--accountant", choices=ACCOUNTANTS, help="default prv")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int, help="expected (Poisson) batch size")
-    train.add_argument("--lr", type=float, help="learning rate of SGD")
-    train.add_argument("--momentum", type=float)
-    train.add_argument("--seed", type=int, help="fixes split, init, sampling and noise (default 0)")
-    train.add_argument("--train-size", type=int, help="subsample the training split to this many examples")
-    train.add_argument(
-        "--feature-spread", type=float, help="synthetic only: largest / smallest feature scale (default 100)"
-    )
-    train.add_argument("--data-dir", help="folder with the IDX .gz files (image datasets)")
-    train.add_argument("--device", help="cpu (default) or cuda")
-    train.add_argument(
-        "--param",
-        type=_method_param,
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="method parameter, e.g. --param initial_clip=0.5 (repeatable)",
-    )
-    train.add_argument(
-        "--diagnostics",
-        action="store_true",
-        help="also record each step's cosine to the clean (non-private) gradient; a report diagnostic",
-    )
-    train.add_argument(
-        "--check-replicas",
-        action="store_true",
-        help=(
-            "under torchrun: assert every step that all ranks hold the same state and parameters "
-            "(debugging; one broadcast per tensor)"
-        ),
-    )
-    train.add_argument("--no-progress", action="store_true", help="no progress bar (or set TQDM_DISABLE=1)")
-    train.add_argument(
-        "--on-divergence",
-        choices=["raise", "record"],
-        help="a non-finite loss or metric: stop with an error (raise, default) or record diverged: true (record)",
-    )
-    train.add_argument("--out", type=Path, help="write the JSON record here (atomically)")
-    train.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="save the run here (atomically) at the end of every epoch; must not exist unless --resume",
-    )
-    train.add_argument(
-        "--resume", action="store_true", help="continue the run saved in --checkpoint (same options) to its end"
-    )
+    _add_train(commands)
     prepare = commands.add_parser(
         "prepare",
         help="the data stage: verified copies of the datasets in params.yaml",
@@ -131,6 +71,61 @@ def parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("--params", type=Path, default=Path("params.yaml"))
     prepare.add_argument("--out", type=Path, default=Path("data/prepared"))
+    _add_sweep(commands)
+    _add_aggregate(commands)
+    return top
+
+
+def _add_train(commands: Any) -> None:
+    train = commands.add_parser(
+        "train",
+        help="train one model and write its metrics record",
+        description=(
+            "Train one model and write a JSON metrics record. Options left out take the dataset's defaults; "
+            "--config values are overridden by options given here."
+        ),
+    )
+    train.add_argument("--config", type=Path, help="YAML file of TrainConfig keys (dataset, method, epsilon, ...)")
+    for item in dataclasses.fields(TrainConfig):
+        flag, kwargs = _train_option(item)
+        train.add_argument(flag, **kwargs)
+    train.add_argument("--out", type=Path, help="write the JSON record here (atomically)")
+    train.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="save the run here (atomically) at the end of every epoch; must not exist unless --resume",
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run saved in --checkpoint (same options) to its end"
+    )
+
+
+_FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _train_option(item: dataclasses.Field[Any]) -> tuple[str, dict[str, Any]]:
+    """The ``train`` option of one :class:`TrainConfig` field: its flag and ``add_argument``'s keywords.  Every
+    option defaults to ``None`` (left out: the config file's value, else the field's default, which the help
+    names)."""
+    option = item.metadata
+    flag = option["flag"] or f"--{item.name.replace('_', '-')}"
+    text = option["help"]
+    if item.default is not dataclasses.MISSING and item.default is not None and not isinstance(item.default, bool):
+        text += f" (default {item.default})"
+    if item.name == "method_params":
+        return flag, {"type": _method_param, "action": "append", "metavar": "KEY=VALUE", "help": text, "dest": "param"}
+    if _FIELD_TYPES[item.name] is bool:  # a switch that sets the opposite of the field's default
+        return flag, {"action": "store_const", "const": not item.default, "dest": item.name, "help": text}
+    kwargs: dict[str, Any] = {"help": text}
+    if option["choices"] is not None:
+        kwargs["choices"] = list(option["choices"]() if callable(option["choices"]) else option["choices"])
+    else:
+        hint = _FIELD_TYPES[item.name]
+        kwargs["type"] = next(t for t in (int, float, str) if t is hint or t in typing.get_args(hint))
+    return flag, kwargs
+
+
+def _add_sweep(commands: Any) -> None:
     sweep = commands.add_parser(
         "sweep",
         help="run one of the report's training sweeps",
@@ -147,6 +142,9 @@ def parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--tuning", type=Path, help="records of the tuning sweep (needed by every other sweep)")
     sweep.add_argument("--out", type=Path, required=True, help="JSON-lines file of run records (written atomically)")
+
+
+def _add_aggregate(commands: Any) -> None:
     aggregate = commands.add_parser(
         "aggregate", help="summarise the sweeps into the report's numbers and headline metrics"
     )
@@ -158,7 +156,6 @@ def parser() -> argparse.ArgumentParser:
     aggregate.add_argument(
         "--metrics", type=Path, default=Path("reports/metrics"), help="folder for the {method: value} headline files"
     )
-    return top
 
 
 def _aggregate(args: argparse.Namespace) -> None:
@@ -219,50 +216,30 @@ PRIVACY_OPTIONS = ("epsilon", "noise_multiplier", "delta")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``train`` config: the ``--config`` file's keys, overridden by every option given."""
     values: dict[str, Any] = {}
     if args.config is not None:
         loaded = load_yaml(args.config)
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {args.config} must hold a mapping of TrainConfig keys, got {loaded!r}")
         values.update(loaded)
-    options = (
-        "dataset",
-        "method",
-        "model",
-        "epsilon",
-        "noise_multiplier",
-        "delta",
-        "accountant",
-        "epochs",
-        "batch_size",
-        "lr",
-        "momentum",
-        "seed",
-        "train_size",
-        "feature_spread",
-        "data_dir",
-        "device",
-    )
-    values.update({name: getattr(args, name) for name in options if getattr(args, name) is not None})
+    given = {
+        item.name: getattr(args, item.name)
+        for item in dataclasses.fields(TrainConfig)
+        if item.name != "method_params" and getattr(args, item.name) is not None
+    }
+    values.update(given)
     if values.get("method") == NONPRIVATE:
-        given = [f"--{name.replace('_', '-')}" for name in PRIVACY_OPTIONS if getattr(args, name) is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} has no effect with --method nonprivate (it trains without privacy)")
-    if args.noise_multiplier is not None and args.epsilon is None:
+        privacy = [f"--{name.replace('_', '-')}" for name in PRIVACY_OPTIONS if name in given]
+        if privacy:
+            raise ValueError(f"{', '.join(privacy)} has no effect with --method nonprivate (it trains without privacy)")
+    if "noise_multiplier" in given and "epsilon" not in given:
         values["epsilon"] = None
     if args.param:
         loaded_params = values.get("method_params", {})
         if not isinstance(loaded_params, dict):
             raise ValueError(f"method_params must be a mapping of the method's parameters, got {loaded_params!r}")
         values["method_params"] = {**loaded_params, **dict(args.param)}
-    if args.on_divergence is not None:
-        values["on_divergence"] = args.on_divergence
-    if args.diagnostics:
-        values["diagnostics"] = True
-    if args.check_replicas:
-        values["check_replicas"] = True
-    if args.no_progress:
-        values["progress"] = False
     return values
 
 
@@ -285,7 +262,7 @@ def _run_command(args: argparse.Namespace) -> int:
             print(f"error: {_one_line(error)}", file=sys.stderr)
             return 2
         return 0
-    from adaclip.research.train import TrainConfig, run
+    from adaclip.research.train import run
 
     try:
         values = config_from_args(args)

@@ -50,6 +50,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from adaclip._validate import require_path
+
 Task = Literal["classification", "regression"]
 IDX_PARTS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SPLIT_SEED = 0
@@ -164,8 +166,7 @@ def _candidate_dirs(name: str) -> list[Path]:
 
 def _check_data_dir(name: str, data_dir: str | os.PathLike[str]) -> Path:
     """The folder the user named, if it holds all four files of ``name``; otherwise a one-line error."""
-    if not isinstance(data_dir, (str, os.PathLike)) or str(data_dir) == "":
-        raise ValueError(f"data_dir must be a folder path (a string), got {data_dir!r}")
+    require_path("data_dir", data_dir)
     directory = Path(data_dir)
     if not directory.is_dir():
         raise DataNotFoundError(

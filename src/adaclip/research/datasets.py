@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from adaclip.methods import NONPRIVATE
+from adaclip._validate import require, require_int, require_one_of, require_path
 from adaclip.research import data
 from adaclip.research.data import Splits, Task
+from adaclip.research.defaults import RunDefaults, packaged_defaults
 
 Input = Literal["image", "scattering", "table"]
 """What a dataset's examples are: 28x28 grayscale images, ScatterNet features ``[81, 7, 7]``, or a row of numbers."""
@@ -48,28 +49,6 @@ class LoadRequest:
     download: bool
     verify: bool
     options: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunDefaults:
-    """A run's defaults on a dataset: model, expected batch size, epochs and learning rates.
-
-    ``lr`` is every private method's learning rate unless ``method_lr`` names the method;
-    ``nonprivate_lr`` the non-private baseline's.
-    """
-
-    model: str
-    batch_size: int
-    epochs: int
-    lr: float
-    nonprivate_lr: float
-    method_lr: Mapping[str, float] = field(default_factory=dict)
-
-    def lr_for(self, method: str) -> float:
-        """The default learning rate of ``method`` (or :data:`~adaclip.methods.NONPRIVATE`)."""
-        if method == NONPRIVATE:
-            return float(self.nonprivate_lr)
-        return float(self.method_lr.get(method, self.lr))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,8 +106,7 @@ def register_dataset(spec: DatasetSpec) -> None:
         raise ValueError(f"spec.name must be a new dataset name (not one of {list(_DATASETS)}), got {spec.name!r}")
     if spec.task not in ("classification", "regression"):
         raise ValueError(f"spec.task must be 'classification' or 'regression', got {spec.task!r}")
-    if spec.train_size < 1:
-        raise ValueError(f"spec.train_size must be an int >= 1, got {spec.train_size!r}")
+    require_int("spec.train_size", spec.train_size)
     _DATASETS[spec.name] = spec
 
 
@@ -150,9 +128,7 @@ def registered_dataset(spec: DatasetSpec) -> Iterator[str]:
 
 def dataset_spec(name: str) -> DatasetSpec:
     """The spec of dataset ``name``, or a ``ValueError`` listing the datasets."""
-    if name not in DATASETS:
-        raise ValueError(f"dataset must be one of {list(DATASETS)}, got {name!r}")
-    return DATASETS[name]
+    return DATASETS[require_one_of("dataset", name, DATASETS)]
 
 
 def dataset_names() -> tuple[str, ...]:
@@ -168,6 +144,15 @@ def prepared_datasets() -> tuple[str, ...]:
 def file_datasets() -> tuple[str, ...]:
     """The datasets read from files, the only ones a ``data_dir`` applies to."""
     return tuple(name for name, spec in DATASETS.items() if spec.files is not None)
+
+
+def check_data_dir(name: str, data_dir: object) -> None:
+    """A ``data_dir`` is a folder path, and only for the datasets read from files (:func:`file_datasets`)."""
+    require_path("data_dir", data_dir)
+    require(
+        dataset_spec(name).files is not None,
+        f"data_dir is for the datasets read from files {list(file_datasets())}; {name!r} needs no files",
+    )
 
 
 def datasets_with(**facts: object) -> tuple[str, ...]:
@@ -199,10 +184,8 @@ def load_dataset(
     refused rather than ignored.
     """
     spec = dataset_spec(name)
-    if data_dir is not None and spec.files is None:
-        raise ValueError(
-            f"data_dir is for the datasets read from files {list(file_datasets())}; {name!r} needs no files"
-        )
+    if data_dir is not None:
+        check_data_dir(name, data_dir)
     options = {"synthetic_size": synthetic_size, "synthetic_dim": synthetic_dim, "feature_spread": feature_spread}
     return spec.load(LoadRequest(name, seed, train_size, data_dir, download, verify, options))
 
@@ -303,14 +286,6 @@ def _tabular_train_size(n: int) -> int:
 # 5 epochs (reports/probes/fmnist_eps3_cnn*.md; GeoClip's with rank=64, which the CNN needs).  The
 # tabular and synthetic rates are the best on validation of a three-point search at epsilon = 3 over
 # seeds 0 and 1 (reports/probes/new_methods.md).  A method without an entry in ``method_lr`` uses ``lr``.
-_IMAGE_DEFAULTS = RunDefaults(
-    model="cnn",
-    batch_size=256,
-    epochs=10,
-    lr=1.0,
-    nonprivate_lr=0.25,
-    method_lr={"adaclip": 0.03, "quantile": 4.0, "geoclip": 0.3},
-)
 _IDX_TRAIN_SIZE = 60000 - data.VALIDATION_SIZE
 
 
@@ -325,7 +300,7 @@ def _idx_spec(name: str, source: str, *, anchored: bool) -> DatasetSpec:
         prepare=_prepare_idx(name),
         files="prepared",
         load=_load_idx,
-        defaults=_IMAGE_DEFAULTS,
+        defaults=packaged_defaults(name),
         anchored=anchored,
     )
 
@@ -344,14 +319,7 @@ register_dataset(
         files="features",
         load=_load_scatternet,
         # ScatterNet + linear (Tramèr & Boneh 2021's setting has B = 8192, momentum 0.9 and lr 16 with C = 0.1)
-        defaults=RunDefaults(
-            model="logistic",
-            batch_size=8192,
-            epochs=30,
-            lr=1.6,
-            nonprivate_lr=1.0,
-            method_lr={"adaclip": 0.1, "quantile": 0.05, "geoclip": 0.1},
-        ),
+        defaults=packaged_defaults("fashion-mnist-scatternet"),
         anchored=True,
     )
 )
@@ -366,7 +334,7 @@ register_dataset(
         prepare=_prepare_sklearn,
         files=None,
         load=_load_breast_cancer,
-        defaults=RunDefaults(model="logistic", batch_size=32, epochs=20, lr=0.5, nonprivate_lr=0.1),
+        defaults=packaged_defaults("breast-cancer"),
     )
 )
 register_dataset(
@@ -380,7 +348,7 @@ register_dataset(
         prepare=_prepare_sklearn,
         files=None,
         load=_load_diabetes,
-        defaults=RunDefaults(model="linear", batch_size=32, epochs=20, lr=0.1, nonprivate_lr=0.05),
+        defaults=packaged_defaults("diabetes"),
     )
 )
 register_dataset(
@@ -395,14 +363,7 @@ register_dataset(
         files=None,
         load=_load_synthetic,
         # placeholders until a search: the Adam rules release Adam steps; these learn in the tiny run of the tests
-        defaults=RunDefaults(
-            model="logistic",
-            batch_size=100,
-            epochs=5,
-            lr=0.5,
-            nonprivate_lr=0.1,
-            method_lr={"macadam": 0.005, "adambc": 0.003},
-        ),
+        defaults=packaged_defaults("synthetic"),
         load_options=frozenset({"feature_spread", "synthetic_size", "synthetic_dim"}),
     )
 )

@@ -6,6 +6,8 @@ import math
 
 from torch import nn
 
+from adaclip._validate import require_one_of
+
 MODELS = ("logistic", "mlp", "cnn", "scatter_cnn", "linear")
 
 
@@ -72,4 +74,5 @@ def build_model(name: str, input_shape: tuple[int, ...], num_outputs: int, hidde
         return scatter_cnn(num_outputs, input_shape[0])
     if name == "linear":
         return nn.Sequential(nn.Flatten(), nn.Linear(in_features, 1), nn.Flatten(0))
-    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+    require_one_of("model", name, MODELS)
+    raise AssertionError(f"MODELS lists {name!r} but build_model has no branch for it")

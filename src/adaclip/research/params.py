@@ -22,9 +22,24 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
-from adaclip._validate import as_int, as_real, is_finite
+from adaclip._validate import (
+    is_at_least,
+    is_device_name,
+    is_in_unit_interval,
+    is_list_of,
+    is_mapping,
+    is_mapping_of,
+    is_name,
+    is_one_of,
+    is_open_unit,
+    is_optional,
+    is_positive,
+    is_positive_int,
+    is_registered,
+    is_seed,
+    is_string,
+    require_delta_below_inverse_n,
+)
 from adaclip.audit import AuditConfig, audit_config
 from adaclip.methods import METHODS, NONPRIVATE, check_method
 from adaclip.privacy.accounting import ACCOUNTANTS
@@ -40,41 +55,6 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 S = TypeVar("S", bound="DataclassInstance")
-
-
-def is_device_name(value: Any) -> bool:
-    """Whether ``value`` names a CPU or CUDA device as torch parses it (``cpu``, ``cuda``, ``cuda:i``)."""
-    try:
-        return isinstance(value, str) and torch.device(value).type in ("cpu", "cuda")
-    except RuntimeError:
-        return False
-
-
-def _positive(value: Any) -> bool:
-    number = as_real(value)
-    return is_finite(value) and number is not None and number > 0
-
-
-def _positive_int(value: Any) -> bool:
-    number = as_int(value)
-    return number is not None and number >= 1
-
-
-def _seed(value: Any) -> bool:
-    number = as_int(value)
-    return number is not None and number >= 0
-
-
-def _list_of(check: Checker) -> Checker:
-    return lambda value: isinstance(value, list) and len(value) > 0 and all(check(v) for v in value)
-
-
-def _one_of(options: tuple[str, ...]) -> Checker:
-    return lambda value: isinstance(value, str) and value in options
-
-
-def _optional(check: Checker) -> Checker:
-    return lambda value: value is None or check(value)
 
 
 class _Described:
@@ -138,18 +118,17 @@ def parse(kind: type[S], values: Any, path: str) -> S:
 
 
 _METHOD_NAMES = tuple(METHODS)
-_SEEDS = (_list_of(_seed), "a non-empty list of ints >= 0 (each fixes init, sampling and noise)")
+_SEEDS = (is_list_of(is_seed), "a non-empty list of ints >= 0 (each fixes init, sampling and noise)")
 
 
-def _number_map(value: Any) -> bool:
-    return isinstance(value, Mapping) and all(isinstance(k, str) and _positive(v) for k, v in value.items())
+_number_map = is_mapping_of(is_positive)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Runtime:
     device: str = field(metadata=_checked(is_device_name, "'cpu', 'cuda' or 'cuda:i'"))
     workers: int = field(
-        metadata=_checked(_positive_int, "an int >= 1 (runs in parallel, one process and one torch thread each)")
+        metadata=_checked(is_positive_int, "an int >= 1 (runs in parallel, one process and one torch thread each)")
     )
 
 
@@ -157,7 +136,7 @@ class Runtime:
 class Data:
     datasets: tuple[str, ...] = field(
         metadata=_checked(
-            _list_of(lambda v: isinstance(v, str) and v in prepared_datasets()),
+            is_list_of(is_registered(prepared_datasets)),
             _Described("a non-empty list of the datasets the prepare stage copies {}", prepared_datasets),
         )
     )
@@ -167,12 +146,12 @@ class Data:
 class Features:
     """The ScatterNet stage (:mod:`adaclip.research.features`)."""
 
-    scales: int = field(metadata=_checked(_positive_int, "an int >= 1 (J)"))
-    orientations: int = field(metadata=_checked(_positive_int, "an int >= 1 (L)"))
+    scales: int = field(metadata=_checked(is_positive_int, "an int >= 1 (J)"))
+    orientations: int = field(metadata=_checked(is_positive_int, "an int >= 1 (L)"))
     groups: int = field(
-        metadata=_checked(_positive_int, "an int >= 1 (GroupNorm groups; must divide the channel count)")
+        metadata=_checked(is_positive_int, "an int >= 1 (GroupNorm groups; must divide the channel count)")
     )
-    limit: int = field(metadata=_checked(_seed, "an int >= 0: 0 for every image, else only the first images (tests)"))
+    limit: int = field(metadata=_checked(is_seed, "an int >= 0: 0 for every image, else only the first images (tests)"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -187,18 +166,16 @@ class Task:
     heterogeneous the per-example gradients' coordinates are.
     """
 
-    dataset: str = field(
-        metadata=_checked(lambda v: isinstance(v, str) and v in dataset_names(), _Described("one of {}", dataset_names))
-    )
-    model: str = field(metadata=_checked(_one_of(MODELS), f"one of {list(MODELS)}"))
-    epochs: int = field(metadata=_checked(_positive_int, "an int >= 1"))
-    batch_size: int = field(metadata=_checked(_positive_int, "an int >= 1 (the expected Poisson batch size B)"))
-    momentum: float = field(metadata=_checked(lambda v: is_finite(v) and 0 <= v < 1, "a number in [0, 1)"))
+    dataset: str = field(metadata=_checked(is_registered(dataset_names), _Described("one of {}", dataset_names)))
+    model: str = field(metadata=_checked(is_one_of(MODELS), f"one of {list(MODELS)}"))
+    epochs: int = field(metadata=_checked(is_positive_int, "an int >= 1"))
+    batch_size: int = field(metadata=_checked(is_positive_int, "an int >= 1 (the expected Poisson batch size B)"))
+    momentum: float = field(metadata=_checked(is_in_unit_interval, "a number in [0, 1)"))
     train_size: int | None = field(
-        metadata=_checked(_optional(_positive_int), "null (all training examples) or an int >= 1")
+        metadata=_checked(is_optional(is_positive_int), "null (all training examples) or an int >= 1")
     )
     methods: tuple[str, ...] = field(
-        metadata=_checked(_list_of(_one_of(_METHOD_NAMES)), f"a non-empty list of {list(_METHOD_NAMES)}")
+        metadata=_checked(is_list_of(is_one_of(_METHOD_NAMES)), f"a non-empty list of {list(_METHOD_NAMES)}")
     )
     lr: dict[str, float] = field(
         metadata=_checked(_number_map, "a mapping from method (and nonprivate) to a number > 0")
@@ -209,13 +186,13 @@ class Task:
     feature_spread: float | None = field(
         default=None,
         metadata=_checked(
-            _optional(lambda v: is_finite(v) and v >= 1),
+            is_optional(is_at_least(1)),
             "a number >= 1 for the synthetic dataset (largest / smallest feature scale), or left out",
         ),
     )
     method_params: dict[str, dict[str, Any]] = field(
         metadata=_checked(
-            lambda v: isinstance(v, Mapping) and all(isinstance(p, Mapping) for p in v.values()),
+            is_mapping_of(is_mapping),
             "a mapping from method to its fixed parameters, e.g. {geoclip: {rank: 16}}",
         )
     )
@@ -224,16 +201,14 @@ class Task:
 @dataclass(frozen=True, kw_only=True)
 class Setting:
     methods: tuple[str, ...] = field(
-        metadata=_checked(_list_of(_one_of(_METHOD_NAMES)), f"a non-empty list of {list(_METHOD_NAMES)}")
+        metadata=_checked(is_list_of(is_one_of(_METHOD_NAMES)), f"a non-empty list of {list(_METHOD_NAMES)}")
     )
-    accountant: str = field(metadata=_checked(_one_of(ACCOUNTANTS), f"one of {list(ACCOUNTANTS)}"))
-    delta: float = field(
-        metadata=_checked(lambda v: is_finite(v) and 0 < v < 1, "a number in (0, 1), below 1/N of every task")
-    )
+    accountant: str = field(metadata=_checked(is_one_of(ACCOUNTANTS), f"one of {list(ACCOUNTANTS)}"))
+    delta: float = field(metadata=_checked(is_open_unit, "a number in (0, 1), below 1/N of every task"))
     epsilon: float = field(
-        metadata=_checked(_positive, "a number > 0 (the main budget: tuning, size and diagnostics run at it)")
+        metadata=_checked(is_positive, "a number > 0 (the main budget: tuning, size and diagnostics run at it)")
     )
-    main_task: str = field(metadata=_checked(lambda v: isinstance(v, str), "the name of one entry of setting.tasks"))
+    main_task: str = field(metadata=_checked(is_string, "the name of one entry of setting.tasks"))
     tasks: dict[str, Task] = field(metadata={"named": Task})
 
 
@@ -242,14 +217,14 @@ class Tuning:
     """The joint grid (claims 2 and 3): for every task and method, learning rate x scale at ``setting.epsilon``."""
 
     lr_factors: tuple[float, ...] = field(
-        metadata=_checked(_list_of(_positive), "a non-empty list of numbers > 0 (times the lr centre)")
+        metadata=_checked(is_list_of(is_positive), "a non-empty list of numbers > 0 (times the lr centre)")
     )
     scale_factors: tuple[float, ...] = field(
-        metadata=_checked(_list_of(_positive), "a non-empty list of numbers > 0 (times the scale centre)")
+        metadata=_checked(is_list_of(is_positive), "a non-empty list of numbers > 0 (times the scale centre)")
     )
     nonprivate_lr_factors: tuple[float, ...] = field(
         metadata=_checked(
-            _list_of(_positive),
+            is_list_of(is_positive),
             "a non-empty list of numbers > 0 (the non-private lr grid: as many cells as a private method's grid)",
         )
     )
@@ -258,7 +233,7 @@ class Tuning:
 
 @dataclass(frozen=True, kw_only=True)
 class Accuracy:
-    epsilons: tuple[float, ...] = field(metadata=_checked(_list_of(_positive), "a non-empty list of numbers > 0"))
+    epsilons: tuple[float, ...] = field(metadata=_checked(is_list_of(is_positive), "a non-empty list of numbers > 0"))
     seeds: tuple[int, ...] = field(metadata=_checked(*_SEEDS))
 
 
@@ -266,8 +241,10 @@ class Accuracy:
 class Size:
     """Claim 4: test metric against the training-set size ``n`` at a fixed sampling rate and number of steps."""
 
-    task: str = field(metadata=_checked(lambda v: isinstance(v, str), "the name of one entry of setting.tasks"))
-    train_sizes: tuple[int, ...] = field(metadata=_checked(_list_of(_positive_int), "a non-empty list of ints >= 1"))
+    task: str = field(metadata=_checked(is_string, "the name of one entry of setting.tasks"))
+    train_sizes: tuple[int, ...] = field(
+        metadata=_checked(is_list_of(is_positive_int), "a non-empty list of ints >= 1")
+    )
     seeds: tuple[int, ...] = field(metadata=_checked(*_SEEDS))
 
 
@@ -275,36 +252,32 @@ class Size:
 class Diagnostics:
     """Claim 1: per-step signal-to-noise ratio, cosines and heterogeneity over whole runs at the tuned setting."""
 
-    tasks: tuple[str, ...] = field(
-        metadata=_checked(_list_of(lambda v: isinstance(v, str)), "a non-empty list of setting.tasks names")
-    )
-    seed: int = field(metadata=_checked(_seed, "an int >= 0"))
+    tasks: tuple[str, ...] = field(metadata=_checked(is_list_of(is_string), "a non-empty list of setting.tasks names"))
+    seed: int = field(metadata=_checked(is_seed, "an int >= 0"))
 
 
 @dataclass(frozen=True, kw_only=True)
 class Theory:
-    dim: int = field(metadata=_checked(_positive_int, "an int >= 1 (coordinates of the synthetic gradients)"))
+    dim: int = field(metadata=_checked(is_positive_int, "an int >= 1 (coordinates of the synthetic gradients)"))
     spreads: tuple[float, ...] = field(
-        metadata=_checked(
-            _list_of(lambda v: is_finite(v) and v >= 1), "a non-empty list of numbers >= 1 (largest / smallest std)"
-        )
+        metadata=_checked(is_list_of(is_at_least(1)), "a non-empty list of numbers >= 1 (largest / smallest std)")
     )
-    batch_size: int = field(metadata=_checked(_positive_int, "an int >= 1"))
-    steps: int = field(metadata=_checked(_positive_int, "an int >= 1"))
-    seed: int = field(metadata=_checked(_seed, "an int >= 0"))
+    batch_size: int = field(metadata=_checked(is_positive_int, "an int >= 1"))
+    steps: int = field(metadata=_checked(is_positive_int, "an int >= 1"))
+    seed: int = field(metadata=_checked(is_seed, "an int >= 0"))
 
 
 @dataclass(frozen=True, kw_only=True)
 class AccountingTable:
-    dataset_size: int = field(metadata=_checked(_positive_int, "an int >= 1"))
-    expected_batch_size: int = field(metadata=_checked(_positive_int, "an int >= 1"))
-    epochs: int = field(metadata=_checked(_positive_int, "an int >= 1"))
-    delta: float = field(metadata=_checked(lambda v: is_finite(v) and 0 < v < 1, "a number in (0, 1)"))
+    dataset_size: int = field(metadata=_checked(is_positive_int, "an int >= 1"))
+    expected_batch_size: int = field(metadata=_checked(is_positive_int, "an int >= 1"))
+    epochs: int = field(metadata=_checked(is_positive_int, "an int >= 1"))
+    delta: float = field(metadata=_checked(is_open_unit, "a number in (0, 1)"))
     noise_multipliers: tuple[float, ...] = field(
-        metadata=_checked(_list_of(_positive), "a non-empty list of numbers > 0")
+        metadata=_checked(is_list_of(is_positive), "a non-empty list of numbers > 0")
     )
     curve_noise_multiplier: float = field(
-        metadata=_checked(_positive, "a number > 0 (sigma of the epsilon-against-steps figure)")
+        metadata=_checked(is_positive, "a number > 0 (sigma of the epsilon-against-steps figure)")
     )
 
 
@@ -312,7 +285,7 @@ class AccountingTable:
 class Params:
     """A whole validated params file (see the module docstring)."""
 
-    profile: str = field(metadata=_checked(lambda v: isinstance(v, str) and v != "", "a name, e.g. 'quick' or 'paper'"))
+    profile: str = field(metadata=_checked(is_name, "a name, e.g. 'quick' or 'paper'"))
     runtime: Runtime = field(metadata={"section": Runtime})
     data: Data = field(metadata={"section": Data})
     features: Features = field(metadata={"section": Features})
@@ -363,8 +336,7 @@ def _check_task(name: str, task: Task, setting: Setting, prepared: tuple[str, ..
         raise ValueError(f"{where}.train_size={size} exceeds the {available} training examples of {task.dataset}")
     if task.batch_size > size:
         raise ValueError(f"{where}.batch_size={task.batch_size} exceeds the {size} training examples; lower it")
-    if setting.delta >= 1 / size:
-        raise ValueError(f"setting.delta={setting.delta} must be below 1/N = {1 / size:.3g} for {where} (N = {size})")
+    require_delta_below_inverse_n(setting.delta, size, name="setting.delta", what=f"training examples of {where}")
     spread = datasets_taking("feature_spread")
     if (task.feature_spread is not None) != (task.dataset in spread):
         raise ValueError(f"{where}.feature_spread is for (and needed by) the {_or(spread)} dataset only")
@@ -438,8 +410,7 @@ def validate(params: Params) -> Params:
         where = f"size.train_sizes[{index}]={n}"
         if n > full:
             raise ValueError(f"{where} exceeds the {full} training examples of setting.tasks.{params.size.task}")
-        if setting.delta >= 1 / n:
-            raise ValueError(f"{where}: setting.delta={setting.delta} must be below 1/n")
+        require_delta_below_inverse_n(setting.delta, n, name="setting.delta", what=f"training examples of {where}")
         batch = size_batch(size_task.batch_size, full, n)
         if int(1 / (batch / n)) != steps_per_epoch:
             raise ValueError(

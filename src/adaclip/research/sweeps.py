@@ -37,6 +37,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from adaclip._validate import require_int, require_one_of
 from adaclip.methods import METHODS, NONPRIVATE
 from adaclip.research.analysis import Hyperparameters
 from adaclip.research.datasets import dataset_spec
@@ -131,8 +132,7 @@ def sweep_configs(
     name: str, params: Params, selected: dict[tuple[str, str], Hyperparameters] | None = None
 ) -> list[dict[str, Any]]:
     """The configs of sweep ``name`` (one of :data:`SWEEPS`), at the hyperparameters ``select`` chose."""
-    if name not in SWEEPS:
-        raise ValueError(f"sweep must be one of {SWEEPS}, got {name!r}")
+    require_one_of("sweep", name, SWEEPS)
     if name == "tuning":
         return tuning_configs(params)
     if selected is None:
@@ -224,8 +224,7 @@ def run_sweep(
     (e.g. the tuning sweep's run at the selected cell) is not run again: the same config and seed give the same
     record on the CPU.
     """
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    require_int("workers", workers)
     prepared = None if prepared_dir is None else Path(prepared_dir)
     features = None if features_dir is None else Path(features_dir)
     configs = [dict(c) for c in configs]
