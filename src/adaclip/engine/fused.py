@@ -52,15 +52,10 @@ def fused_clipped_sum(rule: ClipRule, parts: list[Part], state: Any, dim: int) -
         else:
             squared.append(factors.delta_squared_norms())
     norms = squared[0].sqrt() if len(squared) == 1 else _summed(squared).sqrt_()
-    weights = rule.example_weights(norms, state)
-    if not bool(torch.isfinite(norms + weights).all()):
-        weights, dropped = drop_nonfinite(norms, weights)
-        if dropped is not None:
-            zero_examples(parts, dropped)
-        return ClippedSum.of(_weighted_sum(parts, weights, dim), weights, dropped)
-    counts = torch.tensor((float(norms.numel()), 0.0, 0.0), dtype=torch.float64, device=weights.device)
-    counts[1] = (weights < 1).sum()
-    return ClippedSum(vector=_weighted_sum(parts, weights, dim), counts=counts)
+    weights, dropped = drop_nonfinite(norms, rule.example_weights(norms, state))
+    if dropped is not None:
+        zero_examples(parts, dropped)
+    return ClippedSum.of(_weighted_sum(parts, weights, dim), weights, dropped)
 
 
 def applies(rule: ClipRule, parts: list[Part], state: Any) -> bool:
@@ -88,12 +83,13 @@ def _summed(squared: list[Tensor]) -> Tensor:
 def _weighted_sum(parts: list[Part], weights: Tensor, dim: int) -> Tensor:
     """``sum_i c_i g_i`` as one flat vector: per layer, ``c_i delta_i`` once, its product with ``x`` and its sum."""
     flat = torch.empty(dim, dtype=weights.dtype, device=weights.device)
+    column = weights.unsqueeze(1)
     scaled: dict[int, Tensor] = {}
     for part in parts:
         factors: LinearFactors = part.factors  # type: ignore[attr-defined]
         layer_scaled = scaled.get(id(factors))
         if layer_scaled is None:
-            layer_scaled = scaled[id(factors)] = factors.delta * weights.unsqueeze(1)
+            layer_scaled = scaled[id(factors)] = factors.delta * column
         out = flat[part.span]
         if isinstance(part, LinearWeightPart):
             torch.mm(layer_scaled.t(), factors.x, out=out.view(part.param.shape))
