@@ -4,9 +4,9 @@ For one model and batch size, builds the benchmark's setups (:func:`bench.build_
 and each method's fast path, the same fixed batch) and prints, per setup, the number of torch operations one
 step dispatches (counted by a ``TorchDispatchMode``, as the benchmark's largest-tensor probe does; a composite
 operation counts with the operations it dispatches) and the torch profiler's ``--top`` operations by CPU time
-over ``--steps`` steps, with the CPU time per step.  ``--compile`` instead times one ``torch.compile`` d graph
-of the plain-norm clipped sum of an MLP 784-100-10 (norms, clip factors, weighted sum, counts) against the
-same code run eagerly, and reports the compile time and whether the results are bitwise equal.
+over ``--steps`` steps, with the CPU time per step.  ``--compile`` instead times the plain-norm clipped sum of
+an MLP 784-100-10 (norms, clip factors, weighted sum, counts) compiled into one graph with ``torch.compile``
+against the same code run eagerly, and reports the compile time and whether the results are bitwise equal.
 
 Run with one torch thread on one core, e.g. ``taskset -c 0 python benchmarks/step_profile.py --model mlp
 --batch-size 64 --methods fixed adaclip``.

@@ -56,7 +56,6 @@ from adaclip.engine.distributed import (
     is_initialized,
     state_tensors,
 )
-from adaclip.engine.fused import fused_clipped_sum
 from adaclip.engine.noise import NoiseDraws
 from adaclip.engine.per_example import (
     Part,
@@ -265,9 +264,6 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         Non-finite examples get weight 0 and their data is zeroed before the weighted sum.  Per-layer
         clipping takes the norms and weights of each layer (:func:`per_layer_clipped_sum`).
         """
-        fused = fused_clipped_sum(self.rule, parts, self.rule_state, dim)  # fewer operations, the same result
-        if fused is not None:
-            return fused
         if isinstance(self.rule, PerLayerClip):
             return per_layer_clipped_sum(self.rule, parts, self.rule_state, dim)
         subspace = self.rule.subspace_norm(self.rule_state)
