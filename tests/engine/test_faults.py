@@ -139,6 +139,21 @@ def test_a_custom_rule_that_ignores_the_policy_cannot_poison_the_parameters():
     assert torch.equal(flat(model), before) and optimizer.steps_taken == 0
 
 
+def test_a_finite_release_whose_sum_overflows_is_applied():
+    """The release check clears finite tensors by their sum; a sum that overflows is checked entry by entry."""
+    model = GradSampleModule(mlp())
+    optimizer = AdaptiveClipDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.3),
+        rule=FixedClip(noise_multiplier=1.0, expected_batch_size=20),
+        sample_rate=0.1,
+    )
+    huge = torch.full((4,), 1e308, dtype=torch.float64)
+    assert not torch.isfinite(huge.sum())
+    optimizer._check_finite(huge, None)  # finite: no error
+    with pytest.raises(FloatingPointError, match="non-finite the released gradient"):
+        optimizer._check_finite(torch.cat([huge, torch.tensor([float("inf")], dtype=torch.float64)]), None)
+
+
 # --- checkpoints ------------------------------------------------------------------------------------------
 
 

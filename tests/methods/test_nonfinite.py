@@ -114,6 +114,22 @@ def test_drop_nonfinite_marks_bad_norms_and_bad_weights():
     assert counts == [1.0, 0.0, 3.0]
 
 
+def test_a_finite_batch_whose_sum_overflows_keeps_every_example():
+    """The policy clears a batch by one sum; a sum that overflows (every example finite) must drop nothing."""
+    norms = torch.tensor([3e38, 3e38, 1.0], dtype=torch.float32)  # their float32 sum is inf
+    weights = torch.tensor([1e-38, 1e-38, 1.0], dtype=torch.float32)
+    assert not torch.isfinite((norms + weights).sum())
+    kept, dropped = drop_nonfinite(norms, weights)
+    assert dropped is None and kept is weights
+
+
+def test_counts_without_drops_are_the_batch_size_and_the_shrunk_examples():
+    weights = torch.tensor([1.0, 0.5, 1.0, 0.2, 0.999])
+    counts = ClippedSum.of(torch.zeros(2, dtype=torch.float32), weights).counts
+    assert counts.dtype == torch.float64 and counts.tolist() == [5.0, 3.0, 0.0]
+    assert ClippedSum.of(torch.zeros(2), torch.ones(0)).counts.tolist() == [0.0, 0.0, 0.0]
+
+
 @pytest.mark.parametrize("method", ["adaclip", "geoclip"])
 def test_a_state_of_another_dtype_is_refused_by_name(method):
     """The issue's case: ``init_state(d)`` in float32 with float64 gradients failed inside ``torch.lerp``."""

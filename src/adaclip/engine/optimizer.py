@@ -38,6 +38,7 @@ load checks against its own.  The loader's sampling generator is saved with
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import torch
@@ -254,10 +255,8 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
             )
         if self.loss_reduction == "sum":
             noisy_mean = noisy_mean * self.expected_batch_size
-        offset = 0
-        for p in params:
-            p.grad = noisy_mean[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+        for p, flat in zip(params, torch.split(noisy_mean, [p.numel() for p in params]), strict=True):
+            p.grad = flat.view_as(p)
         self.steps_taken += 1
         self.noise_draws.draw_next(self.generator, noise_size, reference.dtype, reference.device)
         if self.step_hook:
@@ -290,8 +289,8 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         pass; only a non-finite sum (a non-finite entry, or a sum that overflows) is checked entry by entry.
         """
         named = {"the released gradient": released, **{f"state.{k}": v for k, v in state_tensors(state).items()}}
-        sums = torch.stack([t.sum().to(released.device, torch.float64) for t in named.values()])
-        if bool(torch.isfinite(sums).all()):
+        sums = [t.sum().to(released.device, torch.float64) for t in named.values()]
+        if math.isfinite(float(sums[0] if len(sums) == 1 else torch.stack(sums).sum())):
             return
         bad = [name for name, t in named.items() if not bool(torch.isfinite(t).all())]
         if bad:

@@ -66,6 +66,7 @@ noise, the statistics) in one transfer: :meth:`ClippedSum.read`.
 from __future__ import annotations
 
 import inspect
+import math
 from abc import ABC
 from dataclasses import dataclass, fields, is_dataclass
 from functools import cached_property
@@ -107,10 +108,13 @@ class ClippedSum:
         ``dropped`` marks the examples dropped as non-finite (:func:`drop_nonfinite`); they are counted
         apart, not as part of the batch.
         """
-        kept = weights if dropped is None else weights[~dropped]
-        n_dropped = torch.zeros((), device=weights.device) if dropped is None else dropped.sum()
-        counts = [torch.tensor(kept.numel(), device=weights.device), (kept < 1).sum(), n_dropped]
-        return cls(vector=vector, counts=torch.stack([c.to(vector.device, torch.float64) for c in counts]))
+        if dropped is None:  # the usual case, in few operations: [n, 0, 0], then n_clipped written in
+            counts = torch.tensor((float(weights.numel()), 0.0, 0.0), dtype=torch.float64, device=vector.device)
+            counts[1] = (weights < 1).sum()
+            return cls(vector=vector, counts=counts)
+        kept = weights[~dropped]
+        parts = [torch.tensor(kept.numel(), device=weights.device), (kept < 1).sum(), dropped.sum()]
+        return cls(vector=vector, counts=torch.stack([c.to(vector.device, torch.float64) for c in parts]))
 
     def read(self, *scalars: Tensor) -> list[float]:
         """The counts and ``scalars`` (0-dim tensors on ``vector``'s device) on the host, in one synchronisation.
@@ -168,8 +172,12 @@ def drop_nonfinite(norms: Tensor, weights: Tensor) -> tuple[Tensor, Tensor | Non
 
     Returns the weights and the boolean mask of the dropped examples, ``None`` when there are none
     (the usual case; deciding it costs one host synchronisation).  A NaN or infinite entry of ``g_i``
-    makes its norm NaN or infinite, so the norms see every non-finite example.
+    makes its norm NaN or infinite, so the norms see every non-finite example.  A sum with a NaN or infinite
+    term is not finite, so one sum clears a finite batch (three operations); only a sum that is not finite
+    (a non-finite example, or an overflow) is checked example by example.
     """
+    if math.isfinite(float((norms + weights).sum())):
+        return weights, None
     dropped = ~(torch.isfinite(norms) & torch.isfinite(weights))
     if not bool(dropped.any()):
         return weights, None
