@@ -182,10 +182,29 @@ def test_checkpoint_misuse_is_named(tmp_path):
     optimizer.step()
     with pytest.warns(UserWarning, match="within an epoch of 4"):
         engine.save_checkpoint(path=tmp_path / "run.pt", module=module, optimizer=optimizer)
-    with pytest.warns(UserWarning, match="an optimizer is not given"):
-        engine.load_checkpoint(path=tmp_path / "run.pt", module=module)
+    before = [p.detach().clone() for p in module.parameters()]
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)
+    with pytest.raises(ValueError, match=r"pass optimizer=\.\.\. to load_checkpoint, or a resumed run"):
+        engine.load_checkpoint(path=tmp_path / "run.pt", module=module)  # the noise generator would restart
+    assert all(torch.equal(p, b + 1.0) for p, b in zip(module.parameters(), before, strict=True))  # nothing restored
+    with pytest.raises(ValueError, match="the history counts 0 steps but the model has taken 1"):
+        engine.accountant.load_state_dict({"history": [], "mechanism": engine.accountant.mechanism()})
     checkpoint = torch.load(tmp_path / "run.pt", weights_only=True)
     checkpoint["privacy_accountant_state_dict"]["history"] = [(SIGMA, BATCH / N, 7)]
     torch.save(checkpoint, tmp_path / "tampered.pt")
     with pytest.raises(ValueError, match="counts 7 steps but its optimizer state 1"):
         engine.load_checkpoint(path=tmp_path / "tampered.pt", module=module, optimizer=optimizer)
+
+
+def test_checkpoints_are_refused_in_data_parallel_mode(tmp_path):
+    """A checkpoint holds one rank's Poisson sampler: loaded on every rank, the ranks would draw the same pattern
+    over their shares and the batch would no longer be Poisson over all N."""
+    engine, module, optimizer, _ = _private("fixed", seed=5)
+    optimizer.distributed = True  # what make_private sets for a DDP-wrapped model or distributed=True
+    with pytest.raises(ValueError, match="save_checkpoint is not supported in data-parallel mode"):
+        engine.save_checkpoint(path=tmp_path / "run.pt", module=module, optimizer=optimizer)
+    with pytest.raises(ValueError, match="load_checkpoint is not supported in data-parallel mode"):
+        engine.load_checkpoint(path=tmp_path / "run.pt", module=module, optimizer=optimizer)
+    assert not (tmp_path / "run.pt").exists()

@@ -57,3 +57,15 @@ def test_entries_are_built_with_keywords_and_nonprivate_is_not_a_method():
     with pytest.raises(TypeError):
         Method(FixedClip, "DP-SGD", "paper", FixedClipAdapter, "clip_norm", "clip_norm")  # type: ignore[misc]
     assert NONPRIVATE == "nonprivate" and NONPRIVATE not in METHODS
+
+
+def test_per_layer_clipping_is_registered_only_for_rules_it_knows_how_to_weight():
+    from adaclip.methods import AdaCliP, register_method
+    from adaclip.methods.adaclip import AdaCliPAdapter
+
+    coordinatewise = Method(
+        rule=AdaCliP, label="x", paper="x", canary=AdaCliPAdapter, clip_bound=None, scale_parameter=None, per_layer=True
+    )
+    with pytest.raises(ValueError, match="per_layer=True needs a rule that per-layer clipping knows how to weight"):
+        register_method("coordinatewise_per_layer", coordinatewise)  # it would be weighted as DP-SGD
+    assert "coordinatewise_per_layer" not in METHODS

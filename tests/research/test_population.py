@@ -171,7 +171,10 @@ def test_records_hold_each_members_final_metrics_and_epsilon():
 
 def test_a_target_epsilon_is_calibrated_per_member():
     x, y = dataset()
-    members = [dataclasses.replace(MEMBERS[0], noise_multiplier=None, epsilon=eps) for eps in (1.0, 4.0)]
+    members = [
+        dataclasses.replace(MEMBERS[0], noise_multiplier=None, epsilon=eps, seed=seed)
+        for eps, seed in ((1.0, 11), (4.0, 12))
+    ]
     records = train_population(
         members,
         splits(x, y),
@@ -250,3 +253,13 @@ def test_a_diverging_member_stops_alone():
     assert together[1]["per_epoch"][-1]["train_loss"] is None
     assert 0 < together[1]["steps"] < together[0]["steps"]
     assert together[0] == alone[0]
+
+
+def test_private_members_may_not_share_their_noise():
+    """Two releases with the same noise draw give away the difference of their clipped sums without noise."""
+    twins = [Member("fixed", lr=lr, noise_multiplier=SIGMA, method_params={"clip_norm": 1.0}, seed=3) for lr in (1, 2)]
+    arguments = dict(model="logistic", num_features=FEATURES, num_outputs=CLASSES, expected_batch_size=BATCH)
+    with pytest.raises(ValueError, match=r"private members share seed\(s\) \[3\]"):
+        Population(twins, privacy=Privacy(BATCH / N, 8, DELTA, "rdp"), **arguments)
+    baseline = [Member("nonprivate", lr=0.1, seed=3), twins[0]]  # a non-private member draws no noise
+    assert len(Population(baseline, privacy=Privacy(BATCH / N, 8, DELTA, "rdp"), **arguments).members) == 2

@@ -93,6 +93,12 @@ def restore_checkpoint(
     module's and the accountant's states and the caller's own ``checkpoint_dict`` entries.  Warns, as Opacus
     does, when the checkpoint has an optimizer state but no optimizer is given, or the other way round.
     """
+    if optimizer is None and checkpoint.get("optimizer_state_dict"):  # checked before anything is restored
+        raise ValueError(
+            "the checkpoint holds the optimizer's state (the rule's state, the noise generator and the steps "
+            "taken): pass optimizer=... to load_checkpoint, or a resumed run would draw again the noise it has "
+            "already released"
+        )
     module.load_state_dict(checkpoint["module_state_dict"], **(module_load_dict_kwargs or {}))
     load_accountant_state(checkpoint["privacy_accountant_state_dict"])
     optimizer_state = checkpoint.pop("optimizer_state_dict", None)
@@ -104,11 +110,9 @@ def restore_checkpoint(
             if saved_clip is not None and hasattr(optimizer.rule, "clip_norm"):
                 optimizer.max_grad_norm = saved_clip
         optimizer.load_state_dict(optimizer_state)
-    elif (optimizer is None) != (not optimizer_state):
-        given = "given" if optimizer is not None else "not given"
+    elif optimizer is not None and not optimizer_state:
         warnings.warn(
-            f"the checkpoint has {len(optimizer_state or {})} optimizer entries but an optimizer is {given}: the "
-            "rule's state and the noise generator are not restored",
+            "the checkpoint has no optimizer state: the optimizer given starts its rule's state and noise afresh",
             stacklevel=3,
         )
     noise_scheduler_state = checkpoint.pop("noise_scheduler_state_dict", None)

@@ -23,6 +23,7 @@ have Opacus's signatures and carry the run's whole privacy state (:mod:`adaclip.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections import OrderedDict
@@ -109,8 +110,13 @@ class EngineAccountant:
 
         The history must be of one noise multiplier and one sample rate, those of this engine's run
         once it is made private: its steps become the optimizer's step count, so that epsilon counts
-        them.  ``ValueError`` otherwise.
+        them.  ``ValueError`` otherwise, and for a history with fewer steps than the attached optimizer has
+        taken: the model has seen those steps, so forgetting them would under-count epsilon (restore an
+        earlier model with :meth:`PrivacyEngine.load_checkpoint`, which rewinds model and history together).
         """
+        self._load(state_dict, rewind=False)
+
+    def _load(self, state_dict: dict[str, Any], *, rewind: bool) -> None:
         if not isinstance(state_dict, dict) or not {"history", "mechanism"} <= state_dict.keys():
             raise ValueError(
                 f"state_dict must hold 'history' and 'mechanism' (an accountant's state_dict()), got {state_dict!r}"
@@ -126,6 +132,11 @@ class EngineAccountant:
                 "this engine has one; continue it with the settings it was saved with"
             )
         steps = sum(int(count) for _, _, count in state_dict["history"])
+        if not rewind and self.optimizer is not None and steps < self.optimizer.steps_taken:
+            raise ValueError(
+                f"the history counts {steps} steps but the model has taken {self.optimizer.steps_taken}: loading it "
+                "would under-count epsilon; use PrivacyEngine.load_checkpoint to rewind the model with its history"
+            )
         self._loaded = (*settings.pop(), steps) if settings and steps else None
         if self.optimizer is not None:
             self._apply_loaded(self.optimizer)
@@ -306,6 +317,16 @@ class PrivacyEngine:
         """Epsilon spent so far at ``delta``, with the engine's accountant (0 before the first step)."""
         return self.accountant.get_epsilon(delta)
 
+    def _refuse_data_parallel(self, what: str) -> None:
+        """Checkpoints hold one rank's Poisson sampler: loaded on every rank, all ranks would draw the same pattern
+        over their shares and the batch would no longer be Poisson over all N (the accounting's assumption)."""
+        optimizer = self.accountant.optimizer
+        if optimizer is not None and optimizer.distributed:
+            raise ValueError(
+                f"{what} is not supported in data-parallel mode (each rank samples its own share of the batch, and "
+                "a checkpoint holds one rank's sampler): train to the end, or resume by retraining from the start"
+            )
+
     def save_checkpoint(
         self,
         *,
@@ -325,6 +346,7 @@ class PrivacyEngine:
         (:mod:`adaclip.engine.checkpoint`); ``checkpoint_dict`` adds the caller's own entries.  Save at the end
         of an epoch for an exact resume (a warning says when a checkpoint falls within one).
         """
+        self._refuse_data_parallel("save_checkpoint")
         checkpoint = build_checkpoint(
             module=module,
             accountant_state=self.accountant.state_dict(),
@@ -362,11 +384,12 @@ class PrivacyEngine:
                 "load_checkpoint restores a run into the objects make_private returns: call make_private first, "
                 "then load_checkpoint(path=..., module=model, optimizer=optimizer)"
             )
+        self._refuse_data_parallel("load_checkpoint")
         checkpoint = torch.load(path, **{"weights_only": True, **(torch_load_kwargs or {})})
         rest = restore_checkpoint(
             checkpoint,
             module=module,
-            load_accountant_state=self.accountant.load_state_dict,
+            load_accountant_state=functools.partial(self.accountant._load, rewind=True),
             optimizer=optimizer,
             loader=self.data_loader,
             noise_scheduler=noise_scheduler,

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from adaclip._validate import require_one_of
+from adaclip._validate import require, require_one_of
 from adaclip.methods.adaclip import AdaCliP, AdaCliPAdapter
 from adaclip.methods.adambc import AdamBC, AdamBCAdapter
 from adaclip.methods.auto import AutoClip, AutoClipAdapter
@@ -79,6 +79,11 @@ def _rule_parameters(rule: type[ClipRule]) -> list[str]:
     return [p for p in inspect.signature(rule).parameters if p not in _SET_BY_ENGINE]
 
 
+PER_LAYER_RULES: tuple[type[ClipRule], ...] = (FixedClip, QuantileClip, AutoClip, PerSampleAdaptiveClip)
+"""The rules :class:`~adaclip.methods.per_layer.PerLayerClip` weights per layer (their own weight at each layer's
+bound); a subclass of one of them is weighted as that rule."""
+
+
 def register_method(name: str, entry: Method) -> None:
     """Add method ``name``; the engine, the CLI, the sweeps, the labels and the audit then offer it.
 
@@ -91,6 +96,12 @@ def register_method(name: str, entry: Method) -> None:
         )
     if not isinstance(entry, Method):
         raise ValueError(f"entry must be a Method, got {type(entry).__name__}")
+    require(
+        not entry.per_layer or issubclass(entry.rule, PER_LAYER_RULES),
+        f"per_layer=True needs a rule that per-layer clipping knows how to weight (a subclass of "
+        f"{', '.join(rule.__name__ for rule in PER_LAYER_RULES)}), got {entry.rule.__name__}; give per_layer=False "
+        "with a per_layer_refusal",
+    )
     accepted = _rule_parameters(entry.rule)
     for field_name in ("clip_bound", "scale_parameter"):
         parameter = getattr(entry, field_name)

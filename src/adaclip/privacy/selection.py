@@ -11,6 +11,10 @@ the best run.  Every run touched the data, so the selected model's epsilon is *n
   ``Q`` ``K`` times and release only the best run; the cost grows with ``log E[K]`` instead of ``K``
   (:func:`selection_rdp`, their Theorems 2 and 6).
 
+Both bounds assume independent runs: each run's noise (and its Poisson sampling) drawn afresh.  Runs that share
+their noise draws (the same seed) are not covered: two releases with the same noise give away the difference of
+their clipped sums without any noise.
+
 The score that ranks the runs is part of each run's output, so it must be computed inside ``Q``'s guarantee
 (on data the guarantee does not cover, or privately): a validation score on private rows computed without noise
 is a release that neither bound accounts for.
@@ -41,6 +45,7 @@ from adaclip._validate import (
     require_non_negative,
     require_open_unit,
     require_positive,
+    require_rate,
 )
 from adaclip.privacy import accounting
 
@@ -150,9 +155,7 @@ def single_run_rdp(
     """The RDP curve of one run: ``steps`` Poisson-subsampled Gaussian steps at each order (Mironov, Talwar,
     Zhang 2019, via Opacus, as the package's RDP accountant computes it)."""
     sigma = require_positive("noise_multiplier", noise_multiplier)
-    rate = require_positive("sample_rate", sample_rate)
-    if rate > 1:
-        raise ValueError(f"sample_rate must lie in (0, 1] (expected batch size / dataset size), got {sample_rate!r}")
+    rate = require_rate("sample_rate", sample_rate, " (expected batch size / dataset size)")
     count = require_int("steps", steps)
     grid = _checked_orders(orders)
     curve = compute_rdp(q=rate, noise_multiplier=sigma, steps=count, orders=list(grid))

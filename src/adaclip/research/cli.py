@@ -31,7 +31,7 @@ from adaclip.research.records import load_yaml, parse_yaml_value, read_records
 
 COMMAND_MODULES = {
     "train": "adaclip.research.train",
-    "prepare": "adaclip.research.data",
+    "prepare": "adaclip.research.datasets",
     "sweep": "adaclip.research.sweeps",
     "aggregate": "adaclip.research.report",
 }

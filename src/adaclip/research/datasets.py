@@ -282,10 +282,6 @@ def _tabular_train_size(n: int) -> int:
     return n - 2 * round(0.1 * n)
 
 
-# The image rates are the best of a three-point search with the tanh CNN on Fashion-MNIST at epsilon = 3,
-# 5 epochs (reports/probes/fmnist_eps3_cnn*.md; GeoClip's with rank=64, which the CNN needs).  The
-# tabular and synthetic rates are the best on validation of a three-point search at epsilon = 3 over
-# seeds 0 and 1 (reports/probes/new_methods.md).  A method without an entry in ``method_lr`` uses ``lr``.
 _IDX_TRAIN_SIZE = 60000 - data.VALIDATION_SIZE
 
 

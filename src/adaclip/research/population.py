@@ -173,6 +173,14 @@ class Population:
             raise ValueError(f"num_outputs must be 1 for model 'linear', got {num_outputs}")
         require_int("expected_batch_size", expected_batch_size)
         private = [m for m in members if m.method != NONPRIVATE]
+        seeds = [m.seed for m in private]
+        shared = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+        if shared:
+            raise ValueError(
+                f"private members share seed(s) {shared}: their noise would be the same draw, and two releases with "
+                "the same noise give away the difference of their clipped sums without noise; give each private "
+                "member its own seed"
+            )
         if private and privacy is None:
             raise ValueError("privacy (sample rate, planned steps, delta, accountant) is needed for private members")
         if privacy is not None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from adaclip._validate import require_int
+from adaclip._validate import require_delta_below_inverse_n, require_int
 from adaclip.engine.private import _seeds
 from adaclip.engine.sampling import PoissonBatchSampler, gather_rows
 from adaclip.methods import NONPRIVATE
@@ -103,6 +103,8 @@ def train_population(
     sample_rate = batch_size / num_examples
     if delta is None:
         delta = default_delta(num_examples)
+    elif private:
+        require_delta_below_inverse_n(delta, num_examples)
     privacy = Privacy(sample_rate, epochs * int(1 / sample_rate), delta, accountant) if private else None
     population = Population(
         members,

@@ -298,6 +298,9 @@ def summarise(
         "anchors": {} if accuracy is None else _anchors(accuracy, params),
         "size": {} if size is None or accuracy is None else _size(size, accuracy, params),
         "size_task": params.size.task,
+        "higher_is_better": {
+            task: dataset_spec(spec.dataset).higher_is_better for task, spec in params.setting.tasks.items()
+        },
         "diagnostics": {} if diagnostics is None else _diagnostics(diagnostics),
         "heterogeneity": (
             {} if diagnostics is None or accuracy is None else _heterogeneity(diagnostics, accuracy, params)
@@ -436,7 +439,7 @@ def tuning_finding(summary: dict[str, Any]) -> str | None:
     tuning = summary["tuning"].get(main)
     if not tuning:
         return None
-    higher = summary["accuracy"].get(main, {}).get("higher_is_better", True)
+    higher = summary["higher_is_better"][main]
     digits = 1 if higher else 3
 
     def one_cell(value: float | None) -> str:
@@ -504,7 +507,7 @@ def size_finding(summary: dict[str, Any]) -> str | None:
     if "fixed" not in size or "adaclip" not in size:
         return None
     sizes = sorted(size["adaclip"], key=int)
-    higher = summary["accuracy"].get(summary["size_task"], {}).get("higher_is_better", True)
+    higher = summary["higher_is_better"][summary["size_task"]]
     digits, unit = (1, " points") if higher else (3, "")
     parts = []
     for n in dict.fromkeys((sizes[0], sizes[-1])):
