@@ -23,7 +23,7 @@ def shows_a_figure_and_a_finding(executed: dict) -> bool:
         for c in executed["cells"]
         if "findings" in c.get("metadata", {}).get("tags", [])
         for o in c.get("outputs", [])
-        if o.get("data", {}).get("text/markdown", "").strip()
+        if "".join(o.get("data", {}).get("text/markdown", "")).strip()  # a string, or a list of lines once saved
     ]
     return any("image/png" in o.get("data", {}) for o in outputs) and bool(findings)
 

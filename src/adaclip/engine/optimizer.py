@@ -157,14 +157,14 @@ class AdaptiveClipDPOptimizer(DPOptimizer):
         nonfinite: NonFinite = "drop",
         draw_noise_ahead: bool = True,
     ) -> None:
-        check_step_options(
-            per_example=per_example, nonfinite=nonfinite, distributed=distributed, check_replicas=check_replicas
-        )
         if distributed and generator is None:
             raise ValueError(
                 "distributed=True needs a noise generator seeded identically on every rank (generator=...), so that "
                 "the noise enters the global sum once; make_private(..., distributed=True) sets one up"
             )
+        check_step_options(
+            per_example=per_example, nonfinite=nonfinite, distributed=distributed, check_replicas=check_replicas
+        )
         super().__init__(
             optimizer,
             noise_multiplier=rule.noise_multiplier,

@@ -95,7 +95,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         rank = require_int("rank", rank, minimum=0)
         if rank >= world_size:
             raise ValueError(f"rank must be below world_size={world_size}, got {rank!r}")
-        num_examples = require_int("num_examples (every rank needs an example)", num_examples, minimum=world_size)
+        num_examples = require_int(
+            f"num_examples (at least world_size={world_size}: every rank needs an example)",
+            num_examples,
+            minimum=world_size,
+        )
         self.num_examples, self.sample_rate, self.generator = (
             num_examples,
             require_rate("sample_rate", sample_rate),
