@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -108,6 +109,11 @@ def spans_decades(values: Any, decades: float = 2.0) -> bool:
 def _category_ticks(ax: Axes, positions: Sequence[float], names: Sequence[str]) -> None:
     """Category names under the x-axis, rotated so that long names do not overprint their neighbours."""
     ax.set_xticks(list(positions), list(names), rotation=40, ha="right", rotation_mode="anchor")
+
+
+def _wrapped(text: str, width: int = 28) -> str:
+    """An axis label broken into lines of at most ``width`` characters, so that it fits beside one panel."""
+    return textwrap.fill(text, width)
 
 
 def comparable_snr(table: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -330,7 +336,7 @@ def step_statistic(series: pd.DataFrame, *, ylabel: str, title: str, log_y: bool
         if log_y or (drawn and spans_decades(np.concatenate(drawn))):
             ax.set_yscale("log")
         ax.set_xlabel("training step")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(_wrapped(ylabel))
         ax.set_title(task, fontsize="medium")
     _legend_outside(fig, *axes)
     fig.suptitle(title, fontsize="medium", wrap=True)
@@ -436,8 +442,9 @@ def audit_results(results: Sequence[Any], *, delta: float) -> Figure:
     left.set_xscale("symlog", linthresh=2)
     left.set_yticks(list(rows), [r.name for r in ordered])
     left.set_xlabel("μ̂ with its band (o); the analysis's μ (|)")
+    largest = max([1.0, *(max(r.lower_bound.epsilon, r.theoretical_epsilon) for r in ordered)])
     right.set_xscale("symlog", linthresh=1)
-    right.set_xlim(left=0)
+    right.set_xlim(0, 3 * largest)  # a margin of half a decade beyond the largest value
     right.set_xlabel(f"ε lower bound (o); theory (|), δ = {delta:g}")
     fig.suptitle(
         "Privacy audit (rules: PLD at q = 1; optimizer: PRV); green: no violation found, red: caught", fontsize="medium"
@@ -474,7 +481,7 @@ def gains_against_heterogeneity(gains: pd.DataFrame, *, ylabel: str, caption: st
         ax.grid(False, axis="x")
         ax.set_title(f"{task} (h = {h:.2g})", fontsize="medium")
         if position % MAX_COLUMNS == 0:
-            ax.set_ylabel(ylabel)
+            ax.set_ylabel(_wrapped(ylabel))
     ratios = axes[-1]
     for index, method in enumerate(methods):
         block = gains[gains["method"] == method].sort_values("heterogeneity")
@@ -488,7 +495,7 @@ def gains_against_heterogeneity(gains: pd.DataFrame, *, ylabel: str, caption: st
     ratios.set_xlabel("heterogeneity index h = (Σ s_j)² / (d Σ s_j²)")
     if spans_decades(gains["snr_ratio"], decades=0.0):  # positive ratios: a log axis centres 1
         ratios.set_yscale("log")
-    ratios.set_ylabel("release SNR relative to DP-SGD's")
+    ratios.set_ylabel(_wrapped("release SNR relative to DP-SGD's"))
     ratios.set_title("all tasks", fontsize="medium")
     _legend_outside(fig, *axes)
     fig.suptitle(caption, fontsize="medium", wrap=True)
