@@ -5,12 +5,18 @@ Each function returns a matplotlib ``Figure``; notebooks save it with
 every figure; methods that share an x value are shifted apart slightly so that none hides another;
 legends sit outside the axes; intervals are drawn as error bars or bands and the caption says which;
 every title or caption carries (epsilon, delta, accountant) where privacy is involved.
+
+Legibility at the report's width (about 1 000 px for a 150 dpi PNG): panels sit in a grid at most
+:data:`MAX_COLUMNS` across and no figure is wider than :data:`MAX_WIDTH_INCHES`; a metric's axis and the
+intervals drawn on it stay inside the metric's range (:func:`metric_range`); positive values spanning two
+decades or more get a log axis; long category names are rotated so that no two tick labels overlap.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -44,6 +50,70 @@ def _marker(method: str) -> str:
 
 def _linestyle(method: str) -> Any:
     return _LINESTYLES.get(method, "-")
+
+
+MAX_COLUMNS = 3
+"""The most panels side by side in one figure."""
+MAX_WIDTH_INCHES = 15.0
+"""The widest figure, in inches at the report's savefig dpi (150): about 2 250 px shown at about 1 000 px."""
+_PANEL_WIDTH = 3.8
+_LEGEND_WIDTH = 2.4
+
+
+def _panel_grid(
+    count: int, *, height: float, width: float = _PANEL_WIDTH, extra_width: float = _LEGEND_WIDTH
+) -> tuple[Figure, list[Axes]]:
+    """``count`` panels in rows of at most :data:`MAX_COLUMNS`, with ``extra_width`` inches for a legend or a
+    colour bar; the grid's unused cells are removed."""
+    columns = max(1, min(count, MAX_COLUMNS))
+    rows = max(1, math.ceil(count / columns))
+    figure_width = min(width * columns + extra_width, MAX_WIDTH_INCHES)
+    fig, axes = plt.subplots(rows, columns, figsize=(figure_width, height * rows), squeeze=False, layout="constrained")
+    flat = list(axes.flat)
+    for ax in flat[count:]:
+        fig.delaxes(ax)
+    return fig, flat[:count]
+
+
+def metric_range(metric_name: str) -> tuple[float, float]:
+    """The values a metric can take, read from its name: accuracy in % within [0, 100] (a fraction within
+    [0, 1]), an MSE or a loss at or above 0; a difference or anything else unbounded."""
+    name = metric_name.lower()
+    if "difference" in name:
+        return -math.inf, math.inf
+    if "accuracy" in name:
+        return (0.0, 100.0) if "%" in name else (0.0, 1.0)
+    if "mse" in name or "loss" in name:
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def _respect_range(ax: Axes, bounds: tuple[float, float]) -> None:
+    """Clip the y-axis (after autoscaling) to the metric's range, so no axis runs past 100 % or below an MSE of 0."""
+    low, high = ax.get_ylim()
+    clipped = (max(low, bounds[0]), min(high, bounds[1]))
+    if clipped[0] < clipped[1]:
+        ax.set_ylim(*clipped)
+
+
+def spans_decades(values: Any, decades: float = 2.0) -> bool:
+    """Whether the finite values are all positive and their largest is at least ``10**decades`` times the
+    smallest (such values get a log axis)."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size < 2 or (finite <= 0).any():
+        return False
+    return bool(finite.max() >= finite.min() * 10**decades)
+
+
+def _category_ticks(ax: Axes, positions: Sequence[float], names: Sequence[str]) -> None:
+    """Category names under the x-axis, rotated so that long names do not overprint their neighbours."""
+    ax.set_xticks(list(positions), list(names), rotation=40, ha="right", rotation_mode="anchor")
+
+
+def _wrapped(text: str, width: int = 28) -> str:
+    """An axis label broken into lines of at most ``width`` characters, so that it fits beside one panel."""
+    return textwrap.fill(text, width)
 
 
 def comparable_snr(table: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -93,18 +163,23 @@ def interval_lines(
     *,
     log_x: bool,
     methods: Sequence[str] | None = None,
+    bounds: tuple[float, float] = (-math.inf, math.inf),
 ) -> None:
-    """Mean with its interval (``low``/``high``) against ``x`` per method, dodged; non-private dashed."""
+    """Mean with its interval (``low``/``high``, clipped to ``bounds``: the metric's range) against ``x`` per
+    method, dodged; non-private dashed."""
     names = list(methods) if methods is not None else _methods(summary)
     for index, method in enumerate(names):
         block = summary[summary["method"] == method].sort_values(x)
         if block.empty:
             continue
         xs = _dodge(block[x].to_numpy(dtype=float), index, len(names), log_x)
+        mean = block["mean"].to_numpy(dtype=float)
+        low = np.clip(block["low"].to_numpy(dtype=float), *bounds)
+        high = np.clip(block["high"].to_numpy(dtype=float), *bounds)
         ax.errorbar(
             xs,
-            block["mean"],
-            yerr=[block["mean"] - block["low"], block["high"] - block["mean"]],
+            mean,
+            yerr=[np.maximum(mean - low, 0.0), np.maximum(high - mean, 0.0)],
             label=label(method),
             color=color(method),
             marker=_marker(method),
@@ -129,41 +204,44 @@ def accuracy_against_epsilon(
     the MSE of predicting the training mean).
     """
     tasks = sorted(summary["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks) + 1.8, 4.0), squeeze=False, layout="constrained")
-    for ax, task in zip(axes[0], tasks, strict=True):
+    fig, axes = _panel_grid(len(tasks), height=3.4)
+    for ax, task in zip(axes, tasks, strict=True):
         block = summary[summary["task"] == task]
+        bounds = metric_range(block["metric_name"].iloc[0])
         private = block[block["method"] != NONPRIVATE]
-        interval_lines(ax, private, "target_epsilon", log_x=True)
+        interval_lines(ax, private, "target_epsilon", log_x=True, bounds=bounds)
         baseline = block[block["method"] == NONPRIVATE]
         if not baseline.empty:
             row = baseline.iloc[0]
             ax.axhline(row["mean"], color=color(NONPRIVATE), linestyle="--", label=label(NONPRIVATE))
-            ax.axhspan(row["low"], row["high"], color=color(NONPRIVATE), alpha=0.15)
+            band = np.clip([float(row["low"]), float(row["high"])], *bounds)
+            ax.axhspan(band[0], band[1], color=color(NONPRIVATE), alpha=0.15)
         if references and task in references:
             ax.axhline(references[task], color="black", linestyle=":", linewidth=1, label="predict the training mean")
         _log_ticks(ax, private["target_epsilon"].tolist())
+        _respect_range(ax, bounds)
         ax.set_xlabel("target ε")
         ax.set_ylabel(block["metric_name"].iloc[0])
         ax.set_title(task, fontsize="medium")
-    _legend_outside(fig, *axes[0])
-    fig.suptitle(caption, fontsize="medium")
+    _legend_outside(fig, *axes)
+    fig.suptitle(caption, fontsize="medium", wrap=True)
     return fig
 
 
 def paired_differences(differences: pd.DataFrame, *, caption: str) -> Figure:
     """Each method's seed-paired difference to DP-SGD with its 95 % interval, per task and epsilon."""
     tasks = sorted(differences["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks) + 1.8, 4.0), squeeze=False, layout="constrained")
-    for ax, task in zip(axes[0], tasks, strict=True):
+    fig, axes = _panel_grid(len(tasks), height=3.4)
+    for ax, task in zip(axes, tasks, strict=True):
         block = differences[differences["task"] == task].rename(columns={"difference": "mean"})
         interval_lines(ax, block, "target_epsilon", log_x=True)
         ax.axhline(0.0, color=color("fixed"), linewidth=1, label="DP-SGD (tuned)")
         _log_ticks(ax, block["target_epsilon"].tolist())
         ax.set_xlabel("target ε")
-        ax.set_ylabel("difference to DP-SGD (paired by seed)")
+        ax.set_ylabel("difference to DP-SGD\n(paired by seed)")
         ax.set_title(task, fontsize="medium")
-    _legend_outside(fig, *axes[0])
-    fig.suptitle(caption, fontsize="medium")
+    _legend_outside(fig, *axes)
+    fig.suptitle(caption, fontsize="medium", wrap=True)
     return fig
 
 
@@ -171,11 +249,11 @@ def tuning_heatmaps(grid: pd.DataFrame, *, task: str, caption: str) -> Figure:
     """Validation metric over the learning-rate x scale grid, one heatmap per method (one row for AUTO-S)."""
     block = grid[grid["task"] == task]
     methods = [m for m in _methods(block) if m != NONPRIVATE]
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.4 * len(methods), 3.6), squeeze=False, layout="constrained")
+    fig, axes = _panel_grid(len(methods), height=3.2, width=3.6, extra_width=1.2)
     values = block["val_metric"].dropna()
     low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
     image = None
-    for ax, method in zip(axes[0], methods, strict=True):
+    for ax, method in zip(axes, methods, strict=True):
         cells = block[block["method"] == method]
         entry = METHODS.get(method)
         parameter = entry.scale_parameter if entry is not None else None
@@ -188,7 +266,9 @@ def tuning_heatmaps(grid: pd.DataFrame, *, task: str, caption: str) -> Figure:
             table.to_numpy(dtype=float), cmap="viridis", vmin=low, vmax=high, origin="lower", aspect="auto"
         )
         ax.grid(False)
-        ax.set_xticks(range(table.shape[1]), [f"{v:.3g}" for v in table.columns], rotation=45)
+        ax.set_xticks(
+            range(table.shape[1]), [f"{v:.3g}" for v in table.columns], rotation=45, ha="right", rotation_mode="anchor"
+        )
         ax.set_yticks(range(table.shape[0]), [f"{v:.3g}" if isinstance(v, float) else str(v) for v in table.index])
         for (row, col), value in np.ndenumerate(table.to_numpy(dtype=float)):
             text = "div." if math.isnan(value) else f"{value:.1f}"
@@ -197,8 +277,8 @@ def tuning_heatmaps(grid: pd.DataFrame, *, task: str, caption: str) -> Figure:
         ax.set_ylabel(parameter or "")
         ax.set_title(label(method), fontsize="medium")
     if image is not None:
-        fig.colorbar(image, ax=axes[0].tolist(), label=block["metric_name"].iloc[0].replace("test", "validation"))
-    fig.suptitle(caption, fontsize="medium")
+        fig.colorbar(image, ax=axes, label=block["metric_name"].iloc[0].replace("test", "validation"))
+    fig.suptitle(caption, fontsize="medium", wrap=True)
     return fig
 
 
@@ -228,8 +308,10 @@ def tuning_curves(cost: pd.DataFrame, *, task: str, ylabel: str, caption: str) -
 def metric_against_size(summary: pd.DataFrame, *, ylabel: str, caption: str) -> Figure:
     """Test metric against the training-set size with 95 % intervals per method (non-private dashed)."""
     fig, ax = plt.subplots(figsize=(7.2, 4.2), layout="constrained")
-    interval_lines(ax, summary, "train_size", log_x=True)
+    bounds = metric_range(ylabel)
+    interval_lines(ax, summary, "train_size", log_x=True, bounds=bounds)
     _log_ticks(ax, summary["train_size"].tolist())
+    _respect_range(ax, bounds)
     ax.set_xlabel("training examples n (same steps and sampling rate for every n)")
     ax.set_ylabel(ylabel)
     ax.set_title(caption, fontsize="medium")
@@ -238,22 +320,26 @@ def metric_against_size(summary: pd.DataFrame, *, ylabel: str, caption: str) -> 
 
 
 def step_statistic(series: pd.DataFrame, *, ylabel: str, title: str, log_y: bool = False, window: int = 10) -> Figure:
-    """A per-step statistic (``analysis.step_series``) per method, one panel per task, smoothed over ``window``."""
+    """A per-step statistic (``analysis.step_series``) per method, one panel per task, smoothed over ``window``.
+
+    The y-axis is logarithmic if ``log_y`` or if the statistic's positive values span two decades or more."""
     tasks = sorted(series["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks) + 1.8, 3.8), squeeze=False, layout="constrained")
-    for ax, task in zip(axes[0], tasks, strict=True):
+    fig, axes = _panel_grid(len(tasks), height=3.2)
+    for ax, task in zip(axes, tasks, strict=True):
         block = series[series["task"] == task]
+        drawn = []
         for method in _methods(block):
             steps = block[block["method"] == method].sort_values("step")
             smooth = steps["value"].astype(float).rolling(window, min_periods=1).mean()
+            drawn.append(smooth.to_numpy())
             ax.plot(steps["step"], smooth, label=label(method), color=color(method), linestyle=_linestyle(method))
-        if log_y:
+        if log_y or (drawn and spans_decades(np.concatenate(drawn))):
             ax.set_yscale("log")
         ax.set_xlabel("training step")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(_wrapped(ylabel))
         ax.set_title(task, fontsize="medium")
-    _legend_outside(fig, *axes[0])
-    fig.suptitle(title, fontsize="medium")
+    _legend_outside(fig, *axes)
+    fig.suptitle(title, fontsize="medium", wrap=True)
     return fig
 
 
@@ -261,7 +347,7 @@ def heterogeneity_saving(summary: pd.DataFrame, *, caption: str) -> Figure:
     """Per task: the best saving ``1 - h`` coordinate-wise clipping allows on AdaCliP's run (on every method's runs
     if AdaCliP did not run), and what AdaCliP's ``b`` achieved."""
     tasks = sorted(summary["task"].unique())
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), layout="constrained")
+    fig, ax = plt.subplots(figsize=(min(3.6 + 0.8 * len(tasks), 10.0), 4.2), layout="constrained")
     positions = np.arange(len(tasks))
     best, achieved = [], []
     for task in tasks:
@@ -273,9 +359,9 @@ def heterogeneity_saving(summary: pd.DataFrame, *, caption: str) -> Figure:
     ax.bar(positions - 0.2, best, width=0.4, color="lightgray", label="best possible, 1 − h (Thm. 2)")
     ax.bar(positions + 0.2, achieved, width=0.4, color=color("adaclip"), label="achieved by AdaCliP's b")
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(positions, tasks)
-    ax.set_ylabel("noise-power saving vs isotropic clipping")
-    ax.set_title(caption, fontsize="medium")
+    _category_ticks(ax, positions, tasks)
+    ax.set_ylabel("noise-power saving\nvs isotropic clipping")
+    ax.set_title(caption, fontsize="medium", wrap=True)
     _legend_outside(fig, ax)
     return fig
 
@@ -301,18 +387,19 @@ def theory_noise(
 def training_curves(curves: pd.DataFrame, *, title: str) -> Figure:
     """Test metric against epoch per method (mean over seeds), one panel per task; integer epoch ticks."""
     tasks = sorted(curves["task"].unique())
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks) + 1.8, 3.8), squeeze=False, layout="constrained")
-    for ax, task in zip(axes[0], tasks, strict=True):
+    fig, axes = _panel_grid(len(tasks), height=3.2)
+    for ax, task in zip(axes, tasks, strict=True):
         block = curves[curves["task"] == task]
         for method in _methods(block):
             mean = block[block["method"] == method].groupby("epoch")["metric"].mean()
             ax.plot(mean.index, mean.to_numpy(), label=label(method), color=color(method), linestyle=_linestyle(method))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _respect_range(ax, metric_range(block["metric_name"].iloc[0]))
         ax.set_title(task, fontsize="medium")
         ax.set_xlabel("epoch")
         ax.set_ylabel(block["metric_name"].iloc[0])
-    _legend_outside(fig, *axes[0])
-    fig.suptitle(title, fontsize="medium")
+    _legend_outside(fig, *axes)
+    fig.suptitle(title, fontsize="medium", wrap=True)
     return fig
 
 
@@ -331,7 +418,10 @@ def epsilon_against_steps(curve: pd.DataFrame, accountants: Sequence[str], *, ti
 
 def audit_results(results: Sequence[Any], *, delta: float) -> Figure:
     """Per audit: the standardised mean shift with its band against the analysis's mu, and the epsilon lower
-    bound against theory (green: no violation found, red: caught)."""
+    bound against theory (green: no violation found, red: caught).
+
+    Both axes are logarithmic above 1 and linear below (symlog): a caught violation lies decades above the
+    theory, and a lower bound of 0 stays on the axis."""
     ordered = list(results)[::-1]
     rows = range(len(ordered))
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.45 * len(ordered) + 1.8), sharey=True, layout="constrained")
@@ -352,6 +442,9 @@ def audit_results(results: Sequence[Any], *, delta: float) -> Figure:
     left.set_xscale("symlog", linthresh=2)
     left.set_yticks(list(rows), [r.name for r in ordered])
     left.set_xlabel("μ̂ with its band (o); the analysis's μ (|)")
+    largest = max([1.0, *(max(r.lower_bound.epsilon, r.theoretical_epsilon) for r in ordered)])
+    right.set_xscale("symlog", linthresh=1)
+    right.set_xlim(0, 3 * largest)  # a margin of half a decade beyond the largest value
     right.set_xlabel(f"ε lower bound (o); theory (|), δ = {delta:g}")
     fig.suptitle(
         "Privacy audit (rules: PLD at q = 1; optimizer: PRV); green: no violation found, red: caught", fontsize="medium"
@@ -360,36 +453,50 @@ def audit_results(results: Sequence[Any], *, delta: float) -> Figure:
 
 
 def gains_against_heterogeneity(gains: pd.DataFrame, *, ylabel: str, caption: str) -> Figure:
-    """Each method's gain over DP-SGD against the task's heterogeneity index ``h``: the seed-paired accuracy
-    difference with its 95 % interval (left) and the ratio of release signal-to-noise ratios (right)."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.2), layout="constrained")
+    """Each method's gain over DP-SGD, one panel per task in order of the task's heterogeneity index ``h`` (its own
+    y-scale, so that one task's wide intervals squash no other): the seed-paired difference with its 95 % interval;
+    and a last panel with the ratio of release signal-to-noise ratios against ``h`` on log axes."""
+    order = gains.groupby("task")["heterogeneity"].first().sort_values()
     methods = _methods(gains)
+    fig, axes = _panel_grid(len(order) + 1, height=3.4)
+    for position, (ax, (task, h)) in enumerate(zip(axes, order.items(), strict=False)):
+        block = gains[gains["task"] == task]
+        for index, method in enumerate(methods):
+            rows = block[block["method"] == method]
+            if rows.empty:
+                continue
+            difference = rows["difference"].to_numpy(dtype=float)
+            ax.errorbar(
+                np.full(len(rows), index),
+                difference,
+                yerr=[difference - rows["low"].to_numpy(dtype=float), rows["high"].to_numpy(dtype=float) - difference],
+                linestyle="none",
+                capsize=3,
+                color=color(method),
+                marker=_marker(method),
+                label=label(method),
+            )
+        ax.axhline(0.0, color=color("fixed"), linewidth=1, label="DP-SGD (tuned)")
+        _category_ticks(ax, range(len(methods)), [label(m) for m in methods])
+        ax.grid(False, axis="x")
+        ax.set_title(f"{task} (h = {h:.2g})", fontsize="medium")
+        if position % MAX_COLUMNS == 0:
+            ax.set_ylabel(_wrapped(ylabel))
+    ratios = axes[-1]
     for index, method in enumerate(methods):
         block = gains[gains["method"] == method].sort_values("heterogeneity")
         xs = _dodge(block["heterogeneity"].to_numpy(dtype=float), index, len(methods), log=True, width=0.015)
-        style = {"color": color(method), "marker": _marker(method), "label": label(method)}
-        left.errorbar(
-            xs,
-            block["difference"],
-            yerr=[block["difference"] - block["low"], block["high"] - block["difference"]],
-            linestyle="none",
-            capsize=3,
-            **style,
-        )
-        right.plot(xs, block["snr_ratio"], linestyle="none", **style)
-    left.axhline(0.0, color=color("fixed"), linewidth=1, label="DP-SGD (tuned)")
-    right.axhline(1.0, color=color("fixed"), linewidth=1)
+        ratios.plot(xs, block["snr_ratio"], linestyle="none", color=color(method), marker=_marker(method))
+    ratios.axhline(1.0, color=color("fixed"), linewidth=1)
     ticks = [t for t in (0.05, 0.1, 0.2, 0.5, 1.0) if gains["heterogeneity"].min() / 2 <= t <= 1.0]
-    for ax in (left, right):
-        ax.set_xscale("log")
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel("heterogeneity index h = (Σ s_j)² / (d Σ s_j²)")
-    left.set_ylabel(ylabel)
-    right.set_yscale("log")
-    right.set_ylabel("release SNR relative to DP-SGD's")
-    for task, h in gains.groupby("task")["heterogeneity"].first().items():
-        left.annotate(str(task), (h, left.get_ylim()[0]), fontsize="x-small", rotation=90, va="bottom", ha="center")
-    _legend_outside(fig, left)
-    fig.suptitle(caption, fontsize="medium")
+    ratios.set_xscale("log")
+    ratios.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ratios.minorticks_off()
+    ratios.set_xlabel("heterogeneity index h = (Σ s_j)² / (d Σ s_j²)")
+    if spans_decades(gains["snr_ratio"], decades=0.0):  # positive ratios: a log axis centres 1
+        ratios.set_yscale("log")
+    ratios.set_ylabel(_wrapped("release SNR relative to DP-SGD's"))
+    ratios.set_title("all tasks", fontsize="medium")
+    _legend_outside(fig, *axes)
+    fig.suptitle(caption, fontsize="medium", wrap=True)
     return fig
