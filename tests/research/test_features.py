@@ -44,7 +44,12 @@ def test_the_stage_writes_features_that_load_as_a_dataset_with_fashion_mnist_s_s
         data.IDX_SOURCES, "fashion-mnist", dataclasses.replace(data.IDX_SOURCES["fashion-mnist"], sha256=digests)
     )
     data.idx_arrays.cache_clear()
+    # main sets MKL_CBWR for its process; restore this one's afterwards, or every subprocess a later test starts
+    # would run MKL on another code path than the test process and differ from it in the last bits
+    monkeypatch.setenv("MKL_CBWR", "")  # records this process's value (or its absence) for the teardown
+    monkeypatch.delenv("MKL_CBWR")
     assert features.main(["--data-dir", str(tmp_path / "idx"), "--out", str(tmp_path / "out")]) == 0
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE"
     data.idx_arrays.cache_clear()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["features.pt"]  # no temporary file left
     mask = os.umask(0o022)
