@@ -142,10 +142,10 @@ def test_nonprivate_members_follow_the_trainers_shuffled_sgd():
         torch.testing.assert_close(stacked[k], solo, rtol=1e-10, atol=1e-12)
 
 
-def test_records_hold_each_members_final_metrics_and_epsilon():
-    x, y = dataset()
-    records = train_population(
-        MEMBERS[:4],
+def train_logistic(members, x, y):
+    """The population of ``members`` trained as every test here trains it: logistic regression, RDP accounting."""
+    return train_population(
+        members,
         splits(x, y),
         model="logistic",
         batch_size=BATCH,
@@ -154,6 +154,11 @@ def test_records_hold_each_members_final_metrics_and_epsilon():
         delta=DELTA,
         accountant="rdp",
     )
+
+
+def test_records_hold_each_members_final_metrics_and_epsilon():
+    x, y = dataset()
+    records = train_logistic(MEMBERS[:4], x, y)
     for member, record in zip(MEMBERS[:4], records, strict=True):
         _, model, optimizer = solo_trajectory(member, x, y)
         with torch.no_grad():
@@ -175,16 +180,7 @@ def test_a_target_epsilon_is_calibrated_per_member():
         dataclasses.replace(MEMBERS[0], noise_multiplier=None, epsilon=eps, seed=seed)
         for eps, seed in ((1.0, 11), (4.0, 12))
     ]
-    records = train_population(
-        members,
-        splits(x, y),
-        model="logistic",
-        batch_size=BATCH,
-        epochs=EPOCHS,
-        sampling_seed=SAMPLING_SEED,
-        delta=DELTA,
-        accountant="rdp",
-    )
+    records = train_logistic(members, x, y)
     assert records[0]["noise_multiplier"] > records[1]["noise_multiplier"]
     for member, record in zip(members, records, strict=True):
         assert member.epsilon * 0.99 <= record["epsilon"] <= member.epsilon
@@ -246,9 +242,8 @@ def test_float32_transformed_norms_are_recomputed_in_float64_where_they_cancel()
 def test_a_diverging_member_stops_alone():
     x, y = dataset()
     exploding = Member("fixed", lr=1e308, noise_multiplier=SIGMA, method_params={"clip_norm": 3.0}, seed=9)
-    train = {"model": "logistic", "batch_size": BATCH, "epochs": EPOCHS, "sampling_seed": SAMPLING_SEED}
-    together = train_population([MEMBERS[0], exploding], splits(x, y), delta=DELTA, accountant="rdp", **train)
-    alone = train_population([MEMBERS[0]], splits(x, y), delta=DELTA, accountant="rdp", **train)
+    together = train_logistic([MEMBERS[0], exploding], x, y)
+    alone = train_logistic([MEMBERS[0]], x, y)
     assert together[1]["diverged"] and together[1]["test_accuracy"] is None
     assert together[1]["per_epoch"][-1]["train_loss"] is None
     assert 0 < together[1]["steps"] < together[0]["steps"]
